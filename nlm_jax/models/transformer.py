@@ -1,0 +1,274 @@
+r"""Decoder-only Transformer language model (Vaswani et al. 2017; pre-LayerNorm as in GPT-2).
+
+Tokens w_1..w_T, embedding matrix E ∈ R^{|V|×D}, L layers, H heads of size d_k = D/H:
+
+    h⁰_t = E[w_t] + P_t                              (P_t: sinusoidal or learned; 0 for rotary/none)
+    a^ℓ  = h^{ℓ−1} + MHA(LN(h^{ℓ−1}))                 ℓ = 1..L
+    h^ℓ  = a^ℓ + FFN(LN(a^ℓ)),        FFN(x) = GELU(x W₁ + b₁) W₂ + b₂,   W₁ ∈ R^{D×F}
+    logits_t = LN(h^L_t) Eᵀ   (tied)  or  LN(h^L_t) W_out + b_out
+
+    MHA(x) = concat(head_1..head_H) W_O,
+    head_i = softmax(Q_i K_iᵀ / √d_k + M) V_i,   Q_i = x W_Q^i, K_i = x W_K^i, V_i = x W_V^i,
+    M_{ts} = 0 if s ≤ t else −∞                   (causal mask: position t sees s ≤ t only)
+
+Positional encodings (`pos_encoding`):
+    sinusoidal  P_{t,2i} = sin(t / 10000^{2i/D}),   P_{t,2i+1} = cos(t / 10000^{2i/D})
+    learned     P ∈ R^{T_max×D} is a parameter
+    rotary      q_t, k_t rotated pairwise by the angles t·θ_i, θ_i = 10000^{−2i/d_k}
+                (Su et al. 2021), so q_tᵀ k_s depends on t − s only
+    none        P = 0: attention alone is then permutation-equivariant
+
+Decoding with a KV cache: the carry holds K and V of every layer for positions < index; a call
+with tokens at positions index..index+T−1 appends their K, V and attends over the cache with the
+same mask M, so step-by-step decoding gives the logits of the full forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nlm_jax.models import layers
+from nlm_jax.models.layers import LMOutput, constrain, param_init
+
+Array = jax.Array
+POS_ENCODINGS = ("sinusoidal", "learned", "rotary", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Decoder-only Transformer. D = d_model, H = n_heads, L = n_layers, F = d_ff, T_max = context."""
+
+  arch: ClassVar[str] = "transformer"
+  vocab_size: int
+  d_model: int = 128
+  n_heads: int = 4
+  n_layers: int = 4
+  d_ff: Optional[int] = None  # F; None means 4·D
+  context: int = 64  # T_max: the longest sequence (learned positions, KV-cache length)
+  pos_encoding: str = "learned"
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  use_bias: bool = True  # biases in dense layers and LayerNorms
+  scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
+  remat: bool = False  # recompute each layer's activations in the backward pass
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    layers.check_common(self)
+    layers.positive(self, "d_model", "n_heads", "n_layers", "context")
+    layers.require(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                   f"must be divisible by n_heads={self.n_heads}")
+    layers.require(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff > 0), "d_ff",
+                   self.d_ff, "must be a positive integer or null (4·d_model)")
+    layers.require(self.pos_encoding in POS_ENCODINGS, "pos_encoding", self.pos_encoding,
+                   f"allowed: {', '.join(POS_ENCODINGS)}")
+    layers.require(self.pos_encoding != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
+                   "d_model", self.d_model, "rotary needs an even head size d_model/n_heads")
+
+  @property
+  def d_head(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def hidden_size(self) -> int:
+    return self.d_model
+
+
+class KVCache(NamedTuple):
+  """K and V of every layer, (L, B, T_max, H, d_k) each, and the next write position."""
+
+  k: Array
+  v: Array
+  index: Array  # int32 scalar: number of positions already in the cache
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(positions_T: Array, d_model: int) -> Array:
+  """P_{t,2i} = sin(t/10000^{2i/D}), P_{t,2i+1} = cos(t/10000^{2i/D}); returns (T, D)."""
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
+  angle_TxD2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  P_TxD = jnp.zeros((positions_T.shape[0], d_model), jnp.float32)
+  P_TxD = P_TxD.at[:, 0::2].set(jnp.sin(angle_TxD2))
+  return P_TxD.at[:, 1::2].set(jnp.cos(angle_TxD2[:, : d_model // 2]))
+
+
+def apply_rotary(x_BxTxHxK: Array, positions_T: Array) -> Array:
+  """Rotates each pair (x_{2i}, x_{2i+1}) by the angle t·θ_i, θ_i = 10000^{−2i/d_k}."""
+  d_k = x_BxTxHxK.shape[-1]
+  theta = 1.0 / (10000.0 ** (jnp.arange(0, d_k, 2, dtype=jnp.float32) / d_k))
+  angle_TxK2 = positions_T.astype(jnp.float32)[:, None] * theta[None, :]
+  cos = jnp.cos(angle_TxK2)[None, :, None, :]
+  sin = jnp.sin(angle_TxK2)[None, :, None, :]
+  x1, x2 = x_BxTxHxK[..., 0::2], x_BxTxHxK[..., 1::2]
+  rotated = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return rotated.reshape(x_BxTxHxK.shape).astype(x_BxTxHxK.dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _dense(cfg: TransformerConfig, features, axes, std: float, name: str, use_bias=None):
+  """x W + b over the last axis of x; `axes` names the kernel's dimensions (input first)."""
+  return nn.DenseGeneral(
+      features, axis=-1, use_bias=cfg.use_bias if use_bias is None else use_bias,
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=param_init(nn.initializers.normal(std), axes),
+      bias_init=param_init(nn.initializers.zeros, axes[1:]),
+      name=name)
+
+
+def _layer_norm(cfg: TransformerConfig, name: str):
+  return nn.LayerNorm(
+      epsilon=1e-5, use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      scale_init=param_init(nn.initializers.ones, ("norm",)),
+      bias_init=param_init(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class MultiHeadAttention(nn.Module):
+  """softmax(Q Kᵀ/√d_k + M) V over H heads, with an optional KV cache.
+
+  `causal=False` drops the mask M (used to test permutation equivariance).
+  """
+
+  cfg: TransformerConfig
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, positions_T: Array, cache=None):
+    cfg = self.cfg
+    std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
+    q_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "query")(x_BxTxD)
+    k_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "key")(x_BxTxD)
+    v_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "value")(x_BxTxD)
+    if cfg.pos_encoding == "rotary":
+      q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_T)
+      k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_T)
+
+    if cache is None:
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
+                                                 is_causal=self.causal)
+      new_cache = None
+    else:
+      k_cache_BxSxHxK, v_cache_BxSxHxK, index = cache
+      start = (0, index, 0, 0)
+      k_cache_BxSxHxK = jax.lax.dynamic_update_slice(k_cache_BxSxHxK, k_BxTxHxK.astype(k_cache_BxSxHxK.dtype), start)
+      v_cache_BxSxHxK = jax.lax.dynamic_update_slice(v_cache_BxSxHxK, v_BxTxHxK.astype(v_cache_BxSxHxK.dtype), start)
+      S = k_cache_BxSxHxK.shape[1]
+      # Query at absolute position index+t sees cached keys s ≤ index+t (the causal mask M).
+      mask_TxS = jnp.arange(S)[None, :] <= positions_T[:, None]
+      out_BxTxHxK = jax.nn.dot_product_attention(
+          q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype),
+          mask=mask_TxS[None, None])
+      new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
+
+    # W_O: concat over heads, then project back to D.
+    y_BxTxD = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=param_init(nn.initializers.normal(std_out), ("heads", "kv", "embed")),
+        bias_init=param_init(nn.initializers.zeros, ("embed",)), name="out")(out_BxTxHxK)
+    return y_BxTxD, new_cache
+
+
+class FeedForward(nn.Module):
+  """FFN(x) = GELU(x W₁ + b₁) W₂ + b₂."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    F = cfg.d_ff or 4 * cfg.d_model
+    h_BxTxF = _dense(cfg, F, ("embed", "mlp"), 0.02, "w1")(x_BxTxD)
+    h_BxTxF = constrain(nn.gelu(h_BxTxF), ("batch", "length", "mlp"))
+    y_BxTxD = _dense(cfg, cfg.d_model, ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layers), "w2")(h_BxTxF)
+    return nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """a = h + MHA(LN(h));  h' = a + FFN(LN(a)).  Signature fits `nn.scan`: (h, cache) -> (h', cache')."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h_BxTxD: Array, layer_cache, positions_T: Array, index):
+    cfg = self.cfg
+    cache = None if layer_cache is None else (*layer_cache, index)
+    y_BxTxD, new_cache = MultiHeadAttention(cfg, name="attn")(_layer_norm(cfg, "ln1")(h_BxTxD),
+                                                            positions_T, cache)
+    a_BxTxD = h_BxTxD + nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=self.deterministic)
+    h_BxTxD = a_BxTxD + FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_BxTxD),
+                                                    self.deterministic)
+    return constrain(h_BxTxD, ("batch", "length", "embed_act")), new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only Transformer LM: tokens (B, T) int32 → `LMOutput(logits (B,T,V), cache, hidden)`."""
+
+  cfg: TransformerConfig
+
+  def initial_carry(self, batch_size: int) -> KVCache:
+    """An empty KV cache of T_max positions (pass `None` instead for a plain causal forward)."""
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch_size, cfg.context, cfg.n_heads, cfg.d_head)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array, carry: Optional[KVCache] = None, *,
+               deterministic: bool = True) -> LMOutput:
+    cfg = self.cfg
+    T = tokens_BxT.shape[1]
+    index = jnp.zeros((), jnp.int32) if carry is None else carry.index
+    positions_T = index + jnp.arange(T, dtype=jnp.int32)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                     param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+                     name="embed")
+    h_BxTxD = embed(tokens_BxT)
+    if cfg.pos_encoding == "learned":
+      P = self.param("pos_embed", param_init(nn.initializers.normal(0.02), ("context", "embed")),
+                     (cfg.context, cfg.d_model), jnp.dtype(cfg.param_dtype))
+      h_BxTxD = h_BxTxD + jnp.take(P, positions_T, axis=0).astype(h_BxTxD.dtype)[None]
+    elif cfg.pos_encoding == "sinusoidal":
+      h_BxTxD = h_BxTxD + sinusoidal_positions(positions_T, cfg.d_model).astype(h_BxTxD.dtype)[None]
+    h_BxTxD = nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
+    h_BxTxD = constrain(h_BxTxD, ("batch", "length", "embed_act"))
+
+    block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    kv = None if carry is None else (carry.k, carry.v)
+    if cfg.scan_layers:
+      layers_fn = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+      h_BxTxD, new_kv = layers_fn(cfg, deterministic, name="blocks")(h_BxTxD, kv, positions_T, index)
+    else:
+      new_k, new_v = [], []
+      for l in range(cfg.n_layers):
+        layer_kv = None if kv is None else (kv[0][l], kv[1][l])
+        h_BxTxD, layer_kv = block(cfg, deterministic, name=f"block_{l}")(h_BxTxD, layer_kv, positions_T, index)
+        if layer_kv is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+      new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+
+    h_BxTxD = _layer_norm(cfg, "ln_f")(h_BxTxD)
+    if cfg.tie_embeddings:
+      logits_BxTxV = embed.attend(h_BxTxD)
+    else:
+      logits_BxTxV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), 0.02, "out", use_bias=False)(h_BxTxD)
+    logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
+    new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
+    return LMOutput(logits_BxTxV, new_carry, h_BxTxD)

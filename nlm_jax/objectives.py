@@ -1,0 +1,58 @@
+"""Maximum-likelihood objective and the metrics derived from it.
+
+Losses return a *sum* and a *count* rather than a mean, so that means over batches, hosts and
+devices are exact: mean NLL = Σ sums / Σ counts.
+
+    NLL = −Σ_t m_t log softmax(logits_t)[w_{t+1}],   count = Σ_t m_t     (m: 0/1 mask)
+    perplexity = exp(NLL / count),   bits per token = NLL / (count · ln 2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def next_token_nll(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array | None = None
+                   ) -> tuple[Array, Array]:
+  """Summed negative log-likelihood (nats) of `targets` under `logits`, and the token count.
+
+  The log-softmax runs in float32 whatever the compute dtype of the logits.
+  """
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
+                                                            targets_BxT)
+  if mask_BxT is None:
+    return nll_BxT.sum(), jnp.asarray(nll_BxT.size, jnp.float32)
+  mask_BxT = mask_BxT.astype(jnp.float32)
+  return (nll_BxT * mask_BxT).sum(), mask_BxT.sum()
+
+
+def classification_nll(logits_BxC: Array, labels_B: Array, mask_B: Array | None = None
+                       ) -> tuple[Array, Array]:
+  """Summed cross-entropy (nats) of class `labels` under `logits`, and the example count."""
+  return next_token_nll(logits_BxC[:, None], labels_B[:, None],
+                        None if mask_B is None else mask_B[:, None])
+
+
+def perplexity(nll_sum, count):
+  """exp(mean NLL)."""
+  return jnp.exp(nll_sum / count)
+
+
+def bits_per_token(nll_sum, count):
+  """Mean NLL in bits: NLL / (count · ln 2). For a char or byte tokenizer this is bits per char/byte."""
+  return nll_sum / (count * math.log(2.0))
+
+
+def accuracy(logits_BxC: Array, labels_B: Array, mask_B: Array | None = None) -> tuple[Array, Array]:
+  """Number of correct argmax predictions, and the example count."""
+  correct_B = (jnp.argmax(logits_BxC, axis=-1) == labels_B).astype(jnp.float32)
+  if mask_B is None:
+    return correct_B.sum(), jnp.asarray(correct_B.size, jnp.float32)
+  mask_B = mask_B.astype(jnp.float32)
+  return (correct_B * mask_B).sum(), mask_B.sum()
