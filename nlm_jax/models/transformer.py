@@ -144,12 +144,16 @@ class MultiHeadAttention(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, positions_T: Array, cache=None):
+  def __call__(self, x_NxD: Array, batch_size: int, positions_T: Array, cache=None):
+    """x: (N, D) with N = B·T tokens, flattened (XLA's CPU backend runs 2-D matmuls and their
+    gradients about twice as fast as 3-D ones); returns (N, D) and the updated layer cache."""
     cfg = self.cfg
+    B, T = batch_size, positions_T.shape[0]
     std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
-    q_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "query")(x_BxTxD)
-    k_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "key")(x_BxTxD)
-    v_BxTxHxK = _dense(cfg, (cfg.n_heads, cfg.d_head), ("embed", "heads", "kv"), 0.02, "value")(x_BxTxD)
+    heads = (cfg.n_heads, cfg.d_head)
+    q_BxTxHxK = _dense(cfg, heads, ("embed", "heads", "kv"), 0.02, "query")(x_NxD).reshape(B, T, *heads)
+    k_BxTxHxK = _dense(cfg, heads, ("embed", "heads", "kv"), 0.02, "key")(x_NxD).reshape(B, T, *heads)
+    v_BxTxHxK = _dense(cfg, heads, ("embed", "heads", "kv"), 0.02, "value")(x_NxD).reshape(B, T, *heads)
     if cfg.pos_encoding == "rotary":
       q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_T)
       k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_T)
@@ -172,12 +176,12 @@ class MultiHeadAttention(nn.Module):
       new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
 
     # W_O: concat over heads, then project back to D.
-    y_BxTxD = nn.DenseGeneral(
+    y_NxD = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=param_init(nn.initializers.normal(std_out), ("heads", "kv", "embed")),
-        bias_init=param_init(nn.initializers.zeros, ("embed",)), name="out")(out_BxTxHxK)
-    return y_BxTxD, new_cache
+        bias_init=param_init(nn.initializers.zeros, ("embed",)), name="out")(out_BxTxHxK.reshape(B * T, *heads))
+    return y_NxD, new_cache
 
 
 class FeedForward(nn.Module):
@@ -186,13 +190,13 @@ class FeedForward(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, deterministic: bool) -> Array:
+  def __call__(self, x_NxD: Array, deterministic: bool) -> Array:
     cfg = self.cfg
     F = cfg.d_ff or 4 * cfg.d_model
-    h_BxTxF = _dense(cfg, F, ("embed", "mlp"), 0.02, "w1")(x_BxTxD)
-    h_BxTxF = constrain(nn.gelu(h_BxTxF), ("batch", "length", "mlp"))
-    y_BxTxD = _dense(cfg, cfg.d_model, ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layers), "w2")(h_BxTxF)
-    return nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
+    h_NxF = _dense(cfg, F, ("embed", "mlp"), 0.02, "w1")(x_NxD)
+    h_NxF = constrain(nn.gelu(h_NxF), ("batch", "mlp"))
+    y_NxD = _dense(cfg, cfg.d_model, ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layers), "w2")(h_NxF)
+    return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -202,15 +206,15 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, h_BxTxD: Array, layer_cache, positions_T: Array, index):
+  def __call__(self, h_NxD: Array, layer_cache, positions_T: Array, index):
     cfg = self.cfg
+    B = h_NxD.shape[0] // positions_T.shape[0]
     cache = None if layer_cache is None else (*layer_cache, index)
-    y_BxTxD, new_cache = MultiHeadAttention(cfg, name="attn")(_layer_norm(cfg, "ln1")(h_BxTxD),
-                                                            positions_T, cache)
-    a_BxTxD = h_BxTxD + nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=self.deterministic)
-    h_BxTxD = a_BxTxD + FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_BxTxD),
-                                                    self.deterministic)
-    return constrain(h_BxTxD, ("batch", "length", "embed_act")), new_cache
+    y_NxD, new_cache = MultiHeadAttention(cfg, name="attn")(_layer_norm(cfg, "ln1")(h_NxD), B,
+                                                          positions_T, cache)
+    a_NxD = h_NxD + nn.Dropout(cfg.dropout)(y_NxD, deterministic=self.deterministic)
+    h_NxD = a_NxD + FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_NxD), self.deterministic)
+    return constrain(h_NxD, ("batch", "embed_act")), new_cache
 
 
 class Transformer(nn.Module):
@@ -245,7 +249,8 @@ class Transformer(nn.Module):
     elif cfg.pos_encoding == "sinusoidal":
       h_BxTxD = h_BxTxD + sinusoidal_positions(positions_T, cfg.d_model).astype(h_BxTxD.dtype)[None]
     h_BxTxD = nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
-    h_BxTxD = constrain(h_BxTxD, ("batch", "length", "embed_act"))
+    B = tokens_BxT.shape[0]
+    h_NxD = constrain(h_BxTxD.reshape(B * T, cfg.d_model), ("batch", "embed_act"))  # N = B·T
 
     block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
     kv = None if carry is None else (carry.k, carry.v)
@@ -253,22 +258,23 @@ class Transformer(nn.Module):
       layers_fn = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-      h_BxTxD, new_kv = layers_fn(cfg, deterministic, name="blocks")(h_BxTxD, kv, positions_T, index)
+      h_NxD, new_kv = layers_fn(cfg, deterministic, name="blocks")(h_NxD, kv, positions_T, index)
     else:
       new_k, new_v = [], []
       for l in range(cfg.n_layers):
         layer_kv = None if kv is None else (kv[0][l], kv[1][l])
-        h_BxTxD, layer_kv = block(cfg, deterministic, name=f"block_{l}")(h_BxTxD, layer_kv, positions_T, index)
+        h_NxD, layer_kv = block(cfg, deterministic, name=f"block_{l}")(h_NxD, layer_kv, positions_T, index)
         if layer_kv is not None:
           new_k.append(layer_kv[0])
           new_v.append(layer_kv[1])
       new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
 
-    h_BxTxD = _layer_norm(cfg, "ln_f")(h_BxTxD)
+    h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
     if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(h_BxTxD)
+      logits_NxV = embed.attend(h_NxD)
     else:
-      logits_BxTxV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), 0.02, "out", use_bias=False)(h_BxTxD)
-    logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
+      logits_NxV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), 0.02, "out", use_bias=False)(h_NxD)
+    logits_BxTxV = constrain(logits_NxV.reshape(B, T, -1), ("batch", "length", "vocab"))
+    h_BxTxD = h_NxD.reshape(B, T, cfg.d_model)
     new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
     return LMOutput(logits_BxTxV, new_carry, h_BxTxD)
