@@ -1,0 +1,5 @@
+import sys
+
+from nlm_jax.cli import main
+
+sys.exit(main())

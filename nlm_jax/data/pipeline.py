@@ -1,0 +1,126 @@
+"""Batches of token ids, as Grain datasets.
+
+Two ways to cut a token stream w_0..w_{N−1} into (B, T) training batches:
+
+  windows   (nanoGPT)   row b of a batch is w_{s_b..s_b+T} for a start s_b drawn without
+                        replacement from the N−T possible starts, reshuffled every epoch;
+  streams   (Zaremba)   the stream is cut into B contiguous rows of length L = ⌊(N−1)/B⌋, and
+                        batch k is columns kT..(k+1)T of every row, so row b of batch k+1 continues
+                        row b of batch k and a recurrent model's carry passes on (truncated BPTT).
+                        `reset` marks the first batch of each epoch, where the carry starts over.
+
+Every batch is a dict of NumPy arrays: inputs (B, T) int32, targets (B, T) int32 (the inputs
+shifted by one), mask (B, T) float32 (0 on padding), reset (B,) bool. `rows` selects the rows
+this process reads (multi-host: each process loads only its share of the global batch).
+Training iterators are Grain `DatasetIterator`s: `get_state()` / `set_state()` make resume exact.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+
+def _full_batch(inputs, targets, reset):
+  return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32),
+          "mask": np.ones(inputs.shape, np.float32), "reset": np.full((inputs.shape[0],), reset)}
+
+
+def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+                   rows: slice = slice(None)) -> grain.IterDataset:
+  """Infinite batches of random windows (starts sampled without replacement per epoch)."""
+  n_starts = len(tokens) - seq_len
+  if n_starts < batch_size:
+    raise ValueError(f"the training split has {len(tokens)} tokens: too few for batch_size={batch_size} "
+                     f"windows of seq_len={seq_len}")
+  offsets_T1 = np.arange(seq_len + 1)
+
+  def windows(starts_B):
+    w_BxT1 = tokens[starts_B[rows][:, None] + offsets_T1]
+    return _full_batch(w_BxT1[:, :-1], w_BxT1[:, 1:], False)
+
+  return (grain.MapDataset.range(n_starts).shuffle(seed=seed).repeat()
+          .batch(batch_size, drop_remainder=True).map(windows).to_iter_dataset())
+
+
+def stream_rows(tokens: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The stream as B contiguous rows (B, L) of inputs and of targets (shifted by one)."""
+  L = (len(tokens) - 1) // batch_size
+  if L < 1:
+    raise ValueError(f"the split has {len(tokens)} tokens: too few for {batch_size} stream rows")
+  n = batch_size * L
+  return tokens[:n].reshape(batch_size, L), tokens[1:n + 1].reshape(batch_size, L)
+
+
+def contiguous_streams(tokens: np.ndarray, batch_size: int, seq_len: int,
+                       rows: slice = slice(None)) -> grain.IterDataset:
+  """Infinite truncated-BPTT batches: epoch after epoch over the B streams, T columns at a time
+  (the last partial chunk of an epoch is dropped, so every batch is (B, T))."""
+  inputs_BxL, targets_BxL = stream_rows(tokens, batch_size)
+  n_chunks = inputs_BxL.shape[1] // seq_len
+  if n_chunks < 1:
+    raise ValueError(f"the training split has {len(tokens)} tokens: too few for batch_size={batch_size} "
+                     f"streams of seq_len={seq_len}")
+  inputs_BxL, targets_BxL = inputs_BxL[rows], targets_BxL[rows]
+
+  def chunk(k):
+    cols = slice(k * seq_len, (k + 1) * seq_len)
+    return _full_batch(inputs_BxL[:, cols], targets_BxL[:, cols], k == 0)
+
+  return grain.MapDataset.range(n_chunks).repeat().map(chunk).to_iter_dataset()
+
+
+def _padded(x: np.ndarray, length: int, axis: int) -> np.ndarray:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return np.pad(x, pad)
+
+
+def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: int,
+                 max_batches: int | None = None, seed: int = 0, rows: slice = slice(None)):
+  """Evaluation batches over a split, each (B, T) with a mask on padding.
+
+  windows: max_batches=None scores every token once (consecutive non-overlapping windows);
+           otherwise `max_batches` batches of random windows, the same ones for a given seed.
+  streams: the split as B contiguous rows read T columns at a time (the carry passes on);
+           max_batches=None reads all of it, the last chunk padded.
+  """
+  if batching == "windows":
+    if max_batches is not None:
+      n_starts = len(tokens) - seq_len
+      ds = grain.MapDataset.range(n_starts).shuffle(seed=seed)
+      offsets_T1 = np.arange(seq_len + 1)
+      count = min(max_batches, n_starts // batch_size)
+      for k in range(count):
+        starts = np.asarray([ds[k * batch_size + b] for b in range(batch_size)])[rows]
+        w_BxT1 = tokens[starts[:, None] + offsets_T1]
+        yield _full_batch(w_BxT1[:, :-1], w_BxT1[:, 1:], k == 0)
+      return
+    n_targets = len(tokens) - 1
+    n_windows = -(-n_targets // seq_len)
+    inputs = _padded(tokens[:-1], n_windows * seq_len, 0).reshape(n_windows, seq_len)
+    targets = _padded(tokens[1:], n_windows * seq_len, 0).reshape(n_windows, seq_len)
+    mask = (np.arange(n_windows * seq_len) < n_targets).astype(np.float32).reshape(n_windows, seq_len)
+    for k, start in enumerate(range(0, n_windows, batch_size)):
+      if max_batches is not None and k >= max_batches:
+        return
+      sl = slice(start, start + batch_size)
+      batch = {"inputs": _padded(inputs[sl], batch_size, 0).astype(np.int32),
+               "targets": _padded(targets[sl], batch_size, 0).astype(np.int32),
+               "mask": _padded(mask[sl], batch_size, 0),
+               "reset": np.full((batch_size,), k == 0)}
+      yield {key: value[rows] for key, value in batch.items()}
+    return
+
+  inputs_BxL, targets_BxL = stream_rows(tokens, batch_size)
+  L = inputs_BxL.shape[1]
+  n_chunks = -(-L // seq_len)
+  if max_batches is not None:
+    n_chunks = min(n_chunks, max_batches)
+  for k in range(n_chunks):
+    cols = slice(k * seq_len, (k + 1) * seq_len)
+    x, y = inputs_BxL[rows, cols], targets_BxL[rows, cols]
+    yield {"inputs": _padded(x, seq_len, 1).astype(np.int32),
+           "targets": _padded(y, seq_len, 1).astype(np.int32),
+           "mask": _padded(np.ones(x.shape, np.float32), seq_len, 1),
+           "reset": np.full((x.shape[0],), k == 0)}

@@ -1,0 +1,172 @@
+"""Sharding over a device mesh: one table maps the models' logical axis names to mesh axes.
+
+Mesh axes (sizes from the config `mesh.data`, `mesh.fsdp`, `mesh.tensor`; −1 = the rest):
+
+  data    the batch is split over it; parameters are replicated along it (data parallelism)
+  fsdp    the batch is split over it too, and so are parameters and optimizer state, along their
+          'embed'-like dimension; XLA all-gathers a weight just before it is used (ZeRO-3 / FSDP)
+  tensor  attention heads, MLP hidden units, RNN/LSTM gate units and the vocabulary are split
+          over it (Megatron-style tensor parallelism); activations are exchanged inside a layer
+
+Data, FSDP and tensor parallelism are therefore configuration, not code: the same jitted step
+runs on any mesh, and XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nlm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the mesh axes the batch dimension is split over
+
+# Logical axis name → mesh axis (None: replicated). The only place parameters meet devices.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH),
+    ("length", None),
+    ("embed_act", None),  # the model dimension of activations
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("window", "fsdp"),  # FNN: the (n−1)·m concatenated embeddings
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("hidden", "tensor"),  # RNN/LSTM units (outputs of W, U) and the FNN tanh units
+    ("hidden_in", "fsdp"),  # RNN/LSTM: the input side of U
+    ("gates", None),
+    ("context", None),
+    ("norm", None),
+    ("layers", None),  # the stacked-layer axis of nn.scan
+)
+
+
+def resolve_mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...]:
+  """Mesh sizes with −1 filled in; a UserError when they do not multiply to `n_devices`."""
+  shape = [sizes[a] for a in MESH_AXES]
+  free = [i for i, s in enumerate(shape) if s == -1]
+  if len(free) > 1:
+    raise UserError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  fixed = math.prod(s for s in shape if s != -1)
+  if free:
+    if n_devices % fixed:
+      raise UserError(f"mesh: {n_devices} devices do not divide into the fixed axes "
+                      f"{ {a: s for a, s in zip(MESH_AXES, shape) if s != -1} } (product {fixed})")
+    shape[free[0]] = n_devices // fixed
+  if math.prod(shape) != n_devices:
+    raise UserError(f"mesh: data×fsdp×tensor = {'×'.join(map(str, shape))} = {math.prod(shape)} "
+                    f"but there are {n_devices} devices")
+  return tuple(shape)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices of all processes (or `devices`)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _mesh_axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: Mesh) -> P:
+  """The PartitionSpec of an array with these logical axis names under `RULES`.
+
+  A dimension that its mesh axes do not divide (a vocabulary of 65 over 8 devices, say) is
+  replicated instead, and a mesh axis is used at most once per array.
+  """
+  if logical is None:
+    return P()
+  table = dict(RULES)
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, logical):
+    axes = table.get(name) if name is not None else None
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    flat = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
+    if not flat or dim % _mesh_axis_size(mesh, flat):
+      out.append(None)
+      continue
+    used.update(flat)
+    out.append(flat[0] if len(flat) == 1 else flat)
+  return P(*out)
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree whose leaves may carry `nn.Partitioned` logical names
+  (the output of `jax.eval_shape` of an init function); unnamed leaves are replicated."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      value = leaf.value
+      names = leaf.names
+    else:
+      value, names = leaf, None
+    shape = getattr(value, "shape", ())
+    return NamedSharding(mesh, spec_for(shape, names, mesh) if names else P())
+
+  return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data×fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH))
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> None:
+  n = _mesh_axis_size(mesh, BATCH)
+  if batch_size % n:
+    raise UserError(f"{what}={batch_size} does not divide over the mesh's data×fsdp = {n} devices")
+  if batch_size % jax.process_count():
+    raise UserError(f"{what}={batch_size} does not divide over {jax.process_count()} processes")
+
+
+def process_rows(batch_size: int) -> slice:
+  """The rows of a global batch that this process loads."""
+  per = batch_size // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+  """This process's rows → global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+          for k, v in local.items()}
+
+
+def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                                 process_id: int | None, cpu_collectives: str = "gloo") -> bool:
+  """Calls `jax.distributed.initialize` when the run spans several processes.
+
+  Configured explicitly (the three config keys), or from the environment: JAX itself detects
+  TPU pod slices, SLURM and Open MPI; `NLM_JAX_COORDINATOR`, `NLM_JAX_NUM_PROCESSES` and
+  `NLM_JAX_PROCESS_ID` are read as the explicit keys. Returns whether it initialized.
+  """
+  coordinator_address = coordinator_address or os.environ.get("NLM_JAX_COORDINATOR")
+  if num_processes is None and "NLM_JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["NLM_JAX_NUM_PROCESSES"])
+  if process_id is None and "NLM_JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["NLM_JAX_PROCESS_ID"])
+  cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+  multi = (num_processes or 1) > 1 or coordinator_address is not None
+  if not multi and not cluster:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True

@@ -1,0 +1,130 @@
+"""The train state and the pure, jitted train and eval steps of the language-modelling task.
+
+    train_step(state, batch) -> (state, metrics)        one micro-batch: ∇ of mean NLL, Optax update
+    eval_step(params, carry, batch) -> (carry, metrics)  summed NLL and token count
+
+Both are compiled once with explicit in/out shardings over the mesh (the trivial mesh on one
+device), and the state is donated, so the step updates parameters in place. Randomness (dropout)
+comes from `fold_in(key, step)`: a resumed run continues the same stream of keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nlm_jax import objectives, parallel
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # micro-batches taken (int32); optimizer steps = step // grad_accum
+  params: Any
+  opt_state: Any
+  plateau: Any  # optax reduce_on_plateau state: `scale` multiplies every update
+  key: Array  # uint32 key data of the run's base PRNG key
+  carry: Any  # truncated-BPTT state carried between stream batches (None for windows)
+
+
+def reset_carry(carry, initial, reset_B: Array):
+  """Rows with reset=True start from the initial state again (a new epoch of the streams)."""
+
+  def one(c, c0):
+    r = reset_B.reshape((-1,) + (1,) * (c.ndim - 1))
+    return jnp.where(r, c0.astype(c.dtype), c)
+
+  return jax.tree.map(one, carry, initial)
+
+
+class LMTask:
+  """Next-token prediction with any of the four models, on a mesh."""
+
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
+               plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
+               carry_state: bool, example_len: int):
+    self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
+    self.batch_size, self.carry_state = batch_size, carry_state
+    self.example = jnp.zeros((1, example_len), jnp.int32)
+    self.batch_sharding = parallel.batch_sharding(mesh)
+    self.replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(self._init_boxed, jax.random.key_data(jax.random.key(0)))
+    self.state_sharding = parallel.tree_shardings(abstract, mesh)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
+        self.state_sharding)
+    batch_sh = {k: self.batch_sharding for k in ("inputs", "targets", "mask", "reset")}
+    self.init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh),
+                              out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    carry_sharding = self.state_sharding.carry
+    self.eval_step = jax.jit(self._eval_step,
+                             in_shardings=(self.state_sharding.params, None, batch_sh),
+                             out_shardings=(None, self.replicated))
+    self.update_plateau = jax.jit(self._update_plateau, donate_argnums=0,
+                                  in_shardings=(self.state_sharding, self.replicated),
+                                  out_shardings=self.state_sharding)
+    del carry_sharding
+
+  # ------------------------------------------------------------------------- state
+
+  def _init_boxed(self, key_data: Array) -> TrainState:
+    """The initial state with logical-axis boxes on parameters (and on optimizer moments)."""
+    key = jax.random.wrap_key_data(key_data)
+    init_key, run_key = jax.random.split(key)
+    params = self.model.init(init_key, self.example)["params"]
+    carry = self.model.initial_carry(self.batch_size) if self.carry_state else None
+    if carry is not None:
+      carry = jax.tree.map(lambda c: nn.Partitioned(c, ("batch",) + (None,) * (c.ndim - 1)), carry)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      plateau=self.plateau.init(nn.unbox(params)), key=jax.random.key_data(run_key),
+                      carry=carry)
+
+  def initial_carry(self, batch_size: int):
+    return self.model.initial_carry(batch_size)
+
+  # ------------------------------------------------------------------------- steps
+
+  def _forward(self, params, batch, carry, key, deterministic: bool):
+    rngs = None if deterministic else {"dropout": key}
+    out = self.model.apply({"params": params}, batch["inputs"], carry, deterministic=deterministic,
+                           rngs=rngs)
+    nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
+    return nll_sum, count, out.carry
+
+  def _train_step(self, state: TrainState, batch: dict[str, Array]):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    carry = None
+    if self.carry_state:
+      carry = reset_carry(state.carry, self.initial_carry(self.batch_size), batch["reset"])
+
+    def loss_fn(params):
+      nll_sum, count, new_carry = self._forward(params, batch, carry, key, deterministic=False)
+      return nll_sum / count, (nll_sum, count, new_carry)
+
+    (_, (nll_sum, count, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    scale = state.plateau.scale
+    updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              carry=jax.lax.stop_gradient(new_carry) if self.carry_state else None)
+    metrics = {"nll_sum": nll_sum, "count": count, "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  def _eval_step(self, params, carry, batch: dict[str, Array]):
+    if carry is not None:
+      carry = reset_carry(carry, self.initial_carry(batch["inputs"].shape[0]), batch["reset"])
+    nll_sum, count, new_carry = self._forward(params, batch, carry, None, deterministic=True)
+    return (new_carry if carry is not None else None), {"nll_sum": nll_sum, "count": count}
+
+  def _update_plateau(self, state: TrainState, val_loss: Array) -> TrainState:
+    _, plateau = self.plateau.update({}, state.plateau, value=val_loss)
+    return state.replace(plateau=plateau)

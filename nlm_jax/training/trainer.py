@@ -1,0 +1,360 @@
+"""The training loop: one loop for every architecture.
+
+    summary = train(load_config("experiments/configs/shakespeare_char_transformer.yaml",
+                                ["workdir=runs/shakespeare"]))
+
+Run directory:
+    resolved_config.yaml   the config after overrides (what eval / generate rebuild from)
+    tokenizer.json         the vocabulary
+    metrics.jsonl          one JSON object per log / eval step; TensorBoard events in tb/
+    checkpoints/<step>/    Orbax: state, data-iterator state, config, tokenizer
+    summary.json           written at the end
+
+A run directory that already holds a checkpoint is resumed from its latest step, with the data
+iterator, the PRNG stream and the truncated-BPTT carry restored: the resumed run is bitwise
+identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlm_jax import config as config_lib
+from nlm_jax import models, objectives, parallel
+from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data.corpus import Corpus
+from nlm_jax.errors import UserError
+from nlm_jax.training import checkpoint as ckpt_lib
+from nlm_jax.training import optim
+from nlm_jax.training.steps import LMTask
+
+CONFIG_FILE = "resolved_config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.jsonl"
+# Config sections a resumed run must share with the checkpoint it resumes.
+RESUME_MUST_MATCH = ("model", "tokenizer", "data.source", "data.name", "data.files", "data.file",
+                     "data.split_fractions", "data.batching", "data.batch_size", "data.seq_len",
+                     "optim.name", "optim.grad_accum", "seed")
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _lookup(d: dict, dotted: str):
+  for part in dotted.split("."):
+    d = d.get(part) if isinstance(d, dict) else None
+  return d
+
+
+def _first_difference(old: Any, new: Any, prefix: str) -> Optional[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    for key in sorted(set(old) | set(new)):
+      diff = _first_difference(old.get(key), new.get(key), f"{prefix}.{key}")
+      if diff:
+        return diff
+    return None
+  return None if old == new else f"{prefix}: {old!r} (checkpoint) vs {new!r} (now)"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+  """Everything a run needs, built from its config: corpus, tokenizer, model, mesh, steps."""
+
+  def __init__(self, cfg: config_lib.Config, tokenizer: Optional[tokenizers.Tokenizer] = None,
+               mesh=None):
+    self.cfg = cfg
+    self.corpus = Corpus(cfg.data, cfg.tokenizer, tokenizer)
+    self.tokenizer = self.corpus.tokenizer
+    self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
+    self.model = models.build(self.model_cfg)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    parallel.check_batch(cfg.data.batch_size, self.mesh)
+    self.uses_carry = cfg.data.batching == "streams" and self.model_cfg.arch != "transformer"
+    if self.model_cfg.arch == "transformer" and cfg.data.seq_len > self.model_cfg.context:
+      raise UserError(f"config: data.seq_len={cfg.data.seq_len} exceeds model.context={self.model_cfg.context}")
+    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
+                       self.uses_carry, example_len=min(cfg.data.seq_len, 8))
+    self.rows = parallel.process_rows(cfg.data.batch_size)
+
+  def train_iterator(self):
+    tokens = self.corpus.tokens(self.cfg.data.train_split)
+    d = self.cfg.data
+    try:
+      if d.batching == "windows":
+        return iter(pipeline.random_windows(tokens, d.batch_size, d.seq_len, self.cfg.seed, self.rows))
+      return iter(pipeline.contiguous_streams(tokens, d.batch_size, d.seq_len, self.rows))
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+  def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    return parallel.global_batch(local, self.task.batch_sharding, batch_size)
+
+  def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0) -> dict[str, float]:
+    """Mean NLL over a split (all of it, or `max_batches` batches), perplexity, bits/token."""
+    d = self.cfg.data
+    tokens = self.corpus.tokens(split)
+    batch_size = d.eval_batch_size or d.batch_size
+    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
+    batch_size = -(-batch_size // n_shards) * n_shards  # padded rows carry mask 0
+    rows = parallel.process_rows(batch_size)
+    carry = self.task.initial_carry(batch_size) if self.uses_carry else None
+    nll_sum, count = 0.0, 0.0
+    for local in pipeline.eval_batches(tokens, d.batching, batch_size, d.seq_len, max_batches, seed, rows):
+      carry, m = self.task.eval_step(params, carry, self.global_batch(local, batch_size))
+      nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
+    nll_sum, count = float(nll_sum), float(count)
+    if count == 0:
+      raise UserError(f"the {split!r} split has no tokens to evaluate")
+    loss = nll_sum / count
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    if self.tokenizer.kind in ("char", "byte"):
+      out["bits_per_char" if self.tokenizer.kind == "char" else "bits_per_byte"] = float(
+          objectives.bits_per_token(nll_sum, count))
+    return out
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+  """metrics.jsonl (always) and TensorBoard events (tb/), written by process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = is_main_process()
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):  # drop lines past the step we resume from
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter
+
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self.tb.add_scalar(key, value, record["step"])
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _prepare_workdir(cfg: config_lib.Config) -> tuple[str, bool]:
+  """Checks the run directory; returns (path, whether it holds a run to resume)."""
+  workdir = os.path.abspath(cfg.workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} exists and is not a directory")
+  ours = os.path.exists(os.path.join(workdir, CONFIG_FILE))
+  if os.path.isdir(workdir) and os.listdir(workdir) and not ours:
+    raise UserError(f"workdir {workdir} is not empty and holds no nlm-jax run; choose a new directory")
+  return workdir, ours
+
+
+def _check_resumable(saved: dict, now: dict, workdir: str) -> None:
+  for key in RESUME_MUST_MATCH:
+    diff = _first_difference(_lookup(saved, key), _lookup(now, key), key)
+    if diff:
+      raise UserError(f"workdir {workdir} holds a run with a different config ({diff}); "
+                      "use a new workdir or the same config")
+
+
+def train(cfg: config_lib.Config) -> dict[str, Any]:
+  """Trains (or resumes) the run `cfg` describes; returns the summary."""
+  t_start = time.time()
+  workdir, existing = _prepare_workdir(cfg)
+  cfg_dict = config_lib.to_dict(cfg)
+  ckpts = None
+  tokenizer = None
+  resume_step = None
+  if existing and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+    resume_step = ckpts.latest_step()
+    if resume_step is not None:
+      _check_resumable(ckpts.read_json(resume_step, "config"), cfg_dict, workdir)
+      tokenizer = tokenizers.from_dict(ckpts.read_json(resume_step, "tokenizer"))
+  init_from = None
+  if resume_step is None and cfg.train.init_from:
+    init_from = ckpt_lib.resolve(cfg.train.init_from)
+    source_cfg = config_lib.load_config(os.path.join(init_from[0], CONFIG_FILE), [])
+    if dataclasses.asdict(source_cfg.tokenizer) != dataclasses.asdict(cfg.tokenizer):
+      raise UserError(f"init_from {init_from[0]} has a different vocabulary (tokenizer "
+                      f"{dataclasses.asdict(source_cfg.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
+    tokenizer = tokenizers.load(os.path.join(init_from[0], TOKENIZER_FILE))
+
+  run = Run(cfg, tokenizer)
+  if init_from is not None and config_lib.model_config(
+      config_lib.load_config(os.path.join(init_from[0], CONFIG_FILE), []), run.tokenizer.vocab_size
+  ).vocab_size != run.model_cfg.vocab_size:
+    raise UserError(f"init_from {init_from[0]} has a different vocabulary size than this run's model")
+  if is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config_lib.to_yaml(cfg))
+    tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
+  ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+
+  data_iter = run.train_iterator()
+  if resume_step is not None:
+    state = ckpts.restore(resume_step, run.task.abstract_state, data_iter)
+  else:
+    state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
+    if init_from is not None:
+      params = ckpt_lib.restore_params(init_from[0], init_from[1], run.task.abstract_state.params)
+      state = state.replace(params=params)
+
+  k = cfg.optim.grad_accum
+  start = int(state.step) // k
+  stop = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+  log = MetricsLog(workdir, start)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * k
+  every_ckpt = cfg.train.checkpoint_every or cfg.train.eval_every
+
+  interrupted = []
+  handlers = {}
+
+  def on_signal(signum, frame):
+    interrupted.append(signum)
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      handlers[sig] = signal.signal(sig, on_signal)
+    except ValueError:  # not the main thread
+      pass
+
+  progress = None
+  if is_main_process() and cfg.train.progress:
+    from tqdm import tqdm
+
+    progress = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, desc="train")
+
+  def save(step, val_loss=None):
+    ckpts.save(step, state, data_iter, cfg_dict, run.tokenizer.to_dict(), val_loss)
+
+  last_saved = resume_step
+  pending: list[dict] = []
+  window_start = time.time()
+  window_steps = 0
+  last_val = None
+  try:
+    step = start
+    while step < stop and not interrupted:
+      for _ in range(k):
+        batch = run.global_batch(next(data_iter), cfg.data.batch_size)
+        state, metrics = run.task.train_step(state, batch)
+        pending.append(metrics)
+      step += 1
+      window_steps += 1
+      is_eval = step % cfg.train.eval_every == 0 or step == stop
+      if step % cfg.train.log_every == 0 or is_eval or step == stop:
+        fetched = jax.device_get(pending)
+        pending = []
+        nll = sum(m["nll_sum"] for m in fetched)
+        count = sum(m["count"] for m in fetched)
+        loss = float(nll / count)
+        if not math.isfinite(loss):
+          raise UserError(f"training loss is {loss} at step {step}; stopped. The last good checkpoint "
+                          f"(step {last_saved}) is kept in {ckpts.directory}; lower optim.lr or set "
+                          "optim.clip_norm")
+        elapsed = time.time() - window_start
+        record = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss,
+                  "train_perplexity": math.exp(min(loss, 700.0)),
+                  "grad_norm": float(fetched[-1]["grad_norm"]),
+                  "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
+                  "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+        window_start, window_steps = time.time(), 0
+        if is_eval:
+          val = run.evaluate(state.params, cfg.data.eval_split, cfg.train.eval_batches, seed=cfg.seed + 1)
+          last_val = val["loss"]
+          record.update({"val_loss": val["loss"], "val_perplexity": val["perplexity"]})
+          if cfg.optim.schedule == "plateau":
+            state = run.task.update_plateau(state, jnp.asarray(val["loss"], jnp.float32))
+          window_start = time.time()  # validation time is not training throughput
+        log.write(record)
+        if progress is not None:
+          progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                               **({"val": f"{last_val:.4f}"} if is_eval else {}))
+      if progress is not None:
+        progress.update(1)
+      if step % every_ckpt == 0 or step == stop:
+        save(step, last_val if is_eval else None)
+        last_saved = step
+    if interrupted and last_saved != step:
+      save(step)
+      last_saved = step
+  finally:
+    ckpts.wait()
+    if progress is not None:
+      progress.close()
+    log.close()
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
+
+  if interrupted:
+    raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
+  summary: dict[str, Any] = {"workdir": workdir, "steps": step, "tokens_seen": step * tokens_per_step,
+                             "wall_time_s": round(time.time() - t_start, 2),
+                             "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+  if step >= cfg.train.steps:
+    final = run.evaluate(state.params, cfg.data.eval_split, None)
+    summary.update({f"final_{cfg.data.eval_split}_{k}": v for k, v in final.items()})
+  summary["best_checkpoint"] = ckpts.best_step()
+  summary["latest_checkpoint"] = ckpts.latest_step()
+  if is_main_process():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  ckpts.close()
+  return summary
+
+
+# ----------------------------------------------------------------------------- load a run
+
+
+def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=None):
+  """A trained run's `Run` and parameters, on this machine's devices (any mesh)."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    raise UserError(f"no nlm-jax run in {workdir} (no {CONFIG_FILE})")
+  cfg = config_lib.load_config(os.path.join(workdir, CONFIG_FILE), [])
+  cfg.mesh = config_lib.MeshConfig()  # evaluate on whatever devices are here
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  if step is None:
+    step = ckpts.best_step() if best else ckpts.latest_step()
+  if step is None or step not in ckpts.manager.all_steps():
+    raise UserError(f"no complete checkpoint {'' if step is None else step} in {workdir}/checkpoints")
+  tokenizer = tokenizers.load(os.path.join(workdir, TOKENIZER_FILE))
+  # Only the parameters are restored, so the batch may be re-cut for this machine's devices;
+  # evaluation keeps the run's own evaluation batch size (padded rows are masked out).
+  cfg.data.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+  n = jax.device_count()
+  cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
+  run = Run(cfg, tokenizer, mesh)
+  params = ckpt_lib.restore_params(workdir, step, run.task.abstract_state.params)
+  ckpts.close()
+  return run, params, step
