@@ -22,10 +22,11 @@ def next_token_nll(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array | No
                    ) -> tuple[Array, Array]:
   """Summed negative log-likelihood (nats) of `targets` under `logits`, and the token count.
 
-  The log-softmax runs in float32 whatever the compute dtype of the logits.
+  The log-softmax runs in float32 or wider whatever the compute dtype of the logits (float64
+  logits stay float64).
   """
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
-                                                            targets_BxT)
+  dtype = jnp.promote_types(logits_BxTxV.dtype, jnp.float32)
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(dtype), targets_BxT)
   if mask_BxT is None:
     return nll_BxT.sum(), jnp.asarray(nll_BxT.size, jnp.float32)
   mask_BxT = mask_BxT.astype(jnp.float32)

@@ -155,9 +155,31 @@ def prepare_tfds(name: str, manual_dir: Optional[str], data_dir: Optional[str]) 
   builder = tfds_builder(name, data_dir)
   if manual_dir is not None and not os.path.isdir(manual_dir):
     raise UserError(f"manual dir not found: {manual_dir}")
+  urls = list(getattr(builder, "url_infos", None) or {})
+  if manual_dir is None and urls and not builder.is_prepared() and not _network_reachable(urls):
+    raise UserError(f"no network to download {name!r}: pass --manual-dir DIR with the files TFDS "
+                    "would download (TFDS would otherwise retry for minutes)")
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(file_format="array_record", download_config=config)
+  try:
+    builder.download_and_prepare(file_format="array_record", download_config=config)
+  except Exception as e:  # checksum mismatch, missing manual file, download failure
+    raise UserError(f"preparing TFDS dataset {name!r} failed: {str(e).strip().splitlines()[0]}") from None
   return builder.data_dir
+
+
+def _network_reachable(urls: list[str], timeout: float = 3.0) -> bool:
+  """Whether the host of any download URL answers on its port within `timeout` seconds."""
+  import socket
+  import urllib.parse
+
+  for url in urls:
+    parsed = urllib.parse.urlparse(url)
+    try:
+      socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+      return True
+    except (OSError, TypeError):
+      continue
+  return False
 
 
 # ----------------------------------------------------------------------------- corpus + cache

@@ -85,8 +85,9 @@ class FNN(nn.Module):
     C = nn.Embed(V, cfg.d_embed, dtype=dtype, param_dtype=pdt,
                  embedding_init=param_init(nn.initializers.normal(1.0), ("vocab", "embed")), name="C")
     e_BxSxM = C(w_BxS)
-    # x_t = (C[w_{t−n+2}], ..., C[w_t]): the n−1 embeddings ending at position t.
-    x_BxTxNM = jnp.concatenate([e_BxSxM[:, j:j + T] for j in range(n - 1)], axis=-1)
+    # x_t = (C[w_{t−n+2}], ..., C[w_t]): the n−1 embeddings ending at position t, which is
+    # index t + n−1 of w_BxS (the carry fills indices 0..n−2).
+    x_BxTxNM = jnp.concatenate([e_BxSxM[:, j + 1:j + 1 + T] for j in range(n - 1)], axis=-1)
     x_BxTxNM = constrain(x_BxTxNM, ("batch", "length", "window"))
     hidden_BxTxH = jnp.tanh(nn.Dense(cfg.d_hidden, dtype=dtype, param_dtype=pdt,  # d + H x
                                      kernel_init=param_init(nn.initializers.glorot_uniform(), ("window", "hidden")),

@@ -62,7 +62,8 @@ def check_common(cfg: Any) -> None:
   """Checks the fields every architecture config has."""
   require(isinstance(cfg.vocab_size, int) and cfg.vocab_size > 0, "vocab_size", cfg.vocab_size,
           "must be a positive integer")
-  require(0.0 <= cfg.dropout < 1.0, "dropout", cfg.dropout, "must be in [0, 1)")
+  require(isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0, "dropout", cfg.dropout,
+          "must be a number in [0, 1)")
   for field in ("dtype", "param_dtype"):
     value = getattr(cfg, field)
     require(value in ("float32", "bfloat16", "float16", "float64"), field, value,

@@ -116,6 +116,22 @@ def apply_rotary(x_BxTxHxK: Array, positions_T: Array) -> Array:
 # ----------------------------------------------------------------------------- layers
 
 
+def dot_product_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
+                          mask_TxS: Optional[Array] = None) -> Array:
+  """softmax(Q Kᵀ/√d_k + M) V for every head; M = −∞ where `mask_TxS` is False.
+
+  Scores and softmax run in float32, or float64 for float64 inputs (`jax.nn.dot_product_attention`
+  always rounds the softmax to float32, which breaks float64 models).
+  """
+  dtype = jnp.promote_types(q_BxTxHxK.dtype, jnp.float32)
+  s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                         preferred_element_type=dtype) / math.sqrt(q_BxTxHxK.shape[-1])
+  if mask_TxS is not None:
+    s_BxHxTxS = jnp.where(mask_TxS, s_BxHxTxS, -jnp.inf)
+  p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
+  return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
+
+
 def _dense(cfg: TransformerConfig, features, axes, std: float, name: str, use_bias=None):
   """x W + b over the last axis of x; `axes` names the kernel's dimensions (input first)."""
   return nn.DenseGeneral(
@@ -159,8 +175,8 @@ class MultiHeadAttention(nn.Module):
       k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_T)
 
     if cache is None:
-      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
-                                                 is_causal=self.causal)
+      mask_TxT = jnp.tril(jnp.ones((T, T), bool)) if self.causal else None
+      out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_TxT)
       new_cache = None
     else:
       k_cache_BxSxHxK, v_cache_BxSxHxK, index = cache
@@ -170,9 +186,8 @@ class MultiHeadAttention(nn.Module):
       S = k_cache_BxSxHxK.shape[1]
       # Query at absolute position index+t sees cached keys s ≤ index+t (the causal mask M).
       mask_TxS = jnp.arange(S)[None, :] <= positions_T[:, None]
-      out_BxTxHxK = jax.nn.dot_product_attention(
-          q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype),
-          mask=mask_TxS[None, None])
+      out_BxTxHxK = dot_product_attention(
+          q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype), mask_TxS)
       new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
 
     # W_O: concat over heads, then project back to D.

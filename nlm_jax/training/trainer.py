@@ -271,8 +271,10 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
         pending.append(metrics)
       step += 1
       window_steps += 1
-      is_eval = step % cfg.train.eval_every == 0 or step == stop
-      if step % cfg.train.log_every == 0 or is_eval or step == stop:
+      is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+      is_save = step % every_ckpt == 0 or step == stop
+      # Saves come right after a finiteness check of every loss since the last one.
+      if step % cfg.train.log_every == 0 or is_eval or is_save:
         fetched = jax.device_get(pending)
         pending = []
         nll = sum(m["nll_sum"] for m in fetched)
@@ -302,7 +304,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                                **({"val": f"{last_val:.4f}"} if is_eval else {}))
       if progress is not None:
         progress.update(1)
-      if step % every_ckpt == 0 or step == stop:
+      if is_save:
         save(step, last_val if is_eval else None)
         last_saved = step
     if interrupted and last_saved != step:

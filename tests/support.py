@@ -1,0 +1,88 @@
+"""Helpers shared by the training, data and CLI tests: a generated corpus and an in-process CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+
+import numpy as np
+
+from nlm_jax import cli
+
+WORDS = ("the cat dog bird sat ran flew on under over a red big small mat tree house "
+         "and then saw it").split()
+
+
+def write_corpus(path, n_lines: int = 300, seed: int = 0) -> str:
+  """Lines of a tiny grammar ('the big cat sat on a red mat'), learnable in a few steps."""
+  rng = random.Random(seed)
+  subj, verb, prep, adj = ["cat", "dog", "bird"], ["sat", "ran", "flew"], ["on", "under", "over"], ["red", "big", "small"]
+  lines = []
+  for _ in range(n_lines):
+    lines.append(f"the {rng.choice(adj)} {rng.choice(subj)} {rng.choice(verb)} {rng.choice(prep)} "
+                 f"a {rng.choice(adj)} {rng.choice(['mat', 'tree', 'house'])}")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+ARCH_OVERRIDES = {
+    "transformer": ["model.arch=transformer", "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
+                    "model.context=32"],
+    "lstm": ["model.arch=lstm", "model.d_embed=32", "model.d_hidden=32", "model.n_layers=2"],
+    "rnn": ["model.arch=rnn", "model.d_embed=32", "model.d_hidden=32", "model.n_layers=2"],
+    "fnn": ["model.arch=fnn", "model.context=4", "model.d_embed=16", "model.d_hidden=32"],
+}
+
+
+def overrides(workdir, corpus, arch="transformer", batching="windows", steps=30, **extra) -> list[str]:
+  out = [f"workdir={workdir}", f"data.file={corpus}", f"data.batching={batching}", "data.batch_size=8",
+         "data.seq_len=16", f"train.steps={steps}", "train.eval_every=10", "train.log_every=5",
+         "train.eval_batches=4", "train.progress=false", "optim.name=adamw", "optim.lr=3e-3",
+         "seed=3", *ARCH_OVERRIDES[arch]]
+  out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+  return out
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+  """`nlm-jax ARGV` in this process: (exit code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main([str(a) for a in argv])
+  return code, out.getvalue(), err.getvalue()
+
+
+def train(*argv) -> dict:
+  code, out, err = run_cli("train", *argv)
+  assert code == 0, err
+  return json.loads(out[out.index("{"):])
+
+
+def metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_state(workdir, step=None):
+  """The whole train state saved at `step` (default: latest), as NumPy arrays."""
+  import orbax.checkpoint as ocp
+
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  ckpts = Checkpoints(str(workdir), read_only=True)
+  step = ckpts.latest_step() if step is None else step
+  state = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  ckpts.close()
+  return state
+
+
+def assert_trees_equal(a, b):
+  import jax
+
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 0
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,0 +1,208 @@
+"""Tokenizers, corpus cache, Grain batching (windows and truncated-BPTT streams), TFDS sources."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from nlm_jax.config import DataConfig, TokenizerConfig
+from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data.corpus import Corpus
+from nlm_jax.errors import UserError
+
+TEXT = "the cat sat on the mat\nthe dog sat\n\nand then a bird flew over the mat\n"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_char_tokenizer_roundtrip_and_vocabulary():
+  tok = tokenizers.CharTokenizer.train(TEXT)
+  assert tok.chars == sorted(set(TEXT))
+  ids = tok.encode(TEXT)
+  assert ids.dtype == np.int32 and tok.decode(ids) == TEXT
+  assert [tok.chars[i] for i in ids[:3]] == ["t", "h", "e"]
+  with pytest.raises(UserError, match="'Z'"):
+    tok.encode("Zoo")
+
+
+def test_byte_tokenizer_covers_any_text():
+  tok = tokenizers.ByteTokenizer()
+  text = "naïve café ∑ 😀"
+  ids = tok.encode(text)
+  assert list(ids) == list(text.encode("utf-8")) and tok.decode(ids) == text
+  assert tok.vocab_size == 259 and tok.start_id == 257
+
+
+def test_word_tokenizer_follows_ptb_conventions():
+  tok = tokenizers.WordTokenizer.train(TEXT)
+  assert tok.words[:2] == ["<unk>", "<eos>"]
+  assert tok.words[2] == "the"  # most frequent first
+  ids = tok.encode(TEXT)
+  n_lines = TEXT.count("\n")
+  assert (ids == tok.eos_id).sum() == n_lines  # one <eos> per line, blank lines included
+  assert len(ids) == len(TEXT.split()) + n_lines
+  assert tok.decode(tok.encode("the cat\n")) == "the cat \n"
+  small = tokenizers.WordTokenizer.train(TEXT, max_size=4)
+  assert small.vocab_size == 4 and small.encode("zebra")[0] == small.unk_id
+  rare = tokenizers.WordTokenizer.train(TEXT, min_count=2)
+  assert "bird" not in rare.index and "mat" in rare.index
+
+
+def test_sentencepiece_tokenizer_trains_and_roundtrips():
+  text = "\n".join(f"the quick brown fox {i % 7} jumps over the lazy dog number {i}" for i in range(300)) + "\n"
+  cfg = TokenizerConfig(kind="sentencepiece", vocab_size=60, model_type="bpe")
+  tok = tokenizers.train_tokenizer(cfg, text)
+  assert tok.vocab_size == 60
+  line = "the lazy fox jumps over the quick dog"
+  assert tok.decode(tok.encode(line + "\n")).strip() == line
+  again = tokenizers.train_tokenizer(cfg, text)
+  assert tokenizers.fingerprint(again) == tokenizers.fingerprint(tok)  # deterministic training
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_tokenizer_save_load(tmp_path, kind):
+  tok = tokenizers.train_tokenizer(TokenizerConfig(kind=kind), TEXT)
+  tokenizers.save(tok, tmp_path / "t.json")
+  back = tokenizers.load(tmp_path / "t.json")
+  assert tokenizers.fingerprint(back) == tokenizers.fingerprint(tok)
+  np.testing.assert_array_equal(back.encode(TEXT), tok.encode(TEXT))
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_corpus_split_fractions_and_cache(tmp_path, monkeypatch):
+  path = tmp_path / "c.txt"
+  text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+  path.write_text(text)
+  cfg = DataConfig(source="text", file=str(path), split_fractions=[0.9, 0.1], cache_dir=str(tmp_path / "cache"))
+  corpus = Corpus(cfg, TokenizerConfig(kind="char"))
+  train, val = corpus.tokens("train"), corpus.tokens("validation")
+  assert len(train) == 900 and len(val) == 100  # nanoGPT's cut by characters
+  assert corpus.tokenizer.decode(val) == text[900:]
+  # A second corpus reads the cache: it never tokenizes or trains again.
+  monkeypatch.setattr(tokenizers.CharTokenizer, "encode", lambda *a: pytest.fail("tokenized twice"))
+  monkeypatch.setattr(tokenizers.CharTokenizer, "train", lambda *a: pytest.fail("trained twice"))
+  again = Corpus(cfg, TokenizerConfig(kind="char"))
+  np.testing.assert_array_equal(again.tokens("train"), train)
+  assert len(os.listdir(tmp_path / "cache")) == 3  # tokenizer + two splits
+
+
+def test_corpus_files_per_split(tmp_path):
+  for name, text in (("train", "abcabc\n"), ("valid", "cab\n")):
+    (tmp_path / f"{name}.txt").write_text(text * 10)
+  cfg = DataConfig(source="text", files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "valid.txt")},
+                   cache_dir=str(tmp_path / "cache"))
+  corpus = Corpus(cfg, TokenizerConfig(kind="char"))
+  assert corpus.tokenizer.decode(corpus.tokens("validation")) == "cab\n" * 10
+  with pytest.raises(UserError, match="no split 'test'"):
+    corpus.tokens("test")
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_random_windows_are_deterministic_shifted_and_cover_each_start_once_per_epoch():
+  tokens = np.arange(103, dtype=np.int32)  # token value = position: windows reveal their starts
+  B, T = 4, 8
+  it = iter(pipeline.random_windows(tokens, B, T, seed=7))
+  n_starts = len(tokens) - T
+  starts = []
+  for _ in range(n_starts // B):
+    batch = next(it)
+    np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
+    assert (np.diff(batch["inputs"], axis=1) == 1).all()
+    starts.extend(batch["inputs"][:, 0])
+  assert len(set(starts)) == len(starts)  # without replacement within an epoch
+  again = iter(pipeline.random_windows(tokens, B, T, seed=7))
+  np.testing.assert_array_equal(next(again)["inputs"], np.asarray(starts[:B])[:, None] + np.arange(T))
+  other = next(iter(pipeline.random_windows(tokens, B, T, seed=8)))
+  assert not np.array_equal(other["inputs"][:, 0], np.asarray(starts[:B]))
+
+
+def test_streams_continue_row_by_row_and_reset_each_epoch():
+  tokens = np.arange(1 + 4 * 30, dtype=np.int32)
+  B, T = 4, 8
+  it = iter(pipeline.contiguous_streams(tokens, B, T))
+  batches = [next(it) for _ in range(4)]  # 30 // 8 = 3 chunks per epoch, then a new epoch
+  L = 30
+  for k in range(3):
+    np.testing.assert_array_equal(batches[k]["inputs"], np.arange(B)[:, None] * L + k * T + np.arange(T))
+    np.testing.assert_array_equal(batches[k]["targets"], batches[k]["inputs"] + 1)
+  assert [bool(b["reset"][0]) for b in batches] == [True, False, False, True]
+  np.testing.assert_array_equal(batches[3]["inputs"], batches[0]["inputs"])
+
+
+def test_iterator_state_resumes_exactly():
+  tokens = np.arange(500, dtype=np.int32)
+  it = iter(pipeline.random_windows(tokens, 4, 8, seed=1))
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["inputs"] for _ in range(3)]
+  fresh = iter(pipeline.random_windows(tokens, 4, 8, seed=1))
+  fresh.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(fresh)["inputs"], e)
+
+
+def test_process_rows_split_the_global_batch():
+  tokens = np.arange(500, dtype=np.int32)
+  full = next(iter(pipeline.random_windows(tokens, 4, 8, seed=1)))
+  top = next(iter(pipeline.random_windows(tokens, 4, 8, seed=1, rows=slice(0, 2))))
+  bottom = next(iter(pipeline.random_windows(tokens, 4, 8, seed=1, rows=slice(2, 4))))
+  np.testing.assert_array_equal(np.concatenate([top["inputs"], bottom["inputs"]]), full["inputs"])
+
+
+@pytest.mark.parametrize("batching", ["windows", "streams"])
+def test_full_evaluation_scores_every_token_once(batching):
+  tokens = np.arange(1, 98, dtype=np.int32)
+  batches = list(pipeline.eval_batches(tokens, batching, batch_size=3, seq_len=8))
+  scored = np.concatenate([b["targets"][b["mask"] > 0] for b in batches])
+  expected = tokens[1:] if batching == "windows" else tokens[1:1 + 3 * ((len(tokens) - 1) // 3)]
+  np.testing.assert_array_equal(np.sort(scored), np.sort(expected))
+  for b in batches:
+    np.testing.assert_array_equal((b["targets"] - b["inputs"])[b["mask"] > 0], 1)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _register_tiny_tfds(text_lines):
+  import tensorflow_datasets as tfds
+
+  class NlmJaxTinyText(tfds.core.GeneratorBasedBuilder):
+    """A one-example-per-split text dataset, generated in the test (like tiny_shakespeare)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(text_lines[:-5]),
+              "validation": self._generate_examples(text_lines[-5:])}
+
+    def _generate_examples(self, lines):
+      yield 0, {"text": "\n".join(lines)}
+
+  return NlmJaxTinyText
+
+
+def test_tfds_source_prepared_offline(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  from nlm_jax.data.corpus import prepare_tfds
+
+  lines = [f"line {i} of a tiny dataset" for i in range(40)]
+  builder_cls = _register_tiny_tfds(lines)
+  data_dir = str(tmp_path / "tfds")
+  cfg = DataConfig(source="tfds", name=builder_cls.name, data_dir=data_dir, cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(UserError, match=f"data prepare {builder_cls.name}"):
+    Corpus(cfg, TokenizerConfig(kind="char"))
+  prepare_tfds(builder_cls.name, None, data_dir)
+  corpus = Corpus(cfg, TokenizerConfig(kind="char"))
+  assert corpus.tokenizer.decode(corpus.tokens("validation")) == "\n".join(lines[-5:])
+  assert corpus.tokenizer.decode(corpus.tokens("train")) == "\n".join(lines[:-5])
