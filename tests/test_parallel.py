@@ -1,0 +1,147 @@
+"""Sharded = unsharded. JAX fixes its device count when it starts, so the 8-device runs happen in
+subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from support import metrics, overrides, run_cli, train, write_corpus
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESHES = ("data8", "fsdp8", "data2_tensor4")
+
+
+def env_with_devices(n: int, cache: str) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", NLM_JAX_CACHE=cache,
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def nlm_jax(*argv, env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "nlm_jax", *map(str, argv)], env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+  """Per-step losses, final params and layouts of 20 steps on 1 device and on 8-device meshes."""
+  archs = os.environ.get("NLM_JAX_PARALLEL_ARCHS", "transformer,lstm,rnn,fnn")
+  out = str(tmp_path_factory.mktemp("parallel") / "runs.npz")
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py"), out, "20", archs],
+                        env=env_with_devices(8, str(tmp_path_factory.mktemp("cache"))), capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out + ".json") as f:
+    return np.load(out), json.load(f), archs.split(",")
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm", "rnn", "fnn"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_steps_match_one_device(sharded_runs, arch, mesh):
+  runs, _, archs = sharded_runs
+  if arch not in archs:
+    pytest.skip(f"{arch} not in NLM_JAX_PARALLEL_ARCHS")
+  single = runs[f"{arch}/single/losses"]
+  assert single.shape == (20,) and single[-1] < single[0]
+  np.testing.assert_allclose(runs[f"{arch}/{mesh}/losses"], single, rtol=1e-4)
+  names = [k[len(f"{arch}/single/params"):] for k in runs.files if k.startswith(f"{arch}/single/params")]
+  assert names
+  for name in names:
+    np.testing.assert_allclose(runs[f"{arch}/{mesh}/params{name}"], runs[f"{arch}/single/params{name}"],
+                               rtol=1e-3, atol=5e-4, err_msg=name)
+
+
+def test_layouts_are_as_configured(sharded_runs):
+  _, layout, archs = sharded_runs
+  if "transformer" in archs:
+    fsdp = layout["transformer/fsdp8"]
+    assert fsdp["params"]["['block_0']['ffn']['w1']['kernel']"] == "P('fsdp', None)"  # (embed, mlp)
+    assert fsdp["params"]["['block_0']['attn']['query']['kernel']"] == "P('fsdp', None, None)"
+    assert fsdp["mu"]["['block_0']['ffn']['w1']['kernel']"] == "P('fsdp', None)"  # optimizer state too
+    tp = layout["transformer/data2_tensor4"]
+    assert tp["params"]["['block_0']['ffn']['w1']['kernel']"] == "P(None, 'tensor')"  # MLP hidden units
+    assert tp["params"]["['block_0']['attn']['query']['kernel']"] == "P(None, 'tensor', None)"  # heads
+    assert tp["params"]["['block_0']['attn']['out']['kernel']"] == "P('tensor', None, None)"
+    dp = layout["transformer/data8"]
+    assert set(dp["params"].values()) <= {"P()", "P(None,)", "P(None, None)", "P(None, None, None)"}
+    # vocab 40 does not divide over fsdp=8: the embedding keeps 'embed' on fsdp, vocab replicated.
+    assert fsdp["params"]["['embed']['embedding']"] == "P(None, 'fsdp')"
+  if "lstm" in archs:
+    tp = layout["lstm/data2_tensor4"]
+    assert tp["params"]["['layer_0']['W']"] == "P(None, None, 'tensor')"  # gate units
+    assert tp["params"]["['layer_0']['U']"] == "P(None, None, 'tensor')"
+
+
+def test_batch_that_does_not_divide_the_mesh(tmp_path):
+  corpus = write_corpus(tmp_path / "c.txt")
+  proc = nlm_jax("train", *overrides(tmp_path / "r", corpus, steps=2), "data.batch_size=6", "mesh.data=4",
+                 "mesh.fsdp=2", env=env_with_devices(8, str(tmp_path / "cache")))
+  assert proc.returncode == 2
+  assert "data.batch_size=6" in proc.stderr and "8 devices" in proc.stderr
+  proc = nlm_jax("train", *overrides(tmp_path / "r", corpus, steps=2), "mesh.data=3",
+                 env=env_with_devices(8, str(tmp_path / "cache")))
+  assert proc.returncode == 2 and "8 devices" in proc.stderr
+
+
+def test_save_on_8_devices_evaluate_on_1_and_back(tmp_path):
+  corpus = write_corpus(tmp_path / "c.txt")
+  env8 = env_with_devices(8, str(tmp_path / "cache"))
+  proc = nlm_jax("train", *overrides(tmp_path / "r8", corpus, steps=10), "mesh.data=2", "mesh.fsdp=2",
+                 "mesh.tensor=2", env=env8)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = json.loads(proc.stdout[proc.stdout.index("{"):])
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "r8", "--json")  # this process: 1 device
+  assert code == 0, err
+  assert json.loads(out)["loss"] == pytest.approx(saved["final_validation_loss"], rel=1e-5)
+
+  one = train(*overrides(tmp_path / "r1", corpus, steps=10))
+  proc = nlm_jax("eval", "--workdir", tmp_path / "r1", "--json", env=env8)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout)["loss"] == pytest.approx(one["final_validation_loss"], rel=1e-5)
+  # Resuming a 1-device run on 8 devices continues it (elastic restore of the whole state).
+  proc = nlm_jax("train", *overrides(tmp_path / "r1", corpus, steps=14), "mesh.fsdp=8", "mesh.data=1", env=env8)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [r["step"] for r in metrics(tmp_path / "r1")][-1] == 14
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  corpus = write_corpus(tmp_path / "c.txt")
+  args = overrides(tmp_path / "one", corpus, steps=8, train__log_every=1, train__eval_every=4)
+  train(*args)
+  port = _free_port()
+  two = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
+  procs = [subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *two,
+                             f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                             f"distributed.process_id={i}"], env=env_with_devices(2, str(tmp_path / f"cache{i}")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # Only process 0 reports (Gloo itself prints connection lines on both).
+  assert '"workdir"' in outs[0][0] and '"workdir"' not in outs[1][0]
+  assert "train:" not in outs[1][1]  # no progress bar either
+  one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+  assert [r["step"] for r in one] == [r["step"] for r in two]
+  np.testing.assert_allclose([r["train_loss"] for r in two], [r["train_loss"] for r in one], rtol=1e-5)
+  np.testing.assert_allclose([r["val_loss"] for r in two if "val_loss" in r],
+                             [r["val_loss"] for r in one if "val_loss" in r], rtol=1e-5)
+  assert os.path.isdir(tmp_path / "two" / "checkpoints" / "8")
