@@ -1,0 +1,56 @@
+"""Config loading: recipes validate, overrides are typed, the model section is checked per arch."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from nlm_jax import config as config_lib
+from nlm_jax import models
+from nlm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.yaml"))))
+def test_every_recipe_validates(path):
+  cfg = config_lib.load_config(path, ["workdir=/tmp/x"])
+  model = config_lib.model_config(cfg, vocab_size=100)
+  assert model.arch == cfg.model["arch"]
+  models.build(model)
+
+
+def test_nanogpt_recipe_is_nanogpts():
+  cfg = config_lib.load_config(os.path.join(ROOT, "experiments/configs/shakespeare_char_transformer.yaml"),
+                               ["workdir=/tmp/x"])
+  m = config_lib.model_config(cfg, 65)
+  assert (m.n_layers, m.n_heads, m.d_model, m.context, m.dropout) == (4, 4, 128, 64, 0.0)
+  assert (cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps) == (12, 64, 2000)
+  o = cfg.optim
+  assert (o.name, o.lr, o.b2, o.warmup_steps, o.min_lr) == ("adamw", 1e-3, 0.99, 100, 1e-4)
+  assert (cfg.train.eval_every, cfg.train.eval_batches) == (250, 20)
+
+
+def test_overrides_are_typed_and_dotted():
+  cfg = config_lib.load_config(None, ["workdir=w", "data.file=f", "model.arch=lstm", "model.d_hidden=64",
+                                      "train.steps=7", "optim.lr=0.5", "data.files.train=a.txt"])
+  assert cfg.train.steps == 7 and cfg.optim.lr == 0.5 and cfg.data.files == {"train": "a.txt"}
+  assert config_lib.model_config(cfg, 10).d_hidden == 64
+
+
+def test_config_roundtrips_through_dict():
+  cfg = config_lib.load_config(None, ["workdir=w", "data.file=f", "model.arch=fnn"])
+  assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,mentions", [
+    ("train.stpes=1", "stpes"), ("optim.lr=fast", "optim.lr"), ("model.arch=gru", "model.arch"),
+    ("optim.name=lion", "optim.name"), ("mesh.data=0", "mesh.data"), ("model.context=1", "context"),
+    ("optim.decay_exclude=[biases]", "biases"), ("tokenizer.kind=bpe", "tokenizer.kind"),
+])
+def test_bad_overrides_name_the_key(override, mentions):
+  base = ["workdir=w", "data.file=f", "model.arch=fnn"]
+  with pytest.raises(UserError, match=mentions.replace("[", r"\[")):
+    config_lib.load_config(None, base + [override])
