@@ -27,7 +27,8 @@ def _train(args) -> int:
 
   cfg = config_lib.load_config(args.config, args.overrides)
   d = cfg.distributed
-  parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives)
+  parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives,
+                                        d.initialize)
   from nlm_jax.training import trainer
 
   summary = trainer.train(cfg)

@@ -94,6 +94,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
+  initialize: bool = False  # call jax.distributed.initialize() (TPU pods, SLURM: no other keys needed)
   coordinator_address: Optional[str] = None  # host:port of process 0
   num_processes: Optional[int] = None
   process_id: Optional[int] = None

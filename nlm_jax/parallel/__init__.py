@@ -146,26 +146,26 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_si
 
 
 def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                                 process_id: int | None, cpu_collectives: str = "gloo") -> bool:
+                                 process_id: int | None, cpu_collectives: str = "gloo",
+                                 initialize: bool = False) -> bool:
   """Calls `jax.distributed.initialize` when the run spans several processes.
 
-  Configured explicitly (the three config keys), or from the environment: JAX itself detects
-  TPU pod slices, SLURM and Open MPI; `NLM_JAX_COORDINATOR`, `NLM_JAX_NUM_PROCESSES` and
-  `NLM_JAX_PROCESS_ID` are read as the explicit keys. Returns whether it initialized.
+  `initialize=True` (config `distributed.initialize=true`) always calls it, and JAX then finds
+  the cluster itself on TPU pod slices, SLURM and Open MPI. Otherwise it is called when the three
+  explicit keys (or `NLM_JAX_COORDINATOR`, `NLM_JAX_NUM_PROCESSES`, `NLM_JAX_PROCESS_ID`) say there
+  are several processes. Returns whether it initialized.
   """
   coordinator_address = coordinator_address or os.environ.get("NLM_JAX_COORDINATOR")
   if num_processes is None and "NLM_JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["NLM_JAX_NUM_PROCESSES"])
   if process_id is None and "NLM_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["NLM_JAX_PROCESS_ID"])
-  cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                            "MEGASCALE_COORDINATOR_ADDRESS"))
   multi = (num_processes or 1) > 1 or coordinator_address is not None
-  if not multi and not cluster:
+  if not (multi or initialize):
     return False
   if jax.distributed.is_initialized():
     return True
-  if cpu_collectives:
+  if cpu_collectives:  # only used by the CPU backend
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
