@@ -64,14 +64,13 @@ class LMTask:
     self.init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
-    carry_sharding = self.state_sharding.carry
+    # The eval carry's batch size may differ from training's: XLA picks its layout.
     self.eval_step = jax.jit(self._eval_step,
                              in_shardings=(self.state_sharding.params, None, batch_sh),
                              out_shardings=(None, self.replicated))
     self.update_plateau = jax.jit(self._update_plateau, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.replicated),
                                   out_shardings=self.state_sharding)
-    del carry_sharding
 
   # ------------------------------------------------------------------------- state
 
