@@ -17,6 +17,7 @@ identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -185,34 +186,69 @@ def _check_resumable(saved: dict, now: dict, workdir: str) -> None:
                       "use a new workdir or the same config")
 
 
+def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
+  """(checkpoints, latest step, tokenizer) of a run to resume; (None, None, None) for a new run."""
+  if not (existing and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return None, None, None
+  ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+  step = ckpts.latest_step()
+  if step is None:
+    return ckpts, None, None
+  _check_resumable(ckpts.read_json(step, "config"), config_lib.to_dict(cfg), workdir)
+  return ckpts, step, tokenizers.from_dict(ckpts.read_json(step, "tokenizer"))
+
+
+def _init_from_source(cfg: config_lib.Config):
+  """(run dir, step, tokenizer) of the run `train.init_from` names; its tokenizer config must be
+  this run's, so that the new phase keeps the vocabulary the parameters were trained with."""
+  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)
+  source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
+  if dataclasses.asdict(source.tokenizer) != dataclasses.asdict(cfg.tokenizer):
+    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer "
+                    f"{dataclasses.asdict(source.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
+  return run_dir, step, tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Collects SIGINT / SIGTERM instead of dying mid-step: the loop saves, then stops."""
+  requests: list[int] = []
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      previous[sig] = signal.signal(sig, lambda signum, frame: requests.append(signum))
+    except ValueError:  # not the main thread
+      pass
+  try:
+    yield requests
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int], directory: str) -> float:
+  """Mean training loss of the steps since the last check; stops the run if it is NaN or Inf
+  (before anything is saved, so the last checkpoint stays the last good one)."""
+  if not metrics:
+    return float("nan")
+  loss = float(sum(m["nll_sum"] for m in metrics) / sum(m["count"] for m in metrics))
+  if not math.isfinite(loss):
+    raise UserError(f"training loss is {loss} at step {step}; stopped. The last good checkpoint (step "
+                    f"{last_saved}) is kept in {directory}; lower optim.lr or set optim.clip_norm")
+  return loss
+
+
 def train(cfg: config_lib.Config) -> dict[str, Any]:
   """Trains (or resumes) the run `cfg` describes; returns the summary."""
   t_start = time.time()
   workdir, existing = _prepare_workdir(cfg)
   cfg_dict = config_lib.to_dict(cfg)
-  ckpts = None
-  tokenizer = None
-  resume_step = None
-  if existing and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
-    resume_step = ckpts.latest_step()
-    if resume_step is not None:
-      _check_resumable(ckpts.read_json(resume_step, "config"), cfg_dict, workdir)
-      tokenizer = tokenizers.from_dict(ckpts.read_json(resume_step, "tokenizer"))
+  ckpts, resume_step, tokenizer = _resume_point(cfg, workdir, existing)
   init_from = None
   if resume_step is None and cfg.train.init_from:
-    init_from = ckpt_lib.resolve(cfg.train.init_from)
-    source_cfg = config_lib.load_config(os.path.join(init_from[0], CONFIG_FILE), [])
-    if dataclasses.asdict(source_cfg.tokenizer) != dataclasses.asdict(cfg.tokenizer):
-      raise UserError(f"init_from {init_from[0]} has a different vocabulary (tokenizer "
-                      f"{dataclasses.asdict(source_cfg.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
-    tokenizer = tokenizers.load(os.path.join(init_from[0], TOKENIZER_FILE))
+    *init_from, tokenizer = _init_from_source(cfg)
 
   run = Run(cfg, tokenizer)
-  if init_from is not None and config_lib.model_config(
-      config_lib.load_config(os.path.join(init_from[0], CONFIG_FILE), []), run.tokenizer.vocab_size
-  ).vocab_size != run.model_cfg.vocab_size:
-    raise UserError(f"init_from {init_from[0]} has a different vocabulary size than this run's model")
   if is_main_process():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -236,18 +272,6 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * k
   every_ckpt = cfg.train.checkpoint_every or cfg.train.eval_every
 
-  interrupted = []
-  handlers = {}
-
-  def on_signal(signum, frame):
-    interrupted.append(signum)
-
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    try:
-      handlers[sig] = signal.signal(sig, on_signal)
-    except ValueError:  # not the main thread
-      pass
-
   progress = None
   if is_main_process() and cfg.train.progress:
     from tqdm import tqdm
@@ -262,61 +286,55 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   window_start = time.time()
   window_steps = 0
   last_val = None
-  try:
-    step = start
-    while step < stop and not interrupted:
-      for _ in range(k):
-        batch = run.global_batch(next(data_iter), cfg.data.batch_size)
-        state, metrics = run.task.train_step(state, batch)
-        pending.append(metrics)
-      step += 1
-      window_steps += 1
-      is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-      is_save = step % every_ckpt == 0 or step == stop
-      # Saves come right after a finiteness check of every loss since the last one.
-      if step % cfg.train.log_every == 0 or is_eval or is_save:
-        fetched = jax.device_get(pending)
-        pending = []
-        nll = sum(m["nll_sum"] for m in fetched)
-        count = sum(m["count"] for m in fetched)
-        loss = float(nll / count)
-        if not math.isfinite(loss):
-          raise UserError(f"training loss is {loss} at step {step}; stopped. The last good checkpoint "
-                          f"(step {last_saved}) is kept in {ckpts.directory}; lower optim.lr or set "
-                          "optim.clip_norm")
-        elapsed = time.time() - window_start
-        record = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss,
-                  "train_perplexity": math.exp(min(loss, 700.0)),
-                  "grad_norm": float(fetched[-1]["grad_norm"]),
-                  "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
-                  "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
-        window_start, window_steps = time.time(), 0
-        if is_eval:
-          val = run.evaluate(state.params, cfg.data.eval_split, cfg.train.eval_batches, seed=cfg.seed + 1)
-          last_val = val["loss"]
-          record.update({"val_loss": val["loss"], "val_perplexity": val["perplexity"]})
-          if cfg.optim.schedule == "plateau":
-            state = run.task.update_plateau(state, jnp.asarray(val["loss"], jnp.float32))
-          window_start = time.time()  # validation time is not training throughput
-        log.write(record)
+  with _stop_requests() as interrupted:
+    try:
+      step = start
+      while step < stop and not interrupted:
+        for _ in range(k):
+          batch = run.global_batch(next(data_iter), cfg.data.batch_size)
+          state, metrics = run.task.train_step(state, batch)
+          pending.append(metrics)
+        step += 1
+        window_steps += 1
+        is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        is_save = step % every_ckpt == 0 or step == stop
+        # Saves come right after a finiteness check of every loss since the last one.
+        if step % cfg.train.log_every == 0 or is_eval or is_save:
+          fetched = jax.device_get(pending)
+          pending = []
+          loss = _finite_mean_loss(fetched, step, last_saved, ckpts.directory)
+          elapsed = time.time() - window_start
+          record = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss,
+                    "train_perplexity": math.exp(min(loss, 700.0)),
+                    "grad_norm": float(fetched[-1]["grad_norm"]),
+                    "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
+                    "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+          window_start, window_steps = time.time(), 0
+          if is_eval:
+            val = run.evaluate(state.params, cfg.data.eval_split, cfg.train.eval_batches, seed=cfg.seed + 1)
+            last_val = val["loss"]
+            record.update({"val_loss": val["loss"], "val_perplexity": val["perplexity"]})
+            if cfg.optim.schedule == "plateau":
+              state = run.task.update_plateau(state, jnp.asarray(val["loss"], jnp.float32))
+            window_start = time.time()  # validation time is not training throughput
+          log.write(record)
+          if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 **({"val": f"{last_val:.4f}"} if is_eval else {}))
         if progress is not None:
-          progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                               **({"val": f"{last_val:.4f}"} if is_eval else {}))
-      if progress is not None:
-        progress.update(1)
-      if is_save:
-        save(step, last_val if is_eval else None)
+          progress.update(1)
+        if is_save:
+          save(step, last_val if is_eval else None)
+          last_saved = step
+      if interrupted and last_saved != step:
+        _finite_mean_loss(jax.device_get(pending), step, last_saved, ckpts.directory)
+        save(step)
         last_saved = step
-    if interrupted and last_saved != step:
-      save(step)
-      last_saved = step
-  finally:
-    ckpts.wait()
-    if progress is not None:
-      progress.close()
-    log.close()
-    for sig, handler in handlers.items():
-      signal.signal(sig, handler)
+    finally:
+      ckpts.wait()
+      if progress is not None:
+        progress.close()
+      log.close()
 
   if interrupted:
     raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
@@ -325,7 +343,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
     final = run.evaluate(state.params, cfg.data.eval_split, None)
-    summary.update({f"final_{cfg.data.eval_split}_{k}": v for k, v in final.items()})
+    summary.update({f"final_{cfg.data.eval_split}_{name}": v for name, v in final.items()})
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
   if is_main_process():
