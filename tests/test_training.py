@@ -105,3 +105,26 @@ def test_plot(tmp_path, corpus):
   assert code == 0, err
   png = out.strip()
   assert png.endswith(".png") and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  workdir = tmp_path / "r"
+  args = overrides(workdir, corpus, steps=100000, train__log_every=1, train__eval_every=100000)
+  proc = subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() or not metrics(workdir):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and "interrupted at step" in err, err[-2000:]
+  step = int(err.split("interrupted at step")[1].split(";")[0])
+  assert os.path.isdir(workdir / "checkpoints" / str(step))
+  resumed = train(*args, f"train.stop_after={step + 3}")
+  assert resumed["steps"] == step + 3
