@@ -68,8 +68,7 @@ class RecurrentLM(nn.Module):
                          jnp.dtype(cfg.param_dtype))
       logits_BxTxV = embed.attend(h_BxTxH) + b_out.astype(dtype)
     else:
-      logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                              kernel_init=param_init(layers.uniform(0.1), ("hidden", "vocab")),
-                              bias_init=param_init(nn.initializers.zeros, ("vocab",)), name="out")(h_BxTxH)
+      logits_BxTxV = layers.Affine(cfg.vocab_size, ("hidden", "vocab"), layers.uniform(0.1), dtype=dtype,
+                                   param_dtype=jnp.dtype(cfg.param_dtype), name="out")(h_BxTxH)
     logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
     return LMOutput(logits_BxTxV, tuple(new_carry), hidden_BxTxH)
