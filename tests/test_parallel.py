@@ -15,6 +15,8 @@ import pytest
 from support import metrics, overrides, run_cli, train, write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One xdist worker runs this whole file, so the 8-device training fixture runs once.
+pytestmark = pytest.mark.xdist_group("parallel")
 MESHES = ("data8", "fsdp8", "data2_tensor4")
 
 

@@ -1,0 +1,384 @@
+"""nlm-jax against PyTorch on this machine: training throughput, the whole Tiny Shakespeare
+recipe, generation, compile time against depth, MFU, and the input pipeline.
+
+    python -m benchmarks.run                  # everything (~30 min on 2 CPU cores)
+    python -m benchmarks.run --quick          # a smoke run: fewer repeats, no large model / recipe
+
+JAX and PyTorch are timed alternately in one process, repeat by repeat, on the same random token
+batches, with the same shapes, parameter counts (checked) and optimizer; a number is the median
+over repeats after warm-up. The JAX side is the library's own jitted `LMTask.train_step` (what
+`nlm-jax train` runs), not a benchmark-only variant. Results go to benchmarks/results/latest.json
+and into the table of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlm_jax import models, parallel
+from nlm_jax.config import OptimConfig
+from nlm_jax.data import pipeline
+from nlm_jax.generate import Sampler
+from nlm_jax.training import optim
+from nlm_jax.training.steps import LMTask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare")
+RECIPE = os.path.join(ROOT, "experiments", "configs", "shakespeare_char_transformer.yaml")
+
+ADAMW = dict(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)  # nanoGPT
+SGD = dict(name="sgd", lr=20.0, clip_norm=0.25)  # word_language_model
+WLM = dict(vocab_size=33278, d_embed=200, d_hidden=200, n_layers=2, dropout=0.2)
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  cfg: object
+  batch: int
+  seq: int
+  optim: dict
+  steps: int  # steps per timed repeat
+
+
+CASES = [
+    Case("transformer nanoGPT (4×128, T=64, B=12, V=65)",
+         models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, context=64, use_bias=False),
+         12, 64, ADAMW, 20),
+    Case("LSTM word_language_model (2×200, T=35, B=20, V=33,278)", models.LSTMConfig(**WLM), 20, 35, SGD, 5),
+    Case("RNN same sizes", models.RNNConfig(**WLM), 20, 35, SGD, 5),
+    Case("FNN same sizes (n=5, m=h=200)", models.FNNConfig(vocab_size=33278, context=5, d_embed=200, d_hidden=200),
+         20, 35, SGD, 3),
+    Case("transformer large (6×384, 6 heads, T=256, B=16, V=65)",
+         models.TransformerConfig(vocab_size=65, d_model=384, n_heads=6, n_layers=6, context=256, use_bias=False),
+         16, 256, ADAMW, 3),
+]
+
+
+def median(xs):
+  return float(statistics.median(xs))
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def jax_task(case: Case):
+  cfg = OptimConfig(**case.optim)
+  carry = case.cfg.arch != "transformer"
+  task = LMTask(models.build(case.cfg), optim.make_optimizer(cfg, 10_000), optim.plateau(cfg),
+                parallel.make_mesh(), case.batch, carry, example_len=case.seq)
+  state = task.init(jax.random.key_data(jax.random.key(0)))
+  return task, state
+
+
+def jax_batches(case: Case, tokens: np.ndarray, task: LMTask):
+  out = []
+  for x in tokens:
+    b = {"inputs": x[:, :-1].astype(np.int32), "targets": x[:, 1:].astype(np.int32),
+         "mask": np.ones((case.batch, case.seq), np.float32), "reset": np.zeros((case.batch,), bool)}
+    out.append(parallel.global_batch(b, task.batch_sharding, case.batch))
+  return out
+
+
+def param_count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def model_flops_per_token(cfg, n_params: int) -> float:
+  """6N + 12·L·d·T (PaLM, appendix B): N excludes the position table (a lookup, no FLOPs)."""
+  if cfg.arch != "transformer":
+    return 6.0 * n_params
+  n = n_params - (cfg.context * cfg.d_model if cfg.pos_encoding == "learned" else 0)
+  return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * cfg.context
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a jitted float32 n×n matmul (the MFU denominator)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / median(times) / 1e9
+
+
+def training_throughput(case: Case, repeats: int, peak: float) -> dict:
+  import torch
+
+  from benchmarks import torch_reference as tr
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
+  task, state = jax_task(case)
+  batches = jax_batches(case, tokens, task)
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 2)
+  tmodel = tr.build_torch(case.cfg)
+  n_jax = param_count(state.params)
+  assert tr.count_params(tmodel) == n_jax, (case.name, tr.count_params(tmodel), n_jax)
+  o = case.optim
+  tstep = tr.torch_train_step_fn(tmodel, o["name"], lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
+                                 betas=(0.9, o.get("b2", 0.999)), grad_clip=o.get("clip_norm", 0.0))
+  tbatches = [(torch.from_numpy(x[:, :-1]).long(), torch.from_numpy(x[:, 1:]).long()) for x in tokens]
+
+  def run_jax(n):
+    nonlocal state
+    t = time.perf_counter()
+    for i in range(n):
+      state, m = task.train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(m)
+    return time.perf_counter() - t
+
+  def run_torch(n):
+    t = time.perf_counter()
+    for i in range(n):
+      loss = tstep(*tbatches[i % len(tbatches)])
+    loss.item()
+    return time.perf_counter() - t
+
+  run_jax(3)  # compile and warm up
+  run_torch(3)
+  jt, tt = [], []
+  for _ in range(repeats):
+    jt.append(run_jax(case.steps))
+    tt.append(run_torch(case.steps))
+  tokens_per_step = case.batch * case.seq
+  jax_tps = tokens_per_step * case.steps / median(jt)
+  torch_tps = tokens_per_step * case.steps / median(tt)
+  flops = model_flops_per_token(case.cfg, n_jax)
+  return {"case": case.name, "params": n_jax, "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
+          "speedup": jax_tps / torch_tps, "jax_ms_per_step": 1e3 * median(jt) / case.steps,
+          "torch_ms_per_step": 1e3 * median(tt) / case.steps, "flops_per_token": flops,
+          "jax_mfu": flops * jax_tps / (peak * 1e9), "torch_mfu": flops * torch_tps / (peak * 1e9),
+          "repeats": repeats, "steps_per_repeat": case.steps}
+
+
+def generation(repeats: int, new_tokens: int = 256) -> list[dict]:
+  """ms per token for `new_tokens` greedy tokens: cache / carried state vs recomputing the context."""
+  from benchmarks import torch_reference as tr
+
+  rows = []
+  gen_cases = [("transformer (4×128, V=65)",
+                models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, context=512)),
+               ("LSTM (2×200, V=33,278)", models.LSTMConfig(**WLM)),
+               ("RNN (2×200, V=33,278)", models.RNNConfig(**WLM))]
+  for name, cfg in gen_cases:
+    model = models.build(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    sampler = Sampler(model, params, temperature=0.0)
+    window = new_tokens + 1
+
+    def timed(use_cache):
+      sampler.generate([1], 4, jax.random.key(0), use_cache=use_cache, window=window)  # compile
+      ms = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        sampler.generate([1], new_tokens, jax.random.key(0), use_cache=use_cache, window=window)
+        ms.append(1e3 * (time.perf_counter() - t) / new_tokens)
+      return median(ms)
+
+    cached, full = timed(True), timed(False)
+    is_t = cfg.arch == "transformer"
+    torch_cached = median(tr.torch_generate_ms_per_token(cfg, new_tokens, kv_cache=is_t, repeats=repeats))
+    torch_full = median(tr.torch_generate_ms_per_token(cfg, new_tokens, repeats=repeats)) if is_t else None
+    rows.append({"model": name, "jax_cached_ms": cached, "jax_recompute_ms": full, "cache_speedup": full / cached,
+                 "torch_cached_ms": torch_cached, "torch_recompute_ms": torch_full})
+  return rows
+
+
+def compile_time(depths=(2, 6, 12, 24)) -> list[dict]:
+  """Seconds from building the step to the first step's result, with and without nn.scan."""
+  rows = []
+  for scan in (False, True):
+    for L in depths:
+      cfg = models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=L, context=64,
+                                     use_bias=False, scan_layers=scan)
+      case = Case("", cfg, 12, 64, ADAMW, 1)
+      t = time.perf_counter()
+      task, state = jax_task(case)
+      batch = jax_batches(case, np.zeros((1, 12, 65), np.int64), task)[0]
+      state, m = task.train_step(state, batch)
+      jax.block_until_ready(m)
+      rows.append({"layers": L, "scan": scan, "seconds": time.perf_counter() - t})
+  return rows
+
+
+def input_pipeline(repeats: int) -> list[dict]:
+  """Tokens/s of the Grain iterators (with the device put) against the training step's."""
+  rows = []
+  tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
+  mesh = parallel.make_mesh()
+  sharding = parallel.batch_sharding(mesh)
+  for name, make, B, T in (("windows B=12 T=64", lambda: pipeline.random_windows(tokens, 12, 64, 0), 12, 64),
+                           ("streams B=20 T=35", lambda: pipeline.contiguous_streams(tokens, 20, 35), 20, 35)):
+    it = iter(make())
+    for _ in range(20):
+      next(it)
+    rates = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      for _ in range(500):
+        b = parallel.global_batch(next(it), sharding, B)
+      jax.block_until_ready(b)
+      rates.append(500 * B * T / (time.perf_counter() - t))
+    rows.append({"pipeline": name, "tokens_per_s": median(rates)})
+  return rows
+
+
+def recipe_wall_time() -> dict:
+  """`nlm-jax train` of the whole Tiny Shakespeare recipe against nanoGPT's loop in PyTorch."""
+  from benchmarks import torch_reference as tr
+
+  text = os.path.join(SHAKESPEARE, "input.txt")
+  if not os.path.exists(text):
+    return {"skipped": f"no {text}"}
+  with tempfile.TemporaryDirectory() as tmp:
+    env = dict(os.environ, NLM_JAX_CACHE=os.path.join(tmp, "cache"))
+    subprocess.run([sys.executable, "-m", "nlm_jax", "data", "prepare", "tiny_shakespeare", "--manual-dir",
+                    SHAKESPEARE, "--data-dir", os.path.join(tmp, "tfds")], check=True, env=env,
+                   capture_output=True)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", "--config", RECIPE,
+                           f"workdir={os.path.join(tmp, 'run')}", f"data.data_dir={os.path.join(tmp, 'tfds')}",
+                           "train.progress=false"], env=env, capture_output=True, text=True)
+    jax_wall = time.perf_counter() - t
+    if proc.returncode:
+      raise RuntimeError(proc.stderr[-2000:])
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+  torch_run = tr.run_nanogpt_shakespeare_char(text, log=False)
+  return {"jax_wall_s": jax_wall, "jax_val_loss": summary["final_validation_loss"],
+          "torch_wall_s": torch_run["wall_s"], "torch_val_loss": torch_run["val_loss"],
+          "speedup": torch_run["wall_s"] / jax_wall}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+  m = results["machine"]
+  lines = [f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores), {m['backend']}; "
+           f"jax {m['jax']}, torch {m['torch']}. Matmul peak (float32 2048², JAX): "
+           f"**{results['matmul_peak_gflops']:.0f} GFLOP/s**.", "",
+           "| training (median of repeats) | params | nlm-jax tok/s | PyTorch tok/s | speed-up | MFU nlm-jax | MFU PyTorch |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in results["training"]:
+    lines.append(f"| {r['case']} | {r['params']:,} | {r['jax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} "
+                 f"| {r['speedup']:.2f}× | {100 * r['jax_mfu']:.0f}% | {100 * r['torch_mfu']:.0f}% |")
+  rec = results.get("recipe")
+  if rec and "skipped" not in rec:
+    lines += ["", "| whole Tiny Shakespeare recipe (2000 iterations + validation) | wall time | final val loss |",
+              "|---|---:|---:|",
+              f"| `nlm-jax train` (process start to exit) | {rec['jax_wall_s']:.0f} s | {rec['jax_val_loss']:.4f} |",
+              f"| nanoGPT's loop in PyTorch | {rec['torch_wall_s']:.0f} s | {rec['torch_val_loss']:.4f} |",
+              f"| speed-up | {rec['speedup']:.2f}× | |"]
+  if results.get("generation"):
+    lines += ["", "| generation, 256 new tokens (ms/token) | nlm-jax cached | nlm-jax recompute | cache speed-up | PyTorch cached | PyTorch recompute |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in results["generation"]:
+      tf = "—" if r["torch_recompute_ms"] is None else f"{r['torch_recompute_ms']:.2f}"
+      lines.append(f"| {r['model']} | {r['jax_cached_ms']:.2f} | {r['jax_recompute_ms']:.2f} | "
+                   f"{r['cache_speedup']:.1f}× | {r['torch_cached_ms']:.2f} | {tf} |")
+  if results.get("compile"):
+    by = {(r["layers"], r["scan"]): r["seconds"] for r in results["compile"]}
+    depths = sorted({r["layers"] for r in results["compile"]})
+    lines += ["", "| time to first step (s) | " + " | ".join(f"L={d}" for d in depths) + " |",
+              "|---|" + "---:|" * len(depths)]
+    for scan in (False, True):
+      lines.append(f"| {'nn.scan over layers' if scan else 'unrolled layers'} | "
+                   + " | ".join(f"{by[(d, scan)]:.1f}" for d in depths) + " |")
+  if results.get("pipeline"):
+    train_tps = {r["case"].split(" ")[0]: r["jax_tokens_per_s"] for r in results["training"]}
+    lines += ["", "| input pipeline (Grain + device put) | tokens/s | × training step |", "|---|---:|---:|"]
+    for r, ref in zip(results["pipeline"], ("transformer", "LSTM")):
+      lines.append(f"| {r['pipeline']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / train_tps[ref]:.0f}× |")
+  return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+  path = os.path.join(ROOT, "benchmarks", "README.md")
+  with open(path) as f:
+    text = f.read()
+  start, end = "<!-- results:start -->", "<!-- results:end -->"
+  i, j = text.index(start) + len(start), text.index(end)
+  with open(path, "w") as f:
+    f.write(text[:i] + "\n" + table + "\n" + text[j:])
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="fewer repeats; no large model, recipe or compile sweep")
+  ap.add_argument("--repeats", type=int, default=None)
+  ap.add_argument("--only", default=None, help="comma list of: training,recipe,generation,compile,pipeline")
+  ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
+  args = ap.parse_args()
+  repeats = args.repeats or (2 if args.quick else 5)
+  parts = set((args.only or "training,recipe,generation,compile,pipeline").split(","))
+  if args.quick:
+    parts -= {"recipe", "compile"}
+  import torch
+
+  results = {"date": time.strftime("%Y-%m-%d"), "machine": {
+      "cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
+      "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}}
+  results["matmul_peak_gflops"] = matmul_peak()
+  print(f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s", flush=True)
+  if "training" in parts:
+    results["training"] = []
+    for case in CASES[:-1] if args.quick else CASES:
+      r = training_throughput(case, repeats, results["matmul_peak_gflops"])
+      print(json.dumps(r), flush=True)
+      results["training"].append(r)
+  if "generation" in parts:
+    results["generation"] = generation(repeats)
+    print(json.dumps(results["generation"]), flush=True)
+  if "compile" in parts:
+    results["compile"] = compile_time()
+    print(json.dumps(results["compile"]), flush=True)
+  if "pipeline" in parts:
+    results["pipeline"] = input_pipeline(repeats)
+    print(json.dumps(results["pipeline"]), flush=True)
+  if "recipe" in parts:
+    results["recipe"] = recipe_wall_time()
+    print(json.dumps(results["recipe"]), flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  table = markdown(results)
+  print(table)
+  if not args.quick and args.only is None:
+    update_readme(table)
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.machine()
+
+
+if __name__ == "__main__":
+  main()
