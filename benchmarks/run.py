@@ -98,18 +98,28 @@ def param_count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def model_flops_per_token(cfg, n_params: int) -> float:
-  """6N + 12·L·d·T (PaLM, appendix B): N excludes the position table (a lookup, no FLOPs)."""
-  if cfg.arch != "transformer":
-    return 6.0 * n_params
-  n = n_params - (cfg.context * cfg.d_model if cfg.pos_encoding == "learned" else 0)
-  return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * cfg.context
+def model_flops_per_token(cfg, n_params: int, seq_len: int) -> float:
+  """6N + 12·L·d·T for a Transformer (PaLM, appendix B), 6N otherwise. N counts the parameters
+  that take part in matrix products: not the position table, nor an input embedding table that
+  is only looked up (an untied one)."""
+  lookup = 0
+  if cfg.arch == "transformer":
+    lookup += cfg.context * cfg.d_model if cfg.pos_encoding == "learned" else 0
+    lookup += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    return 6.0 * (n_params - lookup) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+  if cfg.arch == "fnn" or not cfg.tie_embeddings:
+    lookup = cfg.vocab_size * cfg.d_embed
+  return 6.0 * (n_params - lookup)
+
+
+def ping(state) -> bool:
+  return True
 
 
 # ----------------------------------------------------------------------------- measurements
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(state, n: int = 2048, repeats: int = 10) -> float:
   """GFLOP/s of a jitted float32 n×n matmul (the MFU denominator)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -122,91 +132,151 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / median(times) / 1e9
 
 
-def training_throughput(case: Case, repeats: int, peak: float) -> dict:
+class Worker:
+  """A child process that runs this module's functions on request, so that JAX and PyTorch never
+  share a process: on 2 cores each framework's idle worker threads (spin-waiting after their last
+  operation) slow the other by 10–30%. The parent only orchestrates."""
+
+  def __init__(self):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+    self.proc.start()
+
+  def __call__(self, fn: str, *args):
+    self.conn.send((fn, args))
+    ok, value = self.conn.recv()
+    if not ok:
+      raise RuntimeError(value)
+    return value
+
+  def close(self):
+    self.conn.send(None)
+    self.proc.join(timeout=30)
+
+
+def _serve(conn):
+  import traceback
+
+  state: dict = {}
+  while (msg := conn.recv()) is not None:
+    fn, args = msg
+    try:
+      conn.send((True, globals()[fn](state, *args)))
+    except Exception:  # reported to the parent, which raises
+      conn.send((False, traceback.format_exc()))
+
+
+def jax_setup(state, case_index: int, seed: int = 0) -> int:
+  case = CASES[case_index]
+  tokens = np.random.default_rng(seed).integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
+  task, train_state = jax_task(case)
+  state.update(task=task, train_state=train_state, batches=jax_batches(case, tokens, task))
+  return param_count(train_state.params)
+
+
+def jax_run(state, n: int) -> float:
+  task, batches = state["task"], state["batches"]
+  t = time.perf_counter()
+  for i in range(n):
+    state["train_state"], m = task.train_step(state["train_state"], batches[i % len(batches)])
+  jax.block_until_ready(m)
+  return time.perf_counter() - t
+
+
+def torch_setup(state, case_index: int, seed: int = 0) -> int:
   import torch
 
   from benchmarks import torch_reference as tr
 
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
-  task, state = jax_task(case)
-  batches = jax_batches(case, tokens, task)
-  torch.manual_seed(0)
+  case = CASES[case_index]
+  tokens = np.random.default_rng(seed).integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
+  torch.manual_seed(seed)
   torch.set_num_threads(os.cpu_count() or 2)
-  tmodel = tr.build_torch(case.cfg)
-  n_jax = param_count(state.params)
-  assert tr.count_params(tmodel) == n_jax, (case.name, tr.count_params(tmodel), n_jax)
+  model = tr.build_torch(case.cfg)
   o = case.optim
-  tstep = tr.torch_train_step_fn(tmodel, o["name"], lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
-                                 betas=(0.9, o.get("b2", 0.999)), grad_clip=o.get("clip_norm", 0.0))
-  tbatches = [(torch.from_numpy(x[:, :-1]).long(), torch.from_numpy(x[:, 1:]).long()) for x in tokens]
+  state["step"] = tr.torch_train_step_fn(model, o["name"], lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
+                                         betas=(0.9, o.get("b2", 0.999)), grad_clip=o.get("clip_norm", 0.0))
+  state["batches"] = [(torch.from_numpy(x[:, :-1]).long(), torch.from_numpy(x[:, 1:]).long()) for x in tokens]
+  return tr.count_params(model)
 
-  def run_jax(n):
-    nonlocal state
-    t = time.perf_counter()
-    for i in range(n):
-      state, m = task.train_step(state, batches[i % len(batches)])
-    jax.block_until_ready(m)
-    return time.perf_counter() - t
 
-  def run_torch(n):
-    t = time.perf_counter()
-    for i in range(n):
-      loss = tstep(*tbatches[i % len(tbatches)])
-    loss.item()
-    return time.perf_counter() - t
+def torch_run(state, n: int) -> float:
+  step, batches = state["step"], state["batches"]
+  t = time.perf_counter()
+  for i in range(n):
+    loss = step(*batches[i % len(batches)])
+  loss.item()
+  return time.perf_counter() - t
 
-  run_jax(3)  # compile and warm up
-  run_torch(3)
-  jt, tt = [], []
+
+def training_throughput(case_index: int, repeats: int, peak: float, jaxw: Worker, torchw: Worker) -> dict:
+  case = CASES[case_index]
+  n_jax, n_torch = jaxw("jax_setup", case_index), torchw("torch_setup", case_index)
+  assert n_jax == n_torch, (case.name, n_jax, n_torch)  # the same model on both sides
+  jaxw("jax_run", 3)  # compile and warm up
+  torchw("torch_run", 3)
+  jt, tt, peaks = [], [], [peak]
   for _ in range(repeats):
-    jt.append(run_jax(case.steps))
-    tt.append(run_torch(case.steps))
+    jt.append(jaxw("jax_run", case.steps))
+    tt.append(torchw("torch_run", case.steps))
+    peaks.append(jaxw("matmul_peak", 2048, 3))  # the machine's speed drifts: re-measure alongside
+  peak = median(peaks)
   tokens_per_step = case.batch * case.seq
   jax_tps = tokens_per_step * case.steps / median(jt)
   torch_tps = tokens_per_step * case.steps / median(tt)
-  flops = model_flops_per_token(case.cfg, n_jax)
+  flops = model_flops_per_token(case.cfg, n_jax, case.seq)
   return {"case": case.name, "params": n_jax, "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
           "speedup": jax_tps / torch_tps, "jax_ms_per_step": 1e3 * median(jt) / case.steps,
           "torch_ms_per_step": 1e3 * median(tt) / case.steps, "flops_per_token": flops,
           "jax_mfu": flops * jax_tps / (peak * 1e9), "torch_mfu": flops * torch_tps / (peak * 1e9),
-          "repeats": repeats, "steps_per_repeat": case.steps}
+          "matmul_peak_gflops": peak, "repeats": repeats, "steps_per_repeat": case.steps}
 
 
-def generation(repeats: int, new_tokens: int = 256) -> list[dict]:
-  """ms per token for `new_tokens` greedy tokens: cache / carried state vs recomputing the context."""
-  from benchmarks import torch_reference as tr
+GEN_CASES = [("transformer (4×128, V=65)",
+              models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, context=512)),
+             ("LSTM (2×200, V=33,278)", models.LSTMConfig(**WLM)),
+             ("RNN (2×200, V=33,278)", models.RNNConfig(**WLM))]
 
+
+def jax_generation(state, repeats: int, new_tokens: int = 256) -> list[dict]:
+  """ms per token for `new_tokens` greedy tokens from a 1-token prompt: KV cache / carried state
+  against recomputing the whole context (a fixed window of new_tokens + 1, compiled once)."""
   rows = []
-  gen_cases = [("transformer (4×128, V=65)",
-                models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, context=512)),
-               ("LSTM (2×200, V=33,278)", models.LSTMConfig(**WLM)),
-               ("RNN (2×200, V=33,278)", models.RNNConfig(**WLM))]
-  for name, cfg in gen_cases:
+  for name, cfg in GEN_CASES:
     model = models.build(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     sampler = Sampler(model, params, temperature=0.0)
-    window = new_tokens + 1
 
     def timed(use_cache):
-      sampler.generate([1], 4, jax.random.key(0), use_cache=use_cache, window=window)  # compile
+      sampler.generate([1], 4, jax.random.key(0), use_cache=use_cache, window=new_tokens + 1)  # compile
       ms = []
       for _ in range(repeats):
         t = time.perf_counter()
-        sampler.generate([1], new_tokens, jax.random.key(0), use_cache=use_cache, window=window)
+        sampler.generate([1], new_tokens, jax.random.key(0), use_cache=use_cache, window=new_tokens + 1)
         ms.append(1e3 * (time.perf_counter() - t) / new_tokens)
       return median(ms)
 
     cached, full = timed(True), timed(False)
-    is_t = cfg.arch == "transformer"
-    torch_cached = median(tr.torch_generate_ms_per_token(cfg, new_tokens, kv_cache=is_t, repeats=repeats))
-    torch_full = median(tr.torch_generate_ms_per_token(cfg, new_tokens, repeats=repeats)) if is_t else None
-    rows.append({"model": name, "jax_cached_ms": cached, "jax_recompute_ms": full, "cache_speedup": full / cached,
-                 "torch_cached_ms": torch_cached, "torch_recompute_ms": torch_full})
+    rows.append({"model": name, "jax_cached_ms": cached, "jax_recompute_ms": full, "cache_speedup": full / cached})
   return rows
 
 
-def compile_time(depths=(2, 6, 12, 24)) -> list[dict]:
+def torch_generation(state, repeats: int, new_tokens: int = 256) -> list[dict]:
+  from benchmarks import torch_reference as tr
+
+  rows = []
+  for name, cfg in GEN_CASES:
+    is_t = cfg.arch == "transformer"
+    cached = median(tr.torch_generate_ms_per_token(cfg, new_tokens, kv_cache=is_t, repeats=repeats))
+    full = median(tr.torch_generate_ms_per_token(cfg, new_tokens, repeats=repeats)) if is_t else None
+    rows.append({"torch_cached_ms": cached, "torch_recompute_ms": full})
+  return rows
+
+
+def compile_time(state, depths=(2, 6, 12, 24)) -> list[dict]:
   """Seconds from building the step to the first step's result, with and without nn.scan."""
   rows = []
   for scan in (False, True):
@@ -223,7 +293,7 @@ def compile_time(depths=(2, 6, 12, 24)) -> list[dict]:
   return rows
 
 
-def input_pipeline(repeats: int) -> list[dict]:
+def input_pipeline(state, repeats: int) -> list[dict]:
   """Tokens/s of the Grain iterators (with the device put) against the training step's."""
   rows = []
   tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
@@ -338,25 +408,34 @@ def main() -> None:
   import torch
 
   results = {"date": time.strftime("%Y-%m-%d"), "machine": {
-      "cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
+      "cpu": _cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
       "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}}
-  results["matmul_peak_gflops"] = matmul_peak()
+  jaxw, torchw = Worker(), Worker()
+  jaxw("ping"), torchw("ping")  # both started (imports done) before anything is timed
+  results["matmul_peak_gflops"] = jaxw("matmul_peak")
   print(f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s", flush=True)
   if "training" in parts:
     results["training"] = []
-    for case in CASES[:-1] if args.quick else CASES:
-      r = training_throughput(case, repeats, results["matmul_peak_gflops"])
+    for i in range(len(CASES) - 1 if args.quick else len(CASES)):
+      r = training_throughput(i, repeats, results["matmul_peak_gflops"], jaxw, torchw)
       print(json.dumps(r), flush=True)
       results["training"].append(r)
   if "generation" in parts:
-    results["generation"] = generation(repeats)
-    print(json.dumps(results["generation"]), flush=True)
-  if "compile" in parts:
-    results["compile"] = compile_time()
-    print(json.dumps(results["compile"]), flush=True)
+    rows = jaxw("jax_generation", repeats)
+    for row, torch_row in zip(rows, torchw("torch_generation", repeats)):
+      row.update(torch_row)
+    results["generation"] = rows
+    print(json.dumps(rows), flush=True)
   if "pipeline" in parts:
-    results["pipeline"] = input_pipeline(repeats)
+    results["pipeline"] = jaxw("input_pipeline", repeats)
     print(json.dumps(results["pipeline"]), flush=True)
+  jaxw.close()
+  torchw.close()
+  if "compile" in parts:
+    fresh = Worker()  # nothing compiled before
+    results["compile"] = fresh("compile_time")
+    fresh.close()
+    print(json.dumps(results["compile"]), flush=True)
   if "recipe" in parts:
     results["recipe"] = recipe_wall_time()
     print(json.dumps(results["recipe"]), flush=True)

@@ -56,18 +56,43 @@ class Sampler:
       out = model.apply({"params": params}, window_1xS)
       return sample(jax.lax.dynamic_index_in_dim(out.logits, length - 1, axis=1, keepdims=False), key)
 
+    def decode(params, prompt_1xP, carry, key, n):
+      """The whole sampling loop on the device: prefill, then n−1 one-token steps."""
+      first, carry = prefill(params, prompt_1xP, carry, jax.random.fold_in(key, 0))
+
+      def step(i, loop):
+        tokens_N, carry = loop
+        token_1x1 = jax.lax.dynamic_slice_in_dim(tokens_N, i - 1, 1)[None]
+        out = model.apply({"params": params}, token_1x1, carry)
+        return tokens_N.at[i].set(sample(out.logits[:, -1], jax.random.fold_in(key, i))[0]), out.carry
+
+      tokens_N = jnp.zeros((n,), jnp.int32).at[0].set(first[0])
+      return jax.lax.fori_loop(1, n, step, (tokens_N, carry))[0]
+
     self._prefill = jax.jit(prefill)
     self._recompute = jax.jit(recompute)
+    self._decode = jax.jit(decode, static_argnums=4)
 
   def generate(self, prompt_ids: list[int], max_new_tokens: int, key: Array, use_cache: bool = True,
                window: Optional[int] = None, on_token: Callable[[int], None] | None = None) -> list[int]:
     """The prompt followed by `max_new_tokens` sampled ids; `on_token` sees each as it comes.
-    `window` (recompute mode) is the fixed context length recomputed per step."""
+    `window` (recompute mode) is the fixed context length recomputed per step.
+
+    Token i+1 (0-based) is drawn with `fold_in(key, i)` on every path, so the same key gives the
+    same text whether it is streamed, decoded in one compiled loop, or recomputed.
+    """
     if not prompt_ids:
       raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens <= 0:
+      return list(prompt_ids)
     ids = list(prompt_ids)
     if use_cache:
       carry, start = self._fresh(ids)
+      fits = self.context is None or len(ids) - start + max_new_tokens <= self.context
+      if on_token is None and fits:  # nothing to stream: one device loop, no host round trips
+        new = self._decode(self.params, jnp.asarray([ids[start:]], jnp.int32), carry, key, max_new_tokens)
+        return ids + [int(t) for t in jax.device_get(new)]
+      position = len(ids) - start  # positions in the cache (Transformer)
       nxt, carry = self._prefill(self.params, jnp.asarray([ids[start:]], jnp.int32), carry,
                                  jax.random.fold_in(key, 0))
       for i in range(max_new_tokens):
@@ -77,11 +102,13 @@ class Sampler:
           on_token(token)
         if i + 1 == max_new_tokens:
           break
-        if self.context is not None and int(carry.index) >= self.context:
+        if self.context is not None and position >= self.context:  # cache full: keep the last half
           carry, start = self._fresh(ids, self.context // 2)
           tokens = jnp.asarray([ids[start:]], jnp.int32)
+          position = len(ids) - start
         else:
-          tokens = jnp.asarray([[token]], jnp.int32)
+          tokens = nxt[:, None]
+          position += 1
         nxt, carry = self._prefill(self.params, tokens, carry, jax.random.fold_in(key, i + 1))
       return ids
     S = window or self.context or len(ids) + max_new_tokens

@@ -82,10 +82,12 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-  """K and V of every layer, (L, B, T_max, H, d_k) each, and the next write position."""
+  """K and V of every layer and the next write position. With `scan_layers` k and v are stacked,
+  (L, B, T_max, H, d_k) each; otherwise tuples of L arrays (B, T_max, H, d_k), so that a decoding
+  step updates each layer's cache in place instead of slicing and re-stacking all of them."""
 
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
   index: Array  # int32 scalar: number of positions already in the cache
 
 
@@ -240,8 +242,11 @@ class Transformer(nn.Module):
   def initial_carry(self, batch_size: int) -> KVCache:
     """An empty KV cache of T_max positions (pass `None` instead for a plain causal forward)."""
     cfg = self.cfg
-    shape = (cfg.n_layers, batch_size, cfg.context, cfg.n_heads, cfg.d_head)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    shape = (batch_size, cfg.context, cfg.n_heads, cfg.d_head)
+    if cfg.scan_layers:
+      zeros = jnp.zeros((cfg.n_layers, *shape), jnp.dtype(cfg.dtype))
+      return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+    zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
   @nn.compact
@@ -282,7 +287,7 @@ class Transformer(nn.Module):
         if layer_kv is not None:
           new_k.append(layer_kv[0])
           new_v.append(layer_kv[1])
-      new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+      new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
 
     h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
     if cfg.tie_embeddings:
