@@ -1,8 +1,22 @@
 """Tiny configs of each architecture, shared by the model tests (small enough to compile in ~1 s)."""
 
+import os
+import tempfile
+
+import jax
 import pytest
 
 from nlm_jax.models import FNNConfig, LSTMConfig, RNNConfig, TransformerConfig
+
+# One persistent compilation cache for the whole session (subprocesses too, by environment):
+# many tests train the same tiny configs, and XLA compiles dominate their time on 2 CPU cores.
+# A cached executable is the same program, so results stay bitwise identical.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="nlm-jax-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 VOCAB = 13
 ARCHS = ("fnn", "rnn", "lstm", "transformer")

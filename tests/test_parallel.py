@@ -15,8 +15,6 @@ import pytest
 from support import metrics, overrides, run_cli, train, write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# One xdist worker runs this whole file, so the 8-device training fixture runs once.
-pytestmark = pytest.mark.xdist_group("parallel")
 MESHES = ("data8", "fsdp8", "data2_tensor4")
 
 
@@ -37,15 +35,26 @@ def _cache(tmp_path, monkeypatch):
   monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sharded_runs(tmp_path_factory):
-  """Per-step losses, final params and layouts of 20 steps on 1 device and on 8-device meshes."""
+  """Per-step losses, final params and layouts of 20 steps on 1 device and on 8-device meshes.
+
+  Computed once per test session: under pytest-xdist the workers share the session's base
+  temporary directory, and a file lock lets the first one run the subprocess for all.
+  """
+  import fcntl
+
   archs = os.environ.get("NLM_JAX_PARALLEL_ARCHS", "transformer,lstm,rnn,fnn")
-  out = str(tmp_path_factory.mktemp("parallel") / "runs.npz")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py"), out, "20", archs],
-                        env=env_with_devices(8, str(tmp_path_factory.mktemp("cache"))), capture_output=True,
-                        text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  out = str(shared / f"parallel-runs-{archs.replace(',', '-')}.npz")
+  with open(str(shared / "parallel-runs.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(out + ".json"):
+      proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py"), out, "20", archs],
+                            env=env_with_devices(8, str(shared / "parallel-cache")), capture_output=True,
+                            text=True, timeout=900)
+      assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out + ".json") as f:
     return np.load(out), json.load(f), archs.split(",")
 
