@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -128,3 +129,25 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus):
   assert os.path.isdir(workdir / "checkpoints" / str(step))
   resumed = train(*args, f"train.stop_after={step + 3}")
   assert resumed["steps"] == step + 3
+
+
+def test_a_partly_written_checkpoint_is_never_resumed_from(tmp_path, corpus):
+  """Orbax writes a step into a temporary directory and renames it when complete; a save cut
+  short leaves only such a directory, which resume skips. A step directory without Orbax's commit
+  marker (a copy cut short) is refused with an error naming it, and left where it is."""
+  workdir = tmp_path / "r"
+  args = overrides(workdir, corpus, steps=20, train__checkpoint_every=5)
+  train(*args, "train.stop_after=10")
+  ckpts = workdir / "checkpoints"
+  (ckpts / "15.orbax-checkpoint-tmp-1700000000").mkdir()
+  (ckpts / "15.orbax-checkpoint-tmp-1700000000" / "state").write_text("half a checkpoint")
+  resumed = train(*args, "train.stop_after=12")
+  log = metrics(workdir)
+  assert resumed["steps"] == 12 and log[-1]["step"] == 12  # resumed from 10, not 15
+  assert [r["step"] for r in log] == sorted(r["step"] for r in log)
+  incomplete = workdir / "checkpoints" / "20"
+  shutil.copytree(workdir / "checkpoints" / "12", incomplete)
+  (incomplete / "commit_success.txt").unlink()
+  code, _, err = run_cli("train", *args)
+  assert code != 0 and "checkpoints/20 is incomplete" in err and len(err.strip().splitlines()) == 1
+  assert (incomplete / "state").is_dir() and len(metrics(workdir)) == len(log)

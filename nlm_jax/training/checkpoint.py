@@ -2,8 +2,10 @@
 
     workdir/checkpoints/<step>/{state, data_iter, config, tokenizer}
 
-Orbax writes a step into a temporary directory and renames it only once complete, so a save cut
-short (a crash, a kill) never appears among `all_steps()`: resume always takes a whole checkpoint.
+Orbax writes a step into a temporary directory and renames it only once complete (after writing
+its `commit_success.txt`), so a save cut short (a crash, a kill) never appears among `all_steps()`.
+A step directory without that marker (a copy cut short, a hand-made directory) is refused with an
+error naming it rather than taken for a checkpoint: resume always takes a whole checkpoint.
 Kept: the last `keep` steps and the best by validation loss. Restoring onto another mesh (saved on
 8 devices, read on 1) just passes the target shardings.
 """
@@ -20,6 +22,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nlm_jax.errors import UserError
 
+COMMIT_MARKER = "commit_success.txt"  # written by Orbax just before the atomic rename
+
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
@@ -33,6 +37,12 @@ class Checkpoints:
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "tokenizer": ocp.JsonCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    for step in self.manager.all_steps():
+      path = os.path.join(self.directory, str(step))
+      if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+        self.manager.close()
+        raise UserError(f"checkpoint {path} is incomplete (no {COMMIT_MARKER}: no finished save wrote it); "
+                        f"move it out of {self.directory} and rerun")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
