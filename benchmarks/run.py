@@ -400,6 +400,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--only", default=None, help="comma list of: training,recipe,generation,compile,pipeline")
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
+  ap.add_argument("--merge", action="store_true",
+                  help="update the sections measured now in an existing --out file (e.g. after an interrupted run)")
   args = ap.parse_args()
   repeats = args.repeats or (2 if args.quick else 5)
   parts = set((args.only or "training,recipe,generation,compile,pipeline").split(","))
@@ -407,9 +409,18 @@ def main() -> None:
     parts -= {"recipe", "compile"}
   import torch
 
-  results = {"date": time.strftime("%Y-%m-%d"), "machine": {
+  results = {}
+  if args.merge and os.path.exists(args.out):
+    with open(args.out) as f:
+      results = json.load(f)
+  results.update({"date": time.strftime("%Y-%m-%d"), "machine": {
       "cpu": _cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
-      "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}}
+      "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}})
+
+  def save() -> None:  # after every section, so that an interrupted run keeps what it measured
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2)
   jaxw, torchw = Worker(), Worker()
   jaxw("ping"), torchw("ping")  # both started (imports done) before anything is timed
   results["matmul_peak_gflops"] = jaxw("matmul_peak")
@@ -420,15 +431,18 @@ def main() -> None:
       r = training_throughput(i, repeats, results["matmul_peak_gflops"], jaxw, torchw)
       print(json.dumps(r), flush=True)
       results["training"].append(r)
+      save()
   if "generation" in parts:
     rows = jaxw("jax_generation", repeats)
     for row, torch_row in zip(rows, torchw("torch_generation", repeats)):
       row.update(torch_row)
     results["generation"] = rows
     print(json.dumps(rows), flush=True)
+    save()
   if "pipeline" in parts:
     results["pipeline"] = jaxw("input_pipeline", repeats)
     print(json.dumps(results["pipeline"]), flush=True)
+    save()
   jaxw.close()
   torchw.close()
   if "compile" in parts:
@@ -436,15 +450,15 @@ def main() -> None:
     results["compile"] = fresh("compile_time")
     fresh.close()
     print(json.dumps(results["compile"]), flush=True)
+    save()
   if "recipe" in parts:
     results["recipe"] = recipe_wall_time()
     print(json.dumps(results["recipe"]), flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+    save()
+  save()
   table = markdown(results)
   print(table)
-  if not args.quick and args.only is None:
+  if not args.quick and all(k in results for k in ("training", "recipe", "generation", "compile", "pipeline")):
     update_readme(table)
 
 
