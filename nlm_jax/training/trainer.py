@@ -286,6 +286,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   window_start = time.time()
   window_steps = 0
   last_val = None
+  t_loop = time.time()
   with _stop_requests() as interrupted:
     try:
       step = start
@@ -332,6 +333,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
         last_saved = step
     finally:
       ckpts.wait()
+      loop_time = time.time() - t_loop
       if progress is not None:
         progress.close()
       log.close()
@@ -340,6 +342,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
     raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
   summary: dict[str, Any] = {"workdir": workdir, "steps": step, "tokens_seen": step * tokens_per_step,
                              "wall_time_s": round(time.time() - t_start, 2),
+                             "loop_time_s": round(loop_time, 2),  # the steps, their compilation, evals, saves
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
     final = run.evaluate(state.params, cfg.data.eval_split, None)
