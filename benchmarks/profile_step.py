@@ -15,12 +15,10 @@ import collections
 import glob
 import re
 import tempfile
-import time
 
 import jax
-import numpy as np
 
-from benchmarks.run import CASES, jax_batches, jax_task
+from benchmarks.run import CASES, jax_run, jax_setup
 
 
 def main() -> None:
@@ -30,25 +28,16 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=25)
   args = ap.parse_args()
   case = CASES[args.case]
-  task, state = jax_task(case)
-  tokens = np.random.default_rng(0).integers(0, case.cfg.vocab_size, (1, case.batch, case.seq + 1))
-  batch = jax_batches(case, tokens, task)[0]
-  for _ in range(2):  # compile, warm up
-    state, m = task.train_step(state, batch)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = task.train_step(state, batch)
-  jax.block_until_ready(m)
-  print(f"{case.name}: {(time.perf_counter() - t) / args.steps * 1e3:.0f} ms per step")
+  state: dict = {}
+  jax_setup(state, args.case)  # the benchmark's own task, state and batches
+  jax_run(state, 2)  # compile, warm up
+  print(f"{case.name}: {jax_run(state, args.steps) / args.steps * 1e3:.0f} ms per step")
 
   from jax.profiler import ProfileData
 
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
-    for _ in range(args.steps):
-      state, m = task.train_step(state, batch)
-    jax.block_until_ready(m)
+    jax_run(state, args.steps)
     jax.profiler.stop_trace()
     data = ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
     by_op, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
@@ -62,7 +51,7 @@ def main() -> None:
           by_op[ev.name] += ev.duration_ns
           by_kind[re.sub(r"[.\d]+$", "", ev.name)] += ev.duration_ns
           count[ev.name] += 1
-  hlo = task.train_step.lower(state, batch).compile().as_text()
+  hlo = state["task"].train_step.lower(state["train_state"], state["batches"][0]).compile().as_text()
   n = args.steps
   print(f"{sum(count.values()) / n:.0f} op executions per step, {sum(by_op.values()) / 1e6 / n:.0f} ms op time per step")
   print("by kind (ms/step):", {k: round(v / 1e6 / n, 1) for k, v in by_kind.most_common(12)})

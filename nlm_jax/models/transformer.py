@@ -245,8 +245,8 @@ class Transformer(nn.Module):
     shape = (batch_size, cfg.context, cfg.n_heads, cfg.d_head)
     if cfg.scan_layers:
       zeros = jnp.zeros((cfg.n_layers, *shape), jnp.dtype(cfg.dtype))
-      return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
-    zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
+    else:
+      zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
   @nn.compact
