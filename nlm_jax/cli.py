@@ -69,6 +69,24 @@ def _generate(args) -> int:
   return 0
 
 
+def _config_show(args) -> int:
+  import yaml
+
+  from nlm_jax import config as config_lib
+
+  def text(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...")
+
+  rows = [(f"{key}={text(value)}", help_text + ("" if value == default else f" [default: {text(default)}]"))
+          for key, value, default, help_text in config_lib.describe(args.config, args.overrides)]
+  width = min(40, max(len(setting) for setting, _ in rows))
+  print(f"# Every config key as key=value (set any with key=value after `nlm-jax train --config FILE`); "
+        f"??? = required.")
+  for setting, help_text in rows:
+    print(f"{setting:<{width}}  # {help_text}")
+  return 0
+
+
 def _data_prepare(args) -> int:
   from nlm_jax.data.corpus import prepare_tfds
 
@@ -84,43 +102,83 @@ def _plot(args) -> int:
   return 0
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="nlm-jax", description="Neural language models in JAX/Flax.")
-  sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every option's help ends with its default, unless the help text already says it."""
 
-  t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
-  t.add_argument("--config", help="YAML recipe, e.g. experiments/configs/shakespeare_char_transformer.yaml")
-  t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. workdir=runs/x train.steps=100")
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if ("default" in text or action.default is None or action.default is False
+        or action.default is argparse.SUPPRESS or not action.option_strings):
+      return text
+    return text + " (default: %(default)s)"
+
+
+CONFIG_HINT = ("Every config key, its default and its meaning: nlm-jax config show [--config FILE] "
+               "[key=value ...]")
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="nlm-jax", description="Neural language models in JAX/Flax.",
+                              formatter_class=_HelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  add = lambda name, **kw: sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+  t = add("train", help="train (or resume) a run from a YAML config",
+          description="Train (or resume) the run in `workdir`, configured by a YAML recipe and key=value overrides.",
+          epilog=CONFIG_HINT)
+  t.add_argument("--config", help="YAML recipe, e.g. experiments/configs/shakespeare_char_transformer.yaml "
+                                  "(default: none, every key at its default)")
+  t.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="dotted overrides, e.g. workdir=runs/x train.steps=100 (see `nlm-jax config show`)")
   t.set_defaults(fn=_train)
 
-  for name, fn, help_text in (("eval", _eval, "loss and perplexity of a trained run on a split"),
+  c = add("config", help="show every config key with its value, default and meaning")
+  csub = c.add_subparsers(dest="config_command", required=True)
+  show = csub.add_parser("show", formatter_class=_HelpFormatter,
+                         help="print every key: its value (the default, or the recipe's and the overrides'), "
+                              "its default and what it means",
+                         description="Print every config key as key=value with its meaning; keys a recipe or an "
+                                     "override changed also show their default.")
+  show.add_argument("--config", help="YAML recipe whose values to show (default: none, the defaults)")
+  show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
+  show.set_defaults(fn=_config_show)
+
+  for name, fn, help_text in (("eval", _eval, "loss and perplexity of a trained run on a whole split"),
                               ("generate", _generate, "sample text from a trained run")):
-    e = sub.add_parser(name, help=help_text)
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    e.add_argument("--best", action="store_true", help="the checkpoint with the best validation loss")
+    e = add(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    e.add_argument("--workdir", required=True, help="the run directory")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--best", action="store_true",
+                   help="the checkpoint with the best val_loss (default: the latest)")
     e.set_defaults(fn=fn)
     if name == "eval":
-      e.add_argument("--split", default=None, help="split name (default: the run's eval split)")
-      e.add_argument("--json", action="store_true", help="print one JSON object")
+      e.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
+      e.add_argument("--json", action="store_true", help="print one JSON object (default: one line per number)")
     else:
-      e.add_argument("--prompt", default="", help="text to continue ('' starts from the tokenizer's start id)")
-      e.add_argument("--max-new-tokens", type=int, default=200)
-      e.add_argument("--temperature", type=float, default=1.0)
-      e.add_argument("--top-k", type=int, default=None)
-      e.add_argument("--top-p", type=float, default=None)
-      e.add_argument("--seed", type=int, default=0)
+      e.add_argument("--prompt", default="",
+                     help="text to continue, encoded by the run's tokenizer (default: '', the tokenizer's "
+                          "start id)")
+      e.add_argument("--num-samples", type=int, default=1, help="continuations sampled in one batched call")
+      e.add_argument("--max-new-tokens", type=int, default=200, help="tokens sampled per continuation")
+      e.add_argument("--temperature", type=float, default=1.0,
+                     help="τ: logits are divided by it; 0 = greedy (default: 1.0)")
+      e.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens (default: all)")
+      e.add_argument("--top-p", type=float, default=None,
+                     help="nucleus: the fewest tokens holding probability p (default: 1, all)")
+      e.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
 
-  d = sub.add_parser("data", help="dataset preparation")
+  d = add("data", help="dataset preparation")
   dsub = d.add_subparsers(dest="data_command", required=True)
-  prep = dsub.add_parser("prepare", help="prepare a TFDS dataset as ArrayRecord")
-  prep.add_argument("name")
-  prep.add_argument("--manual-dir", default=None, help="folder holding the files TFDS would download")
+  prep = dsub.add_parser("prepare", help="prepare a TFDS dataset as ArrayRecord", formatter_class=_HelpFormatter)
+  prep.add_argument("name", help="TFDS dataset name, e.g. tiny_shakespeare")
+  prep.add_argument("--manual-dir", default=None,
+                    help="folder holding the files TFDS would download (default: download them)")
   prep.add_argument("--data-dir", default=None, help="TFDS data_dir (default: ~/tensorflow_datasets)")
   prep.set_defaults(fn=_data_prepare)
 
-  pl = sub.add_parser("plot", help="PNG of loss and perplexity against steps and tokens")
-  pl.add_argument("--workdir", required=True)
+  pl = add("plot", help="PNG of the loss and perplexity curves against steps and tokens")
+  pl.add_argument("--workdir", required=True, help="the run directory")
   pl.add_argument("--output", default=None, help="PNG path (default: WORKDIR/curves.png)")
   pl.set_defaults(fn=_plot)
   return p

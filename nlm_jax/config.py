@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nlm_jax import models
@@ -24,22 +25,22 @@ from nlm_jax.errors import UserError
 class DataConfig:
   source: str = "text"  # 'tfds' | 'text'
   # TFDS
-  name: Optional[str] = None  # e.g. tiny_shakespeare, lm1b, imdb_reviews
-  data_dir: Optional[str] = None
-  text_feature: str = "text"
-  max_examples: Optional[int] = None  # per split; None = all
+  name: Optional[str] = None  # TFDS dataset name, e.g. tiny_shakespeare, lm1b, imdb_reviews
+  data_dir: Optional[str] = None  # TFDS data_dir; None = ~/tensorflow_datasets
+  text_feature: str = "text"  # TFDS feature holding the text
+  max_examples: Optional[int] = None  # TFDS: examples read per split; None = all
   # local text: a file per split, or one file cut by fractions into train/validation[/test]
-  files: Dict[str, str] = dataclasses.field(default_factory=dict)
-  file: Optional[str] = None
-  split_fractions: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])
-  train_split: str = "train"
-  eval_split: str = "validation"
+  files: Dict[str, str] = dataclasses.field(default_factory=dict)  # split name -> text file
+  file: Optional[str] = None  # one text file, cut by split_fractions
+  split_fractions: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])  # train, val[, test]
+  train_split: str = "train"  # the split trained on (and the tokenizer fitted to)
+  eval_split: str = "validation"  # the split of val_loss and the final evaluation
   # batching
   batching: str = "windows"  # 'windows' (random windows, nanoGPT) | 'streams' (truncated BPTT)
-  batch_size: int = 12
-  seq_len: int = 64
-  eval_batch_size: Optional[int] = None  # None = batch_size
-  cache_dir: Optional[str] = None  # None = $NLM_JAX_CACHE or ~/.cache/nlm-jax
+  batch_size: int = 12  # B: rows per optimizer micro-batch (global, over all devices)
+  seq_len: int = 64  # T: tokens per row
+  eval_batch_size: Optional[int] = None  # rows per evaluation batch; None = batch_size
+  cache_dir: Optional[str] = None  # tokenized splits; None = $NLM_JAX_CACHE or ~/.cache/nlm-jax
 
 
 @dataclasses.dataclass
@@ -48,25 +49,25 @@ class TokenizerConfig:
   vocab_size: Optional[int] = None  # word: max vocabulary (None = all); sentencepiece: required
   min_count: int = 1  # word: drop rarer words to <unk>
   model_type: str = "bpe"  # sentencepiece: 'bpe' | 'unigram'
-  character_coverage: float = 1.0  # sentencepiece
+  character_coverage: float = 1.0  # sentencepiece: fraction of characters the vocabulary covers
 
 
 @dataclasses.dataclass
 class OptimConfig:
   name: str = "adamw"  # 'sgd' | 'momentum' | 'nesterov' | 'adam' | 'adamw'
-  lr: float = 1e-3
-  momentum: float = 0.9
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
+  lr: float = 1e-3  # peak learning rate
+  momentum: float = 0.9  # momentum / nesterov
+  b1: float = 0.9  # Adam β₁
+  b2: float = 0.999  # Adam β₂
+  eps: float = 1e-8  # Adam ε
+  weight_decay: float = 0.0  # λ: weight decay
   weight_decay_mode: Optional[str] = None  # 'decoupled' | 'l2'; None: decoupled for adamw, else l2
-  decay_exclude: List[str] = dataclasses.field(default_factory=lambda: ["bias", "norm"])  # + 'embedding'
+  decay_exclude: List[str] = dataclasses.field(default_factory=lambda: ["bias", "norm"])  # no decay; + 'embedding'
   clip_norm: Optional[float] = None  # global-norm clipping
   schedule: str = "constant"  # 'constant' | 'warmup_cosine' | 'plateau'
-  warmup_steps: int = 0
+  warmup_steps: int = 0  # linear warm-up from 0 to lr (warmup_cosine)
   decay_steps: Optional[int] = None  # cosine length; None = train.steps
-  min_lr: float = 0.0
+  min_lr: float = 0.0  # the cosine ends here
   plateau_factor: float = 0.25  # 'plateau': lr *= factor when validation loss stops improving
   plateau_patience: int = 1  # evaluations without improvement before a decay
   grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
@@ -76,42 +77,45 @@ class OptimConfig:
 class TrainConfig:
   steps: int = 1000  # optimizer steps
   stop_after: Optional[int] = None  # stop (with a checkpoint) at this step; the schedule still uses steps
-  log_every: int = 10
-  eval_every: int = 250
-  eval_batches: Optional[int] = 20  # batches per periodic validation; None = the whole split
-  checkpoint_every: Optional[int] = None  # None = eval_every
+  log_every: int = 10  # steps between train_loss records (metrics.jsonl, TensorBoard, progress bar)
+  eval_every: int = 250  # steps between evaluations (val_loss, eval_train_loss); the last step is always one
+  eval_batches: Optional[int] = 20  # batches per evaluation and split (eval_iters); None = all of validation
+  eval_estimator: str = "fixed"  # 'fixed' (same windows each time) | 'random_windows' (fresh, nanoGPT)
+  checkpoint_every: Optional[int] = None  # steps between checkpoints; None = eval_every
   keep_checkpoints: int = 2  # the last N, plus the best by validation loss
   init_from: Optional[str] = None  # run dir or checkpoint dir: start from its params only
-  progress: bool = True
+  progress: bool = True  # progress bars on stderr
+  allow_data_change: bool = False  # resume even if the data's fingerprint changed (a warning, not an error)
+  allow_schedule_change: bool = False  # resume with another train.steps / optim.decay_steps (reshapes the schedule)
 
 
 @dataclasses.dataclass
 class MeshConfig:
-  data: int = -1  # −1 takes the devices the other axes leave
-  fsdp: int = 1
-  tensor: int = 1
+  data: int = -1  # data parallelism; −1 takes the devices the other axes leave
+  fsdp: int = 1  # fully sharded data parallelism: batch and parameters split over it
+  tensor: int = 1  # tensor parallelism: heads, MLP units, gates and vocabulary split over it
 
 
 @dataclasses.dataclass
 class DistributedConfig:
   initialize: bool = False  # call jax.distributed.initialize() (TPU pods, SLURM: no other keys needed)
   coordinator_address: Optional[str] = None  # host:port of process 0
-  num_processes: Optional[int] = None
-  process_id: Optional[int] = None
+  num_processes: Optional[int] = None  # how many processes take part
+  process_id: Optional[int] = None  # this process: 0 .. num_processes − 1
   cpu_collectives: str = "gloo"  # CPU only: collectives across processes
 
 
 @dataclasses.dataclass
 class Config:
-  workdir: str = MISSING
-  seed: int = 0
-  model: Dict[str, Any] = dataclasses.field(default_factory=dict)
-  data: DataConfig = dataclasses.field(default_factory=DataConfig)
-  tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
-  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+  workdir: str = MISSING  # the run directory (required)
+  seed: int = 0  # initialization, data order, dropout
+  model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # model.arch and the fields of its config
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)  # text source and batching
+  tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)  # text -> ids
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # optimizer and schedule
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # the loop
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)  # several processes
 
 
 CHOICES = {
@@ -122,9 +126,64 @@ CHOICES = {
     "optim.name": ("sgd", "momentum", "nesterov", "adam", "adamw"),
     "optim.weight_decay_mode": (None, "decoupled", "l2"),
     "optim.schedule": ("constant", "warmup_cosine", "plateau"),
+    "train.eval_estimator": ("fixed", "random_windows"),
 }
 POSITIVE = ("data.batch_size", "data.seq_len", "train.steps", "train.log_every", "train.eval_every",
             "train.keep_checkpoints", "optim.grad_accum")
+# The range of every other number; a key whose value may be null is not checked when it is.
+RANGES = {
+    "seed": (0, None, "≥ 0"),
+    "optim.lr": (0, None, "> 0", "open"),
+    "optim.momentum": (0, 1, "in [0, 1)", "open-high"),
+    "optim.b1": (0, 1, "in [0, 1)", "open-high"),
+    "optim.b2": (0, 1, "in [0, 1)", "open-high"),
+    "optim.eps": (0, None, "≥ 0"),
+    "optim.weight_decay": (0, None, "≥ 0"),
+    "optim.clip_norm": (0, None, "> 0 (or null: no clipping)", "open"),
+    "optim.warmup_steps": (0, None, "≥ 0"),
+    "optim.decay_steps": (1, None, "≥ 1 (or null: train.steps)"),
+    "optim.min_lr": (0, None, "≥ 0"),
+    "optim.plateau_factor": (0, 1, "in (0, 1]", "open-low"),
+    "optim.plateau_patience": (0, None, "≥ 0"),
+    "train.stop_after": (1, None, "≥ 1 (or null: train.steps)"),
+    "train.checkpoint_every": (1, None, "≥ 1 (or null: train.eval_every)"),
+    "train.eval_batches": (1, None, "≥ 1 (or null: the whole split)"),
+    "data.eval_batch_size": (1, None, "≥ 1 (or null: data.batch_size)"),
+    "data.max_examples": (1, None, "≥ 1 (or null: all)"),
+    "tokenizer.vocab_size": (1, None, "≥ 1"),
+    "tokenizer.min_count": (1, None, "≥ 1"),
+    "tokenizer.character_coverage": (0, 1, "in (0, 1]", "open-low"),
+    "distributed.num_processes": (1, None, "≥ 1"),
+    "distributed.process_id": (0, None, "≥ 0"),
+}
+INT_LIMIT = 2**31 - 1  # steps and sizes are int32 on the device
+
+
+def _check_numbers(cfg: "Config") -> None:
+  """Every int and float setting is finite and within its range (RANGES, POSITIVE)."""
+  import math
+
+  def walk(obj, prefix):
+    for f in dataclasses.fields(obj):
+      value = getattr(obj, f.name)
+      if dataclasses.is_dataclass(value):
+        yield from walk(value, prefix + f.name + ".")
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield prefix + f.name, value
+
+  for key, value in walk(cfg, ""):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UserError(f"config: {key}={value}; must be a finite number")
+    if abs(value) > INT_LIMIT:
+      raise UserError(f"config: {key}={value}; too large (at most {INT_LIMIT})")
+    if key not in RANGES:
+      continue
+    low, high, what, *bounds = RANGES[key] + ("closed",)
+    open_low = bounds[0] in ("open", "open-low")
+    open_high = bounds[0] in ("open", "open-high")
+    if ((value <= low) if open_low else (value < low)) or (
+        high is not None and ((value >= high) if open_high else (value > high))):
+      raise UserError(f"config: {key}={value}; must be {what}")
 
 
 def _omegaconf_error(e: OmegaConfBaseException, where: str, prefix: str = "") -> UserError:
@@ -151,6 +210,7 @@ def validate(cfg: Config) -> Config:
     value = _get(cfg, key)
     if value <= 0:
       raise UserError(f"config: {key}={value}; must be positive")
+  _check_numbers(cfg)
   if cfg.optim.name == "adamw" and cfg.optim.weight_decay_mode == "l2":
     raise UserError("config: optim.name=adamw has decoupled weight decay; use optim.name=adam "
                     "for optim.weight_decay_mode=l2")
@@ -192,10 +252,9 @@ def model_config(cfg: Config, vocab_size: int) -> models.ModelConfig:
     raise UserError(f"config: {e}") from None
 
 
-def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
-  """YAML recipe (optional) + dotted overrides → a validated `Config`."""
-  schema = OmegaConf.structured(Config)
-  layers = [schema]
+def merge_config(path: Optional[str], overrides: List[str] = ()) -> DictConfig:
+  """Defaults ← YAML recipe (optional) ← dotted overrides, with keys and types checked."""
+  layers = [OmegaConf.structured(Config)]
   if path is not None:
     if not os.path.isfile(path):
       raise UserError(f"config file not found: {path}")
@@ -207,8 +266,15 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
     if "=" not in item:
       raise UserError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
   try:
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
-    merged = OmegaConf.merge(*layers)
+    return OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
+  except OmegaConfBaseException as e:
+    raise _omegaconf_error(e, "config") from None
+
+
+def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
+  """YAML recipe (optional) + dotted overrides → a validated `Config`."""
+  merged = merge_config(path, overrides)
+  try:
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
       raise UserError(f"config: {missing[0]} is required (e.g. {missing[0]}=runs/my_run)")
@@ -231,3 +297,105 @@ def from_dict(d: dict) -> Config:
 
 def to_yaml(cfg: Config) -> str:
   return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------- `nlm-jax config show`
+
+# Model fields whose dataclass (nlm_jax/models/*) carries no trailing `# comment` to describe them.
+MODEL_FIELD_HELP = {
+    "arch": "'fnn' | 'rnn' | 'lstm' | 'transformer'",
+    "vocab_size": "|V|; null = the tokenizer's vocabulary size",
+    "d_embed": "m: embedding size",
+    "d_hidden": "H: hidden units per layer",
+    "n_layers": "L: layers",
+    "d_model": "D: width of the residual stream",
+    "n_heads": "H: attention heads (D must divide by H)",
+    "pos_encoding": "'learned' | 'sinusoidal' | 'rotary' | 'none'",
+    "activation": "the hidden-state nonlinearity: 'tanh' | 'relu'",
+    "forget_bias": "initial forget-gate bias b_f",
+    "dropout": "dropout rate p (0 = none)",
+    "tie_embeddings": "the output projection is the embedding matrix transposed",
+    "dtype": "compute dtype: 'float32' | 'bfloat16' | 'float16' | 'float64'",
+    "param_dtype": "parameter dtype",
+}
+
+
+def field_help(cls) -> dict[str, str]:
+  """Each field of a dataclass → the trailing `# comment` on its line of source (if any)."""
+  import inspect
+  import io
+  import tokenize
+
+  names = {f.name for f in dataclasses.fields(cls)}
+  tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+  field_at_line, out = {}, {}
+  line_starts = (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+  for prev, tok, nxt in zip([None] + tokens, tokens, tokens[1:] + [None]):
+    if (tok.type == tokenize.NAME and tok.string in names and (prev is None or prev.type in line_starts)
+        and nxt is not None and nxt.string == ":"):
+      field_at_line[tok.start[0]] = tok.string
+    elif tok.type == tokenize.COMMENT and tok.start[0] in field_at_line:
+      out[field_at_line[tok.start[0]]] = tok.string.lstrip("#").strip()
+  return out
+
+
+def _model_help(cls) -> dict[str, str]:
+  """The field's own comment, unless it is only a symbol ('m') that the table explains."""
+  comments = field_help(cls)
+  return {name: comments[name] if len(comments.get(name, "")) > 3 or name not in MODEL_FIELD_HELP
+          else MODEL_FIELD_HELP[name] for name in {*comments, *MODEL_FIELD_HELP}}
+
+
+def describe(path: Optional[str] = None, overrides: List[str] = ()) -> list[tuple[str, Any, Any, str]]:
+  """(key, value, default, description) for every config key: the defaults, or a recipe's and the
+  overrides' values. Model keys follow `model.arch`; without one, every architecture's are listed."""
+  merged = merge_config(path, overrides)
+  rows = []
+
+  def section(cls, node, prefix):
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+      key = prefix + f.name
+      if f.name == "model":
+        _model_rows(node.model, rows)
+        continue
+      if dataclasses.is_dataclass(hints[f.name]):
+        section(hints[f.name], node[f.name], key + ".")
+        continue
+      value = _plain(node, f.name)
+      default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+      rows.append((key, value, "???" if default is MISSING else default, helps.get(f.name, "")))
+
+  section(Config, merged, "")
+  return rows
+
+
+def _plain(node: DictConfig, name: str):
+  if OmegaConf.is_missing(node, name):
+    return "???"
+  value = node[name]
+  return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _model_rows(node: DictConfig, rows: list) -> None:
+  arch = node.get("arch")
+  archs = [arch] if arch in models.CONFIGS else list(models.CONFIGS)
+  if arch is not None and arch not in models.CONFIGS:
+    raise UserError(f"config: model.arch={arch!r}; allowed: {', '.join(models.CONFIGS)}")
+  arch_value = arch if arch is not None else "???"
+  rows.append(("model.arch", arch_value, arch_value, "(required) " + MODEL_FIELD_HELP["arch"]))
+  for name in archs:
+    cls = models.CONFIGS[name]
+    schema = OmegaConf.structured(cls)
+    OmegaConf.set_readonly(schema, False)
+    given = {k: v for k, v in OmegaConf.to_container(node).items() if k != "arch"}
+    try:
+      values = OmegaConf.merge(schema, given if name == arch else {})
+    except OmegaConfBaseException as e:
+      raise _omegaconf_error(e, "config: model", prefix="model.") from None
+    helps = _model_help(cls)
+    for f in dataclasses.fields(cls):
+      default = None if f.name == "vocab_size" else f.default
+      value = None if OmegaConf.is_missing(values, f.name) else _plain(values, f.name)
+      where = "" if arch is not None else f"[{name}] "
+      rows.append((f"model.{f.name}", value, default, where + helps.get(f.name, "")))

@@ -1,0 +1,134 @@
+"""The command line explains itself: `config show` lists every key with its meaning, every option
+has help text and shows its default."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+
+import pytest
+
+from support import run_cli
+
+from nlm_jax import cli, models
+from nlm_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "experiments", "configs", "shakespeare_char_transformer.yaml")
+
+
+def config_keys(cls=config_lib.Config, prefix=""):
+  """Every dotted key of the run config except the model section."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if f.name == "model":
+      continue
+    if dataclasses.is_dataclass(hints[f.name]):
+      yield from config_keys(hints[f.name], f"{prefix}{f.name}.")
+    else:
+      yield prefix + f.name
+
+
+def shown(*argv) -> dict[str, tuple[str, str]]:
+  """`nlm-jax config show ARGV` as {key: (value, description)}."""
+  code, out, err = run_cli("config", "show", *argv)
+  assert code == 0, err
+  rows = {}
+  for line in out.splitlines():
+    if line.startswith("#"):
+      continue
+    setting, _, description = line.partition("  # ")
+    key, _, value = setting.strip().partition("=")
+    rows.setdefault(key, (value, description))
+  return rows
+
+
+def test_every_config_field_has_a_description():
+  """A new config or model field without a trailing `# comment` (or a MODEL_FIELD_HELP entry) fails here."""
+  def sections(cls):
+    yield cls
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      if dataclasses.is_dataclass(hints[f.name]):
+        yield from sections(hints[f.name])
+
+  for cls in sections(config_lib.Config):
+    described = config_lib.field_help(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not described.get(f.name)]
+    assert not missing, f"{cls.__name__} fields without a description (add a trailing # comment): {missing}"
+  for arch, cls in models.CONFIGS.items():
+    described = config_lib._model_help(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not described.get(f.name)]
+    assert not missing, (f"{cls.__name__} fields without a description (a trailing # comment, or "
+                         f"config.MODEL_FIELD_HELP): {missing}")
+
+
+def test_config_show_lists_every_key_with_its_default_and_meaning():
+  rows = shown()
+  for key in config_keys():
+    assert key in rows, key
+    assert rows[key][1].strip(), f"{key} has no description"
+  assert rows["train.eval_batches"][0] == "20" and rows["data.batching"][0] == "windows"
+  assert rows["workdir"][0] == "???"
+  # Without model.arch, every architecture's fields are listed, tagged with it.
+  assert rows["model.arch"][0] == "???"
+  assert "[fnn]" in rows["model.context"][1]
+  code, out, _ = run_cli("config", "show")
+  for arch in models.CONFIGS:
+    assert f"[{arch}]" in out
+
+
+def test_config_show_gives_a_recipes_values_and_the_defaults_they_replace():
+  rows = shown("--config", RECIPE, "train.steps=7", "model.n_layers=2")
+  assert rows["seed"][0] == "1337" and "[default: 0]" in rows["seed"][1]
+  assert rows["train.steps"][0] == "7" and "[default: 1000]" in rows["train.steps"][1]
+  assert rows["model.arch"][0] == "transformer"
+  assert rows["model.n_layers"][0] == "2" and rows["model.d_model"][0] == "128"
+  assert "model.d_hidden" not in rows  # an LSTM field: not the recipe's architecture
+  assert rows["optim.lr"][1].startswith("peak learning rate")
+
+
+@pytest.mark.parametrize("bad,mentions", [("train.stpes=3", "stpes"), ("model.n_layer=3", "n_layer"),
+                                          ("model.arch=gru", "model.arch")])
+def test_config_show_rejects_unknown_keys_in_one_line(bad, mentions):
+  code, out, err = run_cli("config", "show", "--config", RECIPE, bad)
+  assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert mentions in err
+
+
+def subparsers(p: argparse.ArgumentParser, prefix=()):
+  for action in p._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for name, sub in action.choices.items():
+        yield prefix + (name,), sub
+        yield from subparsers(sub, prefix + (name,))
+
+
+def test_every_option_has_help_and_shows_its_default():
+  for path, sub in subparsers(cli.parser()):
+    text = sub.format_help()
+    for action in sub._actions:
+      if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+        continue
+      assert action.help, f"nlm-jax {' '.join(path)} {action.dest}: no help text"
+      formatted = sub._get_formatter()._get_help_string(action) % vars(action)
+      if action.option_strings and not action.required:
+        assert "default" in formatted, f"nlm-jax {' '.join(path)} {action.option_strings[0]}: no default shown"
+    assert "error" not in text
+
+
+def test_train_help_points_to_config_show():
+  code, out, _ = _help("train")
+  assert "nlm-jax config show" in out
+
+
+def _help(*argv):
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+    cli.main([*argv, "--help"])
+  return e.value.code, out.getvalue(), ""
