@@ -158,14 +158,34 @@ def test_process_rows_split_the_global_batch():
 
 
 @pytest.mark.parametrize("batching", ["windows", "streams"])
-def test_full_evaluation_scores_every_token_once(batching):
-  tokens = np.arange(1, 98, dtype=np.int32)
-  batches = list(pipeline.eval_batches(tokens, batching, batch_size=3, seq_len=8))
+@pytest.mark.parametrize("n_tokens,batch_size", [(98, 3), (97, 3), (100, 4), (10, 4), (3, 4)])
+def test_full_evaluation_scores_every_token_once(batching, n_tokens, batch_size):
+  tokens = np.arange(1, n_tokens + 1, dtype=np.int32)  # token value = position + 1
+  batches = list(pipeline.eval_batches(tokens, batching, batch_size=batch_size, seq_len=8))
+  count, whole = pipeline.eval_batch_count(len(tokens), batching, batch_size, 8)
+  assert len(batches) == count and whole
   scored = np.concatenate([b["targets"][b["mask"] > 0] for b in batches])
-  expected = tokens[1:] if batching == "windows" else tokens[1:1 + 3 * ((len(tokens) - 1) // 3)]
-  np.testing.assert_array_equal(np.sort(scored), np.sort(expected))
+  np.testing.assert_array_equal(np.sort(scored), tokens[1:])  # each target once, none dropped
   for b in batches:
+    assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (batch_size, 8)
     np.testing.assert_array_equal((b["targets"] - b["inputs"])[b["mask"] > 0], 1)
+  if batching == "streams":  # row b of batch k+1 continues row b of batch k
+    rows = np.concatenate([b["inputs"] for b in batches], axis=1)
+    mask = np.concatenate([b["mask"] for b in batches], axis=1) > 0
+    for row, m in zip(rows, mask):
+      assert (np.diff(row[m]) == 1).all()
+
+
+def test_estimates_count_their_batches_and_are_never_the_whole_split():
+  tokens = np.arange(200, dtype=np.int32)
+  assert pipeline.eval_batch_count(200, "windows", 4, 8, max_batches=3) == (3, False)
+  assert pipeline.eval_batch_count(200, "streams", 4, 8, max_batches=3) == (3, False)
+  assert pipeline.eval_batch_count(200, "streams", 4, 8, max_batches=99) == (7, True)  # ⌈⌈199/4⌉/8⌉
+  a = list(pipeline.eval_batches(tokens, "windows", 4, 8, max_batches=3, seed=1))
+  b = list(pipeline.eval_batches(tokens, "windows", 4, 8, max_batches=3, seed=1))
+  c = list(pipeline.eval_batches(tokens, "windows", 4, 8, max_batches=3, seed=2))
+  assert len(a) == 3 and all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+  assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
 
 
 # ----------------------------------------------------------------------------- TFDS

@@ -9,6 +9,9 @@ Two ways to cut a token stream w_0..w_{N−1} into (B, T) training batches:
                         row b of batch k and a recurrent model's carry passes on (truncated BPTT).
                         `reset` marks the first batch of each epoch, where the carry starts over.
 
+A whole-split evaluation (`eval_batches` with max_batches=None) scores every target token w_1..w_{N−1}
+exactly once in either layout: partial windows and rows are padded, with mask 0 on the padding.
+
 Every batch is a dict of NumPy arrays: inputs (B, T) int32, targets (B, T) int32 (the inputs
 shifted by one), mask (B, T) float32 (0 on padding), reset (B,) bool. `rows` selects the rows
 this process reads (multi-host: each process loads only its share of the global batch).
@@ -80,35 +83,48 @@ def _padded(x: np.ndarray, length: int, axis: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
+def eval_batch_count(n_tokens: int, batching: str, batch_size: int, seq_len: int,
+                     max_batches: int | None = None) -> tuple[int, bool]:
+  """How many batches `eval_batches` yields, and whether together they score every token of the split."""
+  n_targets = n_tokens - 1
+  if batching == "windows" and max_batches is not None:
+    return min(max_batches, (n_tokens - seq_len) // batch_size), False
+  if batching == "windows":
+    n_full = -(-(-(-n_targets // seq_len)) // batch_size)  # ⌈⌈(N−1)/T⌉ / B⌉
+  else:
+    n_full = -(-(-(-n_targets // batch_size)) // seq_len)  # ⌈⌈(N−1)/B⌉ / T⌉
+  if max_batches is None or max_batches >= n_full:
+    return n_full, True
+  return max_batches, False
+
+
 def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: int,
                  max_batches: int | None = None, seed: int = 0, rows: slice = slice(None)):
   """Evaluation batches over a split, each (B, T) with a mask on padding.
 
   windows: max_batches=None scores every token once (consecutive non-overlapping windows);
            otherwise `max_batches` batches of random windows, the same ones for a given seed.
-  streams: the split as B contiguous rows read T columns at a time (the carry passes on);
-           max_batches=None reads all of it, the last chunk padded.
+  streams: the split as B contiguous rows of L = ⌈(N−1)/B⌉ targets (the last row padded with
+           mask 0), read T columns at a time (the carry passes on); max_batches=None reads all of
+           it, so every token is scored once; otherwise the first `max_batches` chunks.
   """
+  count, _ = eval_batch_count(len(tokens), batching, batch_size, seq_len, max_batches)
+  n_targets = len(tokens) - 1
   if batching == "windows":
     if max_batches is not None:
-      n_starts = len(tokens) - seq_len
-      ds = grain.MapDataset.range(n_starts).shuffle(seed=seed)
+      ds = grain.MapDataset.range(len(tokens) - seq_len).shuffle(seed=seed)
       offsets_T1 = np.arange(seq_len + 1)
-      count = min(max_batches, n_starts // batch_size)
       for k in range(count):
         starts = np.asarray([ds[k * batch_size + b] for b in range(batch_size)])[rows]
         w_BxT1 = tokens[starts[:, None] + offsets_T1]
         yield _full_batch(w_BxT1[:, :-1], w_BxT1[:, 1:], k == 0)
       return
-    n_targets = len(tokens) - 1
     n_windows = -(-n_targets // seq_len)
     inputs = _padded(tokens[:-1], n_windows * seq_len, 0).reshape(n_windows, seq_len)
     targets = _padded(tokens[1:], n_windows * seq_len, 0).reshape(n_windows, seq_len)
     mask = (np.arange(n_windows * seq_len) < n_targets).astype(np.float32).reshape(n_windows, seq_len)
-    for k, start in enumerate(range(0, n_windows, batch_size)):
-      if max_batches is not None and k >= max_batches:
-        return
-      sl = slice(start, start + batch_size)
+    for k in range(count):
+      sl = slice(k * batch_size, (k + 1) * batch_size)
       batch = {"inputs": _padded(inputs[sl], batch_size, 0).astype(np.int32),
                "targets": _padded(targets[sl], batch_size, 0).astype(np.int32),
                "mask": _padded(mask[sl], batch_size, 0),
@@ -116,15 +132,13 @@ def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: in
       yield {key: value[rows] for key, value in batch.items()}
     return
 
-  inputs_BxL, targets_BxL = stream_rows(tokens, batch_size)
-  L = inputs_BxL.shape[1]
-  n_chunks = -(-L // seq_len)
-  if max_batches is not None:
-    n_chunks = min(n_chunks, max_batches)
-  for k in range(n_chunks):
+  L = -(-n_targets // batch_size)
+  inputs_BxL = _padded(tokens[:-1], batch_size * L, 0).reshape(batch_size, L)[rows]
+  targets_BxL = _padded(tokens[1:], batch_size * L, 0).reshape(batch_size, L)[rows]
+  mask_BxL = (np.arange(batch_size * L) < n_targets).astype(np.float32).reshape(batch_size, L)[rows]
+  for k in range(count):
     cols = slice(k * seq_len, (k + 1) * seq_len)
-    x, y = inputs_BxL[rows, cols], targets_BxL[rows, cols]
-    yield {"inputs": _padded(x, seq_len, 1).astype(np.int32),
-           "targets": _padded(y, seq_len, 1).astype(np.int32),
-           "mask": _padded(np.ones(x.shape, np.float32), seq_len, 1),
-           "reset": np.full((x.shape[0],), k == 0)}
+    yield {"inputs": _padded(inputs_BxL[:, cols], seq_len, 1).astype(np.int32),
+           "targets": _padded(targets_BxL[:, cols], seq_len, 1).astype(np.int32),
+           "mask": _padded(mask_BxL[:, cols], seq_len, 1),
+           "reset": np.full((inputs_BxL.shape[0],), k == 0)}
