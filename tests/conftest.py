@@ -1,22 +1,43 @@
-"""Tiny configs of each architecture, shared by the model tests (small enough to compile in ~1 s)."""
+"""Device settings for the whole suite, and tiny configs of each architecture shared by the model
+tests (small enough to compile in ~1 s)."""
 
 import os
+import shutil
 import tempfile
 
-import jax
-import pytest
+# Before JAX starts a backend, the same settings on any machine (nlm_jax.runtime says why): no GPU
+# memory preallocation (every xdist worker starts its own backend), deterministic GPU ops, and
+# exact float32 matmuls, so the math tests assert the math rather than TF32's rounding. Set in the
+# environment too, for the subprocesses tests start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+from nlm_jax import runtime  # noqa: E402
 
-from nlm_jax.models import FNNConfig, LSTMConfig, RNNConfig, TransformerConfig
+runtime.configure(deterministic=True, matmul_precision=os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from nlm_jax.models import FNNConfig, LSTMConfig, RNNConfig, TransformerConfig  # noqa: E402
 
 # One persistent compilation cache for the whole session (subprocesses too, by environment):
 # many tests train the same tiny configs, and XLA compiles dominate their time on 2 CPU cores.
-# A cached executable is the same program, so results stay bitwise identical.
+# A cached executable is the same program, so results stay bitwise identical. The directory this
+# session made is removed when it ends (by the xdist controller, after its workers).
+_MADE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="nlm-jax-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _MADE_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 VOCAB = 13
 ARCHS = ("fnn", "rnn", "lstm", "transformer")

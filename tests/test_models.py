@@ -23,7 +23,9 @@ from nlm_jax.models import (FNNConfig, LSTMConfig, RNNConfig, TransformerConfig,
                             config_to_dict)
 from nlm_jax.models.lstm import LSTMLayer
 from nlm_jax.models.rnn import ElmanLayer
-from nlm_jax.models.transformer import MultiHeadAttention, apply_rotary, sinusoidal_positions
+from nlm_jax.models import layers
+from nlm_jax.models.transformer import (MultiHeadAttention, apply_rotary, attention_impl, dot_product_attention,
+                                        sinusoidal_positions)
 from nlm_jax.objectives import next_token_nll
 
 TRANSFORMER_VARIANTS = {
@@ -601,13 +603,17 @@ INVALID_CONFIGS = [
     (LSTMConfig, dict(d_embed=8, d_hidden=12, tie_embeddings=True), "tie_embeddings"),
     (RNNConfig, dict(activation="sigmoid"), "activation"),
     (LSTMConfig, dict(n_layers=0), "n_layers"),
+    (TransformerConfig, dict(attn_dropout=1.0), "attn_dropout"),
+    (TransformerConfig, dict(attention="flash"), "attention"),
 ] + [(cls, fields, field)
      for cls in (FNNConfig, RNNConfig, LSTMConfig, TransformerConfig)
      for fields, field in [(dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-3), "vocab_size"),
                            (dict(vocab_size=2.5), "vocab_size"),
                            (dict(dropout=-0.1), "dropout"), (dict(dropout=1.0), "dropout"),
                            (dict(dropout="0.1"), "dropout"), (dict(dropout=None), "dropout"),
-                           (dict(dtype="float8"), "dtype"), (dict(param_dtype="int32"), "param_dtype")]]
+                           (dict(dtype="float8"), "dtype"), (dict(param_dtype="int32"), "param_dtype"),
+                           (dict(embed_method="lookup"), "embed_method"),
+                           (dict(matmul_precision="fastest"), "matmul_precision")]]
 
 
 @pytest.mark.parametrize("cls, fields, field", INVALID_CONFIGS,
@@ -671,10 +677,44 @@ def test_scan_layers_equals_the_unrolled_stack(transformer_config):
 def test_bfloat16_compute_is_close_to_float32(config):
   _, variables, tokens = init_model(config, B=4, T=10)
   bf16 = dataclasses.replace(config, dtype="bfloat16")
-  assert jax.eval_shape(build(bf16).apply, variables, tokens).logits.dtype == jnp.bfloat16
+  out = jax.eval_shape(build(bf16).apply, variables, tokens)
+  # The Transformer keeps its residual stream and logits in float32 (mixed precision policy).
+  expected = jnp.float32 if config.arch == "transformer" else jnp.bfloat16
+  assert out.logits.dtype == expected and out.hidden.dtype == expected
   loss32, loss16 = float(compiled_loss(config)(variables, tokens)), float(compiled_loss(bf16)(variables, tokens))
   assert np.isfinite(loss16) and loss16 != loss32
   assert abs(loss16 - loss32) < 0.01 * loss32, (loss16, loss32)
+
+
+def test_transformer_bfloat16_policy_runs_matmuls_in_bfloat16_and_the_rest_in_float32(transformer_config):
+  """dtype=bfloat16: every matrix product of the layers takes bfloat16 operands; LayerNorm, the
+  residual additions and the softmax stay float32; parameters stay float32."""
+  _, variables, tokens = init_model(transformer_config, B=2, T=6)
+  bf16 = dataclasses.replace(transformer_config, dtype="bfloat16", embed_method="gather")
+  jaxpr = jax.make_jaxpr(lambda v: build(bf16).apply(v, tokens))(variables).jaxpr
+  eqns = []
+
+  def walk(jp):
+    for e in jp.eqns:
+      eqns.append(e)
+      for sub in jax.core.jaxprs_in_params(e.params):
+        walk(sub)
+
+  walk(jaxpr)
+  dots = [e for e in eqns if e.primitive.name == "dot_general"]
+  # q, k, v, W_O, W1, W2 per layer, QKᵀ and PV per layer, and the tied output projection.
+  assert len(dots) == 8 * transformer_config.n_layers + 1
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), [
+      [v.aval.dtype for v in e.invars] for e in dots]
+  _, inter = build(bf16).apply(variables, tokens, capture_intermediates=True)
+  inter = inter["intermediates"]
+  for l in range(transformer_config.n_layers):
+    block = inter[f"block_{l}"]
+    assert block["__call__"][0][0].dtype == jnp.float32  # the residual stream h^ℓ
+    assert block["ln1"]["__call__"][0].dtype == block["ln2"]["__call__"][0].dtype == jnp.float32
+    assert block["ffn"]["w1"]["__call__"][0].dtype == jnp.bfloat16
+  assert inter["ln_f"]["__call__"][0].dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -701,3 +741,146 @@ def test_sampling_paths_agree(request, arch):
   greedy = Sampler(model, params, temperature=0.0).generate(prompt, n, key)
   full = model.apply(variables, jnp.asarray([greedy[:-1]], jnp.int32)).logits[0]
   assert greedy[len(prompt):] == [int(i) for i in np.argmax(full, axis=-1)[len(prompt) - 1:]]
+
+
+# ----------------------------------------------------------------------------- 12. embedding, attention dropout, precision
+
+
+def test_embed_method_auto_is_one_hot_on_accelerators_for_small_vocabularies():
+  assert layers.embed_method("auto", 65, "cpu") == "gather"
+  assert layers.embed_method("auto", 65, "gpu") == layers.embed_method("auto", 65, "tpu") == "one_hot"
+  assert layers.embed_method("auto", layers.ONE_HOT_MAX_VOCAB + 1, "gpu") == "gather"
+  assert layers.embed_method("one_hot", 50_000, "cpu") == "one_hot"
+  assert layers.embed_method("gather", 65, "gpu") == "gather"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_embedding_equals_the_lookup_and_its_gradient_the_scatter_add(dtype):
+  """onehot(w) E selects the rows E[w] exactly (also at the default matmul precision, TF32 on a
+  GPU), and its gradient onehot(w)ᵀ g sums g over each token's positions like the scatter-add."""
+  V, D = 37, 24
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, V, (5, 50)) % 7, jnp.int32)  # frequent ids repeat
+  E = jnp.asarray(np.random.default_rng(1).standard_normal((V, D)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(2).standard_normal((5, 50, D)), jnp.float32)
+
+  def embed(method, E):
+    module = layers.Embed(V, D, nn.initializers.zeros, method=method, dtype=jnp.dtype(dtype))
+    with jax.default_matmul_precision("default"):
+      return module.apply({"params": {"embedding": E}}, ids)
+
+  for_method = {m: jax.jit(functools.partial(embed, m)) for m in ("gather", "one_hot")}
+  np.testing.assert_array_equal(for_method["one_hot"](E), for_method["gather"](E))
+  np.testing.assert_array_equal(for_method["gather"](E), E[ids].astype(dtype))
+  grads = {m: jax.grad(lambda E: jnp.sum(f(E).astype(jnp.float32) * g))(E) for m, f in for_method.items()}
+  expected = np.zeros((V, D))
+  np.add.at(expected, np.asarray(ids), np.asarray(g.astype(dtype), np.float64))  # the cotangent of a bf16 output is bf16
+  for m in grads:
+    np.testing.assert_allclose(grads[m], expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(expected[7:]).max() == 0 and np.abs(expected[:7]).min() > 0
+
+
+def test_every_model_gives_the_same_logits_with_either_embedding(config):
+  _, variables, tokens = init_model(config)
+  gather = compiled_apply(dataclasses.replace(config, embed_method="gather"))(variables, tokens).logits
+  one_hot = compiled_apply(dataclasses.replace(config, embed_method="one_hot"))(variables, tokens).logits
+  np.testing.assert_allclose(one_hot, gather, rtol=1e-6, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda v: build(dataclasses.replace(config, embed_method="one_hot")).apply(v, tokens))(
+      variables))
+  assert "gather" not in jaxpr.replace("take_along_axis", "")  # no lookup left: no scatter-add in the gradient
+
+
+def test_attention_dropout_zeroes_probabilities_and_rescales_the_rest():
+  """With V = I (value s is the unit vector e_s), the output row t is the dropped row t of
+  softmax(QKᵀ/√d_k + M): each entry is 0 or P_ts/(1−p); masked entries stay 0."""
+  T, rate = 16, 0.4
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, T, 3, T)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, T, 3, T)), jnp.float32)
+  v = jnp.broadcast_to(jnp.eye(T)[None, :, None, :], (2, T, 3, T))
+  mask = jnp.tril(jnp.ones((T, T), bool))
+  P = np.asarray(dot_product_attention(q, k, v, mask)).transpose(0, 2, 1, 3)  # (B, H, T, S) probabilities
+  s = np.einsum("bthk,bshk->bhts", q, k) / math.sqrt(T)
+  s = np.where(mask, s, -np.inf)
+  np.testing.assert_allclose(P, np.exp(s - s.max(-1, keepdims=True)) / np.exp(s - s.max(-1, keepdims=True)).sum(
+      -1, keepdims=True), rtol=1e-5, atol=1e-6)
+  dropped = np.asarray(dot_product_attention(q, k, v, mask, rate, jax.random.key(3))).transpose(0, 2, 1, 3)
+  assert np.all(dropped[:, :, ~np.asarray(mask)] == 0)
+  causal = np.broadcast_to(np.asarray(mask), dropped.shape)
+  assert_is_dropout_of(dropped[causal], P[causal], rate)
+  again = np.asarray(dot_product_attention(q, k, v, mask, rate, jax.random.key(3))).transpose(0, 2, 1, 3)
+  np.testing.assert_array_equal(again, dropped)
+
+
+def test_transformer_drops_attention_probabilities_in_training_only(transformer_config):
+  """attn_dropout alone (dropout=0) changes the training forward, and only through attention:
+  the first position attends to itself only, so its dropped probability 1 → {0, 1/(1−p)} scales
+  the whole head output, and position 0's hidden state is one of 2^H head combinations."""
+  cfg = dataclasses.replace(transformer_config, dropout=0.0, attn_dropout=0.5, n_layers=1)
+  _, variables, tokens = init_model(cfg, B=8, T=6)
+  apply = compiled_apply(cfg)
+  evaluation = apply(variables, tokens, deterministic=True).logits
+  np.testing.assert_allclose(evaluation, compiled_apply(dataclasses.replace(cfg, attn_dropout=0.0))(
+      variables, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)}).logits, rtol=1e-6, atol=1e-6)
+  train = apply(variables, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)}).logits
+  assert np.abs(train - evaluation).max() > 1e-3
+  # Position 0: attention output = Σ_h m_h v_0^h W_O^h + b_O with m_h ∈ {0, 2}; try all masks.
+  p = variables["params"]["block_0"]
+  ln = lambda x, q: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * q["scale"] + q["bias"]
+  E, P0 = np.asarray(variables["params"]["embed"]["embedding"]), np.asarray(variables["params"]["pos_embed"][0])
+  x0 = E[np.asarray(tokens[:, 0])] + P0
+  v0 = np.einsum("bd,dhk->bhk", ln(x0, p["ln1"]), p["attn"]["value"]["kernel"]) + p["attn"]["value"]["bias"]
+  head_out = np.einsum("bhk,hkd->bhd", v0, p["attn"]["out"]["kernel"])  # (B, H, D)
+  out = variables["params"]
+  gelu = lambda x: np.asarray(nn.gelu(jnp.asarray(x)))
+  found = []
+  for b in range(tokens.shape[0]):
+    candidates = []
+    for m in np.ndindex(*(2,) * cfg.n_heads):
+      a = x0[b] + np.einsum("h,hd->d", 2.0 * np.asarray(m), head_out[b]) + p["attn"]["out"]["bias"]
+      h = a + gelu(ln(a, p["ln2"]) @ p["ffn"]["w1"]["kernel"] + p["ffn"]["w1"]["bias"]) @ p["ffn"]["w2"]["kernel"] \
+          + p["ffn"]["w2"]["bias"]
+      candidates.append(ln(h, out["ln_f"]) @ E.T)
+    errors = [np.abs(c - train[b, 0]).max() for c in candidates]
+    found.append(int(np.argmin(errors)))
+    assert min(errors) < 1e-4, errors
+  assert len(set(found)) > 1  # different rows drop different heads
+
+
+def test_attention_auto_takes_cudnn_on_gpu_for_half_precision_without_dropout(transformer_config):
+  bf16 = dataclasses.replace(transformer_config, dtype="bfloat16")
+  assert attention_impl(bf16, dropout_active=False, cached=False, backend="gpu") == "cudnn"
+  assert attention_impl(bf16, dropout_active=True, cached=False, backend="gpu") == "xla"
+  assert attention_impl(bf16, dropout_active=False, cached=True, backend="gpu") == "xla"
+  assert attention_impl(bf16, dropout_active=False, cached=False, backend="cpu") == "xla"
+  assert attention_impl(transformer_config, dropout_active=False, cached=False, backend="gpu") == "xla"
+  assert attention_impl(dataclasses.replace(bf16, attention="xla"), False, False, backend="gpu") == "xla"
+
+
+def test_matmul_precision_reaches_every_matrix_product_forward_and_backward(config):
+  """model.matmul_precision='highest' pins every dot_general of the forward and backward pass,
+  whatever the global default; None leaves the global default in place."""
+  _, variables, tokens = init_model(config)
+
+  def precisions(cfg):
+    model = build(cfg)
+    loss = lambda v: jnp.sum(model.apply(v, tokens).logits)
+    with jax.default_matmul_precision("default"):
+      jaxpr = jax.make_jaxpr(jax.grad(loss))(variables)
+    found = []
+
+    def walk(jp):
+      for e in jp.eqns:
+        if e.primitive.name == "dot_general":
+          found.append(e.params["precision"])
+        for sub in jax.core.jaxprs_in_params(e.params):
+          walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+  pinned = precisions(dataclasses.replace(config, matmul_precision="highest", embed_method="gather"))
+  assert len(pinned) >= 3
+  assert all(p is not None and all(x == jax.lax.Precision.HIGHEST for x in p) for p in pinned), pinned
+  default = precisions(dataclasses.replace(config, matmul_precision=None, embed_method="gather"))
+  assert len(default) == len(pinned)
+  assert any(p is None or any(x != jax.lax.Precision.HIGHEST for x in p) for p in default), default

@@ -41,6 +41,8 @@ class FNNConfig:
   direct: bool = True  # the direct connections W
   bos_id: int = 0  # id seen at positions with fewer than n−1 predecessors
   dropout: float = 0.0  # on the tanh layer
+  embed_method: str = "auto"  # 'auto' | 'gather' | 'one_hot' (layers.embed_method)
+  matmul_precision: Optional[str] = None  # float32 matmuls: None (backend default) | 'highest' | ...
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -72,9 +74,13 @@ class FNN(nn.Module):
   def initial_carry(self, batch_size: int) -> Array:
     return jnp.full((batch_size, self.cfg.context - 1), self.cfg.bos_id, jnp.int32)
 
-  @nn.compact
   def __call__(self, tokens_BxT: Array, carry: Optional[Array] = None, *,
                deterministic: bool = True) -> LMOutput:
+    with layers.matmul_precision(self.cfg.matmul_precision):
+      return self._forward(tokens_BxT, carry, deterministic)
+
+  @nn.compact
+  def _forward(self, tokens_BxT: Array, carry: Optional[Array], deterministic: bool) -> LMOutput:
     cfg = self.cfg
     B, T = tokens_BxT.shape
     n, V, dtype, pdt = cfg.context, cfg.vocab_size, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -82,8 +88,8 @@ class FNN(nn.Module):
       carry = self.initial_carry(B)
     # w_{−n+2}..w_{T}: the n−1 ids before this call, then this call's ids.
     w_BxS = jnp.concatenate([carry.astype(tokens_BxT.dtype), tokens_BxT], axis=1)
-    C = nn.Embed(V, cfg.d_embed, dtype=dtype, param_dtype=pdt,
-                 embedding_init=param_init(nn.initializers.normal(1.0), ("vocab", "embed")), name="C")
+    C = layers.Embed(V, cfg.d_embed, nn.initializers.normal(1.0), method=cfg.embed_method, dtype=dtype,
+                     param_dtype=pdt, name="C")
     e_BxSxM = C(w_BxS)
     # x_t = (C[w_{t−n+2}], ..., C[w_t]): the n−1 embeddings ending at position t, which is
     # index t + n−1 of w_BxS (the carry fills indices 0..n−2).

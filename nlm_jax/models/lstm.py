@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,8 @@ class LSTMConfig:
   forget_bias: float = 1.0
   dropout: float = 0.0
   tie_embeddings: bool = False
+  embed_method: str = "auto"  # 'auto' | 'gather' | 'one_hot' (layers.embed_method)
+  matmul_precision: Optional[str] = None  # float32 matmuls: None (backend default) | 'highest' | ...
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -43,15 +43,19 @@ class RecurrentLM(nn.Module):
     """The zero state of every layer: a tuple of L per-layer states."""
     return tuple(self.zero_state(self.cfg, batch_size) for _ in range(self.cfg.n_layers))
 
-  @nn.compact
   def __call__(self, tokens_BxT: Array, carry: tuple | None = None, *,
                deterministic: bool = True) -> LMOutput:
+    with layers.matmul_precision(self.cfg.matmul_precision):
+      return self._forward(tokens_BxT, carry, deterministic)
+
+  @nn.compact
+  def _forward(self, tokens_BxT: Array, carry: tuple | None, deterministic: bool) -> LMOutput:
     cfg = self.cfg
     if carry is None:
       carry = self.initial_carry(tokens_BxT.shape[0])
     dtype = jnp.dtype(cfg.dtype)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_embed, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                     embedding_init=param_init(layers.uniform(0.1), ("vocab", "embed")), name="embed")
+    embed = layers.Embed(cfg.vocab_size, cfg.d_embed, layers.uniform(0.1), method=cfg.embed_method,
+                         dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
     drop = nn.Dropout(cfg.dropout)
     h_BxTxH = drop(embed(tokens_BxT), deterministic=deterministic)
     h_BxTxH = constrain(h_BxTxH, ("batch", "length", "embed_act"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,8 @@ class RNNConfig:
   activation: str = "tanh"
   dropout: float = 0.0
   tie_embeddings: bool = False
+  embed_method: str = "auto"  # 'auto' | 'gather' | 'one_hot' (layers.embed_method)
+  matmul_precision: Optional[str] = None  # float32 matmuls: None (backend default) | 'highest' | ...
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -11,6 +11,20 @@ Tokens w_1..w_T, embedding matrix E ∈ R^{|V|×D}, L layers, H heads of size d_
     head_i = softmax(Q_i K_iᵀ / √d_k + M) V_i,   Q_i = x W_Q^i, K_i = x W_K^i, V_i = x W_V^i,
     M_{ts} = 0 if s ≤ t else −∞                   (causal mask: position t sees s ≤ t only)
 
+Dropout (rate p, training only) acts where GPT-2 and nanoGPT put it: on h⁰ (embeddings +
+positions), on the attention probabilities softmax(·) before they weight V (`attn_dropout`,
+default p), and on the outputs of W_O and W₂ before each residual addition.
+
+Precision. `dtype` is the dtype of the matrix products; the residual stream h^ℓ, the LayerNorms,
+the softmax and the logits stay in float32 (or wider), and parameters are stored in
+`param_dtype` — with `dtype=bfloat16` this is the mixed-precision policy of PyTorch's autocast
+(bf16 matmuls with float32 accumulation, everything else float32). `matmul_precision` sets the
+precision of float32 products (None: the backend's default, TF32 on recent NVIDIA GPUs;
+'highest': exact float32). `attention`: 'xla' computes softmax(QKᵀ/√d_k + M)V as written;
+'cudnn' calls cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`; 'auto'
+takes cuDNN on a GPU for bfloat16/float16 when no attention dropout is active and no KV cache is
+used, XLA otherwise.
+
 Positional encodings (`pos_encoding`):
     sinusoidal  P_{t,2i} = sin(t / 10000^{2i/D}),   P_{t,2i+1} = cos(t / 10000^{2i/D})
     learned     P ∈ R^{T_max×D} is a parameter
@@ -38,6 +52,7 @@ from nlm_jax.models.layers import LMOutput, constrain, param_init
 
 Array = jax.Array
 POS_ENCODINGS = ("sinusoidal", "learned", "rotary", "none")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +67,11 @@ class TransformerConfig:
   d_ff: Optional[int] = None  # F; None means 4·D
   context: int = 64  # T_max: the longest sequence (learned positions, KV-cache length)
   pos_encoding: str = "learned"
-  dropout: float = 0.0
+  dropout: float = 0.0  # p: on embeddings and residual branches (and attention, unless attn_dropout)
+  attn_dropout: Optional[float] = None  # on attention probabilities; None = dropout
+  attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' (fused flash attention, GPU, bf16/fp16)
+  embed_method: str = "auto"  # 'auto' | 'gather' | 'one_hot' (layers.embed_method)
+  matmul_precision: Optional[str] = None  # float32 matmuls: None (backend default) | 'highest' | ...
   tie_embeddings: bool = True
   use_bias: bool = True  # biases in dense layers and LayerNorms
   scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
@@ -69,6 +88,11 @@ class TransformerConfig:
                    self.d_ff, "must be a positive integer or null (4·d_model)")
     layers.require(self.pos_encoding in POS_ENCODINGS, "pos_encoding", self.pos_encoding,
                    f"allowed: {', '.join(POS_ENCODINGS)}")
+    layers.require(self.attn_dropout is None or (isinstance(self.attn_dropout, (int, float))
+                                                 and 0.0 <= self.attn_dropout < 1.0),
+                   "attn_dropout", self.attn_dropout, "must be null or a number in [0, 1)")
+    layers.require(self.attention in ATTENTION_IMPLS, "attention", self.attention,
+                   f"allowed: {', '.join(ATTENTION_IMPLS)}")
     layers.require(self.pos_encoding != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
                    "d_model", self.d_model, "rotary needs an even head size d_model/n_heads")
 
@@ -79,6 +103,15 @@ class TransformerConfig:
   @property
   def hidden_size(self) -> int:
     return self.d_model
+
+  @property
+  def attn_dropout_rate(self) -> float:
+    return self.dropout if self.attn_dropout is None else self.attn_dropout
+
+  @property
+  def residual_dtype(self):
+    """The residual stream's dtype: float32, or float64 for a float64 model."""
+    return jnp.promote_types(jnp.promote_types(self.dtype, self.param_dtype), jnp.float32)
 
 
 class KVCache(NamedTuple):
@@ -119,9 +152,12 @@ def apply_rotary(x_BxTxHxK: Array, positions_T: Array) -> Array:
 
 
 def dot_product_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
-                          mask_TxS: Optional[Array] = None) -> Array:
+                          mask_TxS: Optional[Array] = None, dropout_rate: float = 0.0,
+                          dropout_key: Optional[Array] = None) -> Array:
   """softmax(Q Kᵀ/√d_k + M) V for every head; M = −∞ where `mask_TxS` is False.
 
+  With a `dropout_key`, each probability is zeroed with probability `dropout_rate` and the kept
+  ones scaled by 1/(1 − rate) before they weight V (GPT-2's attention dropout).
   Scores and softmax run in float32, or float64 for float64 inputs (`jax.nn.dot_product_attention`
   always rounds the softmax to float32, which breaks float64 models).
   """
@@ -130,8 +166,21 @@ def dot_product_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                          preferred_element_type=dtype) / math.sqrt(q_BxTxHxK.shape[-1])
   if mask_TxS is not None:
     s_BxHxTxS = jnp.where(mask_TxS, s_BxHxTxS, -jnp.inf)
-  p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
-  return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
+  p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1)
+  if dropout_key is not None and dropout_rate > 0.0:
+    keep_BxHxTxS = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, p_BxHxTxS.shape)
+    p_BxHxTxS = jnp.where(keep_BxHxTxS, p_BxHxTxS / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def attention_impl(cfg: TransformerConfig, dropout_active: bool, cached: bool,
+                   backend: Optional[str] = None) -> str:
+  """'xla' or 'cudnn' for `cfg.attention` (see the module docstring)."""
+  if cfg.attention != "auto":
+    return cfg.attention
+  backend = backend or jax.default_backend()
+  fused_ok = jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and not dropout_active and not cached
+  return "cudnn" if backend in ("gpu", "cuda") and fused_ok else "xla"
 
 
 def _dense(cfg: TransformerConfig, features, axes, std: float, name: str, use_bias=None):
@@ -145,8 +194,8 @@ def _dense(cfg: TransformerConfig, features, axes, std: float, name: str, use_bi
 
 
 def _layer_norm(cfg: TransformerConfig, name: str):
-  return nn.LayerNorm(
-      epsilon=1e-5, use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
+  return nn.LayerNorm(  # normalizes and returns in the residual stream's float32 (or float64)
+      epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.residual_dtype,
       param_dtype=jnp.dtype(cfg.param_dtype),
       scale_init=param_init(nn.initializers.ones, ("norm",)),
       bias_init=param_init(nn.initializers.zeros, ("norm",)), name=name)
@@ -162,7 +211,8 @@ class MultiHeadAttention(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x_NxD: Array, batch_size: int, positions_T: Array, cache=None):
+  def __call__(self, x_NxD: Array, batch_size: int, positions_T: Array, cache=None,
+               deterministic: bool = True):
     """x: (N, D) with N = B·T tokens, flattened (XLA's CPU backend runs 2-D matmuls and their
     gradients about twice as fast as 3-D ones); returns (N, D) and the updated layer cache."""
     cfg = self.cfg
@@ -176,9 +226,16 @@ class MultiHeadAttention(nn.Module):
       q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_T)
       k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_T)
 
-    if cache is None:
+    rate = cfg.attn_dropout_rate
+    dropout_key = None if deterministic or rate == 0.0 else self.make_rng("dropout")
+    impl = attention_impl(cfg, dropout_key is not None, cache is not None)
+    if cache is None and impl == "cudnn":
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=self.causal,
+                                                 implementation="cudnn")
+      new_cache = None
+    elif cache is None:
       mask_TxT = jnp.tril(jnp.ones((T, T), bool)) if self.causal else None
-      out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_TxT)
+      out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_TxT, rate, dropout_key)
       new_cache = None
     else:
       k_cache_BxSxHxK, v_cache_BxSxHxK, index = cache
@@ -189,7 +246,8 @@ class MultiHeadAttention(nn.Module):
       # Query at absolute position index+t sees cached keys s ≤ index+t (the causal mask M).
       mask_TxS = jnp.arange(S)[None, :] <= positions_T[:, None]
       out_BxTxHxK = dot_product_attention(
-          q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype), mask_TxS)
+          q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype), mask_TxS,
+          rate, dropout_key)
       new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
 
     # W_O: concat over heads, then project back to D.
@@ -228,9 +286,10 @@ class Block(nn.Module):
     B = h_NxD.shape[0] // positions_T.shape[0]
     cache = None if layer_cache is None else (*layer_cache, index)
     y_NxD, new_cache = MultiHeadAttention(cfg, name="attn")(_layer_norm(cfg, "ln1")(h_NxD), B,
-                                                          positions_T, cache)
-    a_NxD = h_NxD + nn.Dropout(cfg.dropout)(y_NxD, deterministic=self.deterministic)
-    h_NxD = a_NxD + FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_NxD), self.deterministic)
+                                                          positions_T, cache, self.deterministic)
+    a_NxD = h_NxD + nn.Dropout(cfg.dropout)(y_NxD, deterministic=self.deterministic).astype(h_NxD.dtype)
+    y_NxD = FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_NxD), self.deterministic)
+    h_NxD = a_NxD + y_NxD.astype(a_NxD.dtype)
     return constrain(h_NxD, ("batch", "embed_act")), new_cache
 
 
@@ -242,30 +301,34 @@ class Transformer(nn.Module):
   def initial_carry(self, batch_size: int) -> KVCache:
     """An empty KV cache of T_max positions (pass `None` instead for a plain causal forward)."""
     cfg = self.cfg
-    shape = (batch_size, cfg.context, cfg.n_heads, cfg.d_head)
+    shape = (batch_size, cfg.context, cfg.n_heads, cfg.d_head)  # K, V in the matmul dtype
     if cfg.scan_layers:
       zeros = jnp.zeros((cfg.n_layers, *shape), jnp.dtype(cfg.dtype))
     else:
       zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
-  @nn.compact
   def __call__(self, tokens_BxT: Array, carry: Optional[KVCache] = None, *,
                deterministic: bool = True) -> LMOutput:
+    with layers.matmul_precision(self.cfg.matmul_precision):
+      return self._forward(tokens_BxT, carry, deterministic)
+
+  @nn.compact
+  def _forward(self, tokens_BxT: Array, carry: Optional[KVCache], deterministic: bool) -> LMOutput:
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     index = jnp.zeros((), jnp.int32) if carry is None else carry.index
     positions_T = index + jnp.arange(T, dtype=jnp.int32)
 
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
-                     param_dtype=jnp.dtype(cfg.param_dtype),
-                     embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
-                     name="embed")
+    embed = layers.Embed(cfg.vocab_size, cfg.d_model, nn.initializers.normal(0.02), method=cfg.embed_method,
+                         dtype=cfg.residual_dtype, param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
     h_BxTxD = embed(tokens_BxT)
     if cfg.pos_encoding == "learned":
       P = self.param("pos_embed", param_init(nn.initializers.normal(0.02), ("context", "embed")),
                      (cfg.context, cfg.d_model), jnp.dtype(cfg.param_dtype))
-      h_BxTxD = h_BxTxD + jnp.take(P, positions_T, axis=0).astype(h_BxTxD.dtype)[None]
+      # Rows index..index+T−1 as one slice: its gradient is a dense update, not a scatter-add.
+      P_TxD = jax.lax.dynamic_slice_in_dim(P, index, T, axis=0)
+      h_BxTxD = h_BxTxD + P_TxD.astype(h_BxTxD.dtype)[None]
     elif cfg.pos_encoding == "sinusoidal":
       h_BxTxD = h_BxTxD + sinusoidal_positions(positions_T, cfg.d_model).astype(h_BxTxD.dtype)[None]
     h_BxTxD = nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
@@ -290,10 +353,12 @@ class Transformer(nn.Module):
       new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
 
     h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
-    if cfg.tie_embeddings:
-      logits_NxV = embed.attend(h_NxD)
+    if cfg.tie_embeddings:  # in the matmul dtype, accumulated and returned in float32
+      E_VxD = embed.embedding.astype(cfg.dtype)
+      logits_NxV = jnp.einsum("nd,vd->nv", h_NxD.astype(cfg.dtype), E_VxD, preferred_element_type=cfg.residual_dtype)
     else:
       logits_NxV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), 0.02, "out", use_bias=False)(h_NxD)
+      logits_NxV = logits_NxV.astype(cfg.residual_dtype)
     logits_BxTxV = constrain(logits_NxV.reshape(B, T, -1), ("batch", "length", "vocab"))
     h_BxTxD = h_NxD.reshape(B, T, cfg.d_model)
     new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
