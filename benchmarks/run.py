@@ -1,20 +1,29 @@
 """nlm-jax against PyTorch on this machine: training throughput, the whole Tiny Shakespeare
-recipe, generation, compile time against depth, MFU, and the input pipeline.
+recipe, generation, compile time against depth, MFU, the input pipeline, and whether a step's
+cost depends on the text it reads.
 
-    python -m benchmarks.run                  # everything (~30 min on 2 CPU cores)
+    python -m benchmarks.run                  # everything on the CPU (~35 min on 2 CPU cores)
     python -m benchmarks.run --quick          # a smoke run: fewer repeats, no large model / recipe
+    python -m benchmarks.run --gpu            # the GPU section: nanoGPT's GPU recipe side by side
 
-JAX and PyTorch are timed alternately in one process, repeat by repeat, on the same random token
+Training batches are real text: random windows of Tiny Shakespeare (characters) for the
+Transformers, of WikiText-2 (words, |V| = 33,278) for the LSTM, RNN and FNN, read from
+../shared/data (or --data-dir). A step whose cost depends on token statistics (a scatter-add
+under contention) is invisible on uniform random ids, so the `data` section times the same step
+on text, on uniform ids and on one text row repeated B times.
+
+JAX and PyTorch run in separate worker processes, timed alternately, repeat by repeat, on the same
 batches, with the same shapes, parameter counts (checked) and optimizer; a number is the median
 over repeats after warm-up. The JAX side is the library's own jitted `LMTask.train_step` (what
-`nlm-jax train` runs), not a benchmark-only variant. Results go to benchmarks/results/latest.json
-and into the table of benchmarks/README.md.
+`nlm-jax train` runs), with the trainer's device settings (deterministic ops: `nlm_jax.runtime`).
+Results go to benchmarks/results/latest.json (GPU: gpu.json) and into benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +48,12 @@ from nlm_jax.training import optim
 from nlm_jax.training.steps import LMTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare")
+DATA_DIR = os.environ.get("NLM_JAX_BENCH_DATA", os.path.join(ROOT, "..", "shared", "data"))
+SHAKESPEARE = os.path.join(DATA_DIR, "tiny_shakespeare")
 RECIPE = os.path.join(ROOT, "experiments", "configs", "shakespeare_char_transformer.yaml")
+GPU_RECIPE = os.path.join(ROOT, "experiments", "configs", "shakespeare_char_gpu.yaml")
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "latest.json")
+CORPORA = {"shakespeare": ("tiny_shakespeare/input.txt", "char"), "wikitext2": ("wikitext-2/train.txt", "word")}
 
 ADAMW = dict(name="adamw", lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0)  # nanoGPT
 SGD = dict(name="sgd", lr=20.0, clip_norm=0.25)  # word_language_model
@@ -53,24 +68,66 @@ class Case:
   seq: int
   optim: dict
   steps: int  # steps per timed repeat
+  corpus: str = "shakespeare"  # the real text its batches come from (CORPORA)
 
 
 CASES = [
     Case("transformer nanoGPT (4×128, T=64, B=12, V=65)",
          models.TransformerConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, context=64, use_bias=False),
          12, 64, ADAMW, 20),
-    Case("LSTM word_language_model (2×200, T=35, B=20, V=33,278)", models.LSTMConfig(**WLM), 20, 35, SGD, 5),
-    Case("RNN same sizes", models.RNNConfig(**WLM), 20, 35, SGD, 5),
+    Case("LSTM word_language_model (2×200, T=35, B=20, V=33,278)", models.LSTMConfig(**WLM), 20, 35, SGD, 5,
+         "wikitext2"),
+    Case("RNN same sizes", models.RNNConfig(**WLM), 20, 35, SGD, 5, "wikitext2"),
     Case("FNN same sizes (n=5, m=h=200)", models.FNNConfig(vocab_size=33278, context=5, d_embed=200, d_hidden=200),
-         20, 35, SGD, 3),
+         20, 35, SGD, 3, "wikitext2"),
     Case("transformer large (6×384, 6 heads, T=256, B=16, V=65)",
          models.TransformerConfig(vocab_size=65, d_model=384, n_heads=6, n_layers=6, context=256, use_bias=False),
          16, 256, ADAMW, 3),
 ]
 
 
+# nanoGPT's GPU recipe (config/train_shakespeare_char.py) at nlm-jax's bf16 policy.
+GPU_CASE = Case("transformer nanoGPT GPU (6×384, 6 heads, T=256, B=64, V=65, dropout 0.2, bf16)",
+                models.TransformerConfig(vocab_size=65, d_model=384, n_heads=6, n_layers=6, context=256,
+                                         dropout=0.2, use_bias=False, dtype="bfloat16"),
+                64, 256, ADAMW, 50)
+
+
 def median(xs):
   return float(statistics.median(xs))
+
+
+@functools.cache
+def corpus_ids(corpus: str) -> np.ndarray:
+  """The training text of `corpus` as token ids, by the project's own tokenizer."""
+  from nlm_jax.data import tokenizers
+
+  rel, kind = CORPORA[corpus]
+  path = os.path.join(DATA_DIR, rel)
+  if not os.path.exists(path):
+    raise SystemExit(f"benchmarks: {path} not found; the benchmarks time real text (set NLM_JAX_BENCH_DATA "
+                     "to a folder holding tiny_shakespeare/input.txt and wikitext-2/train.txt)")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  tok = tokenizers.CharTokenizer.train(text) if kind == "char" else tokenizers.WordTokenizer.train(text)
+  return tok.encode(text).astype(np.int64)
+
+
+def token_batches(case: Case, data: str, seed: int = 0, n: int = 8) -> np.ndarray:
+  """(n, B, T+1) token ids: random windows of the case's real text ('text'), uniform random ids
+  ('uniform'), or one text window repeated in every row ('repeated': the most contention)."""
+  rng = np.random.default_rng(seed)
+  B, T1 = case.batch, case.seq + 1
+  if data == "uniform":
+    return rng.integers(0, case.cfg.vocab_size, (n, B, T1))
+  ids = corpus_ids(case.corpus)
+  assert ids.max() < case.cfg.vocab_size, (case.name, int(ids.max()))
+  starts = rng.integers(0, len(ids) - T1, (n, B))
+  if data == "repeated":
+    starts[:] = starts[:, :1]
+  elif data != "text":
+    raise ValueError(data)
+  return ids[starts[..., None] + np.arange(T1)]
 
 
 # ----------------------------------------------------------------------------- JAX side
@@ -119,9 +176,9 @@ def ping(state) -> bool:
 # ----------------------------------------------------------------------------- measurements
 
 
-def matmul_peak(state, n: int = 2048, repeats: int = 10) -> float:
-  """GFLOP/s of a jitted float32 n×n matmul (the MFU denominator)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak(state, n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """GFLOP/s of a jitted n×n matmul (the MFU denominator): float32 on the CPU, bfloat16 on a GPU."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   times = []
@@ -137,12 +194,12 @@ class Worker:
   share a process: on 2 cores each framework's idle worker threads (spin-waiting after their last
   operation) slow the other by 10–30%. The parent only orchestrates."""
 
-  def __init__(self):
+  def __init__(self, deterministic: bool = True):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+    self.proc = ctx.Process(target=_serve, args=(child, deterministic), daemon=True)
     self.proc.start()
 
   def __call__(self, fn: str, *args):
@@ -157,9 +214,12 @@ class Worker:
     self.proc.join(timeout=30)
 
 
-def _serve(conn):
+def _serve(conn, deterministic: bool = True):
   import traceback
 
+  from nlm_jax import runtime
+
+  runtime.configure(deterministic=deterministic)  # as `nlm-jax train` does, before the backend starts
   state: dict = {}
   while (msg := conn.recv()) is not None:
     fn, args = msg
@@ -169,12 +229,24 @@ def _serve(conn):
       conn.send((False, traceback.format_exc()))
 
 
-def jax_setup(state, case_index: int, seed: int = 0) -> int:
-  case = CASES[case_index]
-  tokens = np.random.default_rng(seed).integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
+def _case(case_index) -> Case:
+  return GPU_CASE if case_index == "gpu" else CASES[case_index]
+
+
+def jax_setup(state, case_index, seed: int = 0, data: str = "text", model_overrides: dict | None = None) -> int:
+  case = _case(case_index)
+  if model_overrides:
+    case = dataclasses.replace(case, cfg=dataclasses.replace(case.cfg, **model_overrides))
   task, train_state = jax_task(case)
-  state.update(task=task, train_state=train_state, batches=jax_batches(case, tokens, task))
+  state.update(task=task, train_state=train_state, case=case,
+               batches=jax_batches(case, token_batches(case, data, seed), task))
   return param_count(train_state.params)
+
+
+def jax_data(state, data: str, seed: int = 0) -> None:
+  """Replaces the batches of the step set up by `jax_setup` (same compiled step)."""
+  case, task = state["case"], state["task"]
+  state["batches"] = jax_batches(case, token_batches(case, data, seed), task)
 
 
 def jax_run(state, n: int) -> float:
@@ -186,20 +258,29 @@ def jax_run(state, n: int) -> float:
   return time.perf_counter() - t
 
 
-def torch_setup(state, case_index: int, seed: int = 0) -> int:
+def torch_setup(state, case_index, seed: int = 0, data: str = "text") -> int:
+  """The PyTorch side; on a GPU as nanoGPT runs there: float32 parameters, bf16 autocast,
+  torch.compile, fused AdamW (the case's dtype says bf16)."""
   import torch
 
   from benchmarks import torch_reference as tr
 
-  case = CASES[case_index]
-  tokens = np.random.default_rng(seed).integers(0, case.cfg.vocab_size, (8, case.batch, case.seq + 1))
+  case = _case(case_index)
+  tokens = token_batches(case, data, seed)
   torch.manual_seed(seed)
   torch.set_num_threads(os.cpu_count() or 2)
-  model = tr.build_torch(case.cfg)
+  device = "cuda" if torch.cuda.is_available() and case_index == "gpu" else "cpu"
+  bf16 = case.cfg.dtype == "bfloat16"
+  cfg = dataclasses.replace(case.cfg, dtype="float32") if bf16 else case.cfg
+  model = tr.build_torch(cfg).to(device)
   o = case.optim
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
   state["step"] = tr.torch_train_step_fn(model, o["name"], lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
-                                         betas=(0.9, o.get("b2", 0.999)), grad_clip=o.get("clip_norm", 0.0))
-  state["batches"] = [(torch.from_numpy(x[:, :-1]).long(), torch.from_numpy(x[:, 1:]).long()) for x in tokens]
+                                         betas=(0.9, o.get("b2", 0.999)), grad_clip=o.get("clip_norm", 0.0),
+                                         autocast=torch.bfloat16 if bf16 else None, compile=device == "cuda")
+  state["batches"] = [(torch.from_numpy(x[:, :-1]).long().to(device), torch.from_numpy(x[:, 1:]).long().to(device))
+                      for x in tokens]
   return tr.count_params(model)
 
 
@@ -210,6 +291,42 @@ def torch_run(state, n: int) -> float:
     loss = step(*batches[i % len(batches)])
   loss.item()
   return time.perf_counter() - t
+
+
+def torch_matmul_peak(state, n: int = 8192, repeats: int = 10) -> float:
+  """GFLOP/s of PyTorch's bf16 n×n matmul on the GPU (reported beside JAX's)."""
+  import torch
+
+  a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+  a @ a
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    a @ a
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / median(times) / 1e9
+
+
+def data_dependence(case_index, repeats: int, jaxw: Worker, steps: Optional[int] = None,
+                    model_overrides: dict | None = None) -> dict:
+  """ms per step of the same compiled JAX step on text, uniform ids and a repeated row, alternated."""
+  case = _case(case_index)
+  steps = steps or case.steps
+  jaxw("jax_setup", case_index, 0, "text", model_overrides)
+  times = {d: [] for d in ("text", "uniform", "repeated")}
+  for d in times:  # warm-up (and compile) on each
+    jaxw("jax_data", d)
+    jaxw("jax_run", 3)
+  for _ in range(repeats):
+    for d in times:
+      jaxw("jax_data", d)
+      times[d].append(1e3 * jaxw("jax_run", steps) / steps)
+  ms = {d: median(v) for d, v in times.items()}
+  return {"case": case.name, **({"model": model_overrides} if model_overrides else {}),
+          **{f"{d}_ms": v for d, v in ms.items()}, "text_vs_uniform": ms["text"] / ms["uniform"],
+          "repeated_vs_uniform": ms["repeated"] / ms["uniform"], "repeats": repeats, "steps_per_repeat": steps}
 
 
 def training_throughput(case_index: int, repeats: int, peak: float, jaxw: Worker, torchw: Worker) -> dict:
@@ -361,6 +478,153 @@ def recipe_wall_time(repeats: int = 2) -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- GPU
+
+
+def _summary_of_jax_run(workdir: str, stdout: str) -> dict:
+  summary = json.loads(stdout[stdout.index("{"):])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if "val_loss" in r]
+  return {"loop_s": summary["loop_time_s"], "params": summary["params"], "iters": summary["steps"],
+          "best_val_loss": min(r["val_loss"] for r in evals), "final_val_loss": evals[-1]["val_loss"],
+          "final_train_loss": evals[-1].get("eval_train_loss")}
+
+
+def gpu_recipe(repeats: int, peak_gflops: float) -> dict:
+  """nanoGPT's GPU recipe, whole, each side in its own process, alternated: `nlm-jax train
+  --config experiments/configs/shakespeare_char_gpu.yaml` against nanoGPT's loop run as nanoGPT
+  runs on a GPU (torch.compile, bf16 autocast, SDPA, fused AdamW). Both estimate losses the same
+  way: 200 fresh random windows of each split every 250 iterations, in eval mode."""
+  text = os.path.join(SHAKESPEARE, "input.txt")
+  script = ("import json, sys\nfrom benchmarks import torch_reference as tr\n"
+            "r = tr.run_nanogpt_shakespeare_char(sys.argv[1], iters=5000, batch_size=64, block_size=256, n_layer=6,"
+            " n_head=6, n_embd=384, dropout=0.2, eval_iters=200, eval_interval=250, device='cuda', compile=True,"
+            " dtype='bfloat16', log=False)\n"
+            "print(json.dumps({k: r[k] for k in ('wall_s', 'train_s', 'val_loss', 'best_val_loss', 'train_loss',"
+            " 'params', 'iters')}))")
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}  # as a user runs them
+
+  def timed(argv) -> tuple[float, str]:
+    t = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode:
+      raise RuntimeError(proc.stderr[-3000:])
+    return time.perf_counter() - t, proc.stdout
+
+  jax_runs, torch_runs = [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(repeats):
+      workdir = os.path.join(tmp, f"run{i}")
+      wall, out = timed([sys.executable, "-m", "nlm_jax", "train", "--config", GPU_RECIPE, f"workdir={workdir}",
+                         f"data.file={text}", "train.progress=false"])
+      jax_runs.append({"wall_s": wall, **_summary_of_jax_run(workdir, out)})
+      print(json.dumps({"nlm-jax": jax_runs[-1]}), flush=True)
+      wall, out = timed([sys.executable, "-c", script, text])
+      r = json.loads(out.strip().splitlines()[-1])
+      torch_runs.append({"wall_s": wall, "loop_s": r["wall_s"], "params": r["params"], "iters": r["iters"],
+                         "best_val_loss": r["best_val_loss"], "final_val_loss": r["val_loss"],
+                         "final_train_loss": r["train_loss"]})
+      print(json.dumps({"pytorch": torch_runs[-1]}), flush=True)
+  flops = model_flops_per_token(GPU_CASE.cfg, jax_runs[0]["params"], GPU_CASE.seq)
+  rows = {}
+  for side, runs in (("nlm-jax", jax_runs), ("pytorch", torch_runs)):
+    row = {k: median([r[k] for r in runs]) for k in ("wall_s", "loop_s", "best_val_loss", "final_val_loss")}
+    row["ms_per_iter"] = 1e3 * row["loop_s"] / runs[0]["iters"]
+    tokens_per_s = GPU_CASE.batch * GPU_CASE.seq * runs[0]["iters"] / row["loop_s"]
+    row["mfu"] = flops * tokens_per_s / (peak_gflops * 1e9)
+    rows[side] = row
+  return {"sides": rows, "wall_ratio": rows["nlm-jax"]["wall_s"] / rows["pytorch"]["wall_s"], "repeats": repeats,
+          "runs": {"nlm-jax": jax_runs, "pytorch": torch_runs}}
+
+
+def gpu_main(args) -> None:
+  """The GPU section: bf16 matmul peak, the nanoGPT GPU step on text / uniform ids / a repeated
+  row (deterministic ops on and off; one-hot against gather embedding; cuDNN against XLA
+  attention), PyTorch's compiled bf16 step, and the whole recipe side by side."""
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process and three workers share the GPU
+  import torch
+
+  if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+    raise SystemExit(f"benchmarks --gpu: needs a GPU for both JAX (backend here: {jax.default_backend()}) and "
+                     f"PyTorch (cuda available: {torch.cuda.is_available()}); install with "
+                     "pip install -e \".[cuda,bench]\"")
+  repeats = args.repeats or 5
+  results = {"date": time.strftime("%Y-%m-%d"), "machine": {
+      "gpu": jax.devices()[0].device_kind, "cpu": _cpu_model(), "jax": jax.__version__, "torch": torch.__version__,
+      "python": platform.python_version()}}
+  out = args.out if args.out != DEFAULT_OUT else os.path.join(ROOT, "benchmarks", "results", "gpu.json")
+
+  def save():
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(results, f, indent=2)
+
+  jaxw, torchw = Worker(), Worker()
+  results["bf16_peak_gflops"] = jaxw("matmul_peak", 8192, 10, "bfloat16")
+  results["torch_bf16_peak_gflops"] = torchw("torch_matmul_peak")
+  peak = max(results["bf16_peak_gflops"], results["torch_bf16_peak_gflops"])
+  print(f"bf16 matmul peak: JAX {results['bf16_peak_gflops']:.0f}, PyTorch {results['torch_bf16_peak_gflops']:.0f} "
+        "GFLOP/s", flush=True)
+  steps = []
+  for overrides in (None, {"embed_method": "gather"}, {"dropout": 0.0, "attention": "xla"},
+                    {"dropout": 0.0, "attention": "cudnn"}):
+    steps.append({"deterministic": True, **data_dependence("gpu", repeats, jaxw, model_overrides=overrides)})
+    print(json.dumps(steps[-1]), flush=True)
+  jaxw.close()
+  loose = Worker(deterministic=False)
+  steps.append({"deterministic": False, **data_dependence("gpu", repeats, loose)})
+  loose.close()
+  print(json.dumps(steps[-1]), flush=True)
+  n_torch = torchw("torch_setup", "gpu")
+  torchw("torch_run", 10)  # compile, warm up
+  torch_ms = median([1e3 * torchw("torch_run", GPU_CASE.steps) / GPU_CASE.steps for _ in range(repeats)])
+  torchw.close()
+  flops = model_flops_per_token(GPU_CASE.cfg, n_torch, GPU_CASE.seq)
+  tokens = GPU_CASE.batch * GPU_CASE.seq
+  for row in steps:
+    row["mfu_text"] = flops * tokens / (row["text_ms"] * 1e-3) / (peak * 1e9)
+  results["steps"] = steps
+  results["torch_step"] = {"ms": torch_ms, "mfu": flops * tokens / (torch_ms * 1e-3) / (peak * 1e9)}
+  save()
+  if not args.quick:
+    results["recipe"] = gpu_recipe(args.gpu_recipe_repeats, peak)
+    save()
+  table = gpu_markdown(results)
+  print(table)
+  update_readme(table, "gpu")
+
+
+def gpu_markdown(results: dict) -> str:
+  m = results["machine"]
+  peak = max(results["bf16_peak_gflops"], results["torch_bf16_peak_gflops"])
+  lines = [f"Measured {results['date']} on **{m['gpu']}** ({m['cpu']}); jax {m['jax']}, torch {m['torch']}. "
+           f"bf16 matmul peak (8192², best of JAX {results['bf16_peak_gflops'] / 1e3:.0f} and PyTorch "
+           f"{results['torch_bf16_peak_gflops'] / 1e3:.0f}): **{peak / 1e3:.0f} TFLOP/s**.", ""]
+  rec = results.get("recipe")
+  if rec:
+    j, t = rec["sides"]["nlm-jax"], rec["sides"]["pytorch"]
+    lines += [f"| nanoGPT's GPU recipe, 5000 iterations (median of {rec['repeats']}, alternated) | nlm-jax | nanoGPT (PyTorch) |",
+              "|---|---:|---:|",
+              f"| whole run, process start to exit | {j['wall_s']:.1f} s | {t['wall_s']:.1f} s |",
+              f"| ms per iteration in the loop (evaluations included) | {j['ms_per_iter']:.2f} | {t['ms_per_iter']:.2f} |",
+              f"| best validation loss (200 random windows) | {j['best_val_loss']:.4f} | {t['best_val_loss']:.4f} |",
+              f"| final validation loss | {j['final_val_loss']:.4f} | {t['final_val_loss']:.4f} |",
+              f"| MFU over the loop | {100 * j['mfu']:.1f}% | {100 * t['mfu']:.1f}% |",
+              f"| nlm-jax wall / nanoGPT wall | {rec['wall_ratio']:.2f}× (target ≤ 0.5×) | |", ""]
+  lines += ["| train step, B=64 T=256 (ms, median) | text | uniform ids | repeated row | text / uniform | MFU (text) |",
+            "|---|---:|---:|---:|---:|---:|"]
+  for r in results["steps"]:
+    what = "nlm-jax, " + ("deterministic ops" if r["deterministic"] else "non-deterministic ops")
+    if r.get("model"):
+      what += ", " + ", ".join(f"{k}={v}" for k, v in r["model"].items())
+    lines.append(f"| {what} | {r['text_ms']:.2f} | {r['uniform_ms']:.2f} | {r['repeated_ms']:.2f} | "
+                 f"{r['text_vs_uniform']:.3f} | {100 * r['mfu_text']:.1f}% |")
+  ts = results["torch_step"]
+  lines.append(f"| PyTorch (torch.compile, bf16 autocast, SDPA) | {ts['ms']:.2f} | | | | {100 * ts['mfu']:.1f}% |")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -396,6 +660,12 @@ def markdown(results: dict) -> str:
     for scan in (False, True):
       lines.append(f"| {'nn.scan over layers' if scan else 'unrolled layers'} | "
                    + " | ".join(f"{by[(d, scan)]:.1f}" for d in depths) + " |")
+  if results.get("data"):
+    lines += ["", "| same compiled train step (ms, median) | real text | uniform ids | one row repeated | text / uniform |",
+              "|---|---:|---:|---:|---:|"]
+    for r in results["data"]:
+      lines.append(f"| {r['case']} | {r['text_ms']:.1f} | {r['uniform_ms']:.1f} | {r['repeated_ms']:.1f} | "
+                   f"{r['text_vs_uniform']:.3f} |")
   if results.get("pipeline"):
     train_tps = {r["case"].split(" ")[0]: r["jax_tokens_per_s"] for r in results["training"]}
     lines += ["", "| input pipeline (Grain + device put) | tokens/s | × training step |", "|---|---:|---:|"]
@@ -404,11 +674,11 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
+def update_readme(table: str, section: str = "results") -> None:
   path = os.path.join(ROOT, "benchmarks", "README.md")
   with open(path) as f:
     text = f.read()
-  start, end = "<!-- results:start -->", "<!-- results:end -->"
+  start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
   i, j = text.index(start) + len(start), text.index(end)
   with open(path, "w") as f:
     f.write(text[:i] + "\n" + table + "\n" + text[j:])
@@ -418,13 +688,18 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="fewer repeats; no large model, recipe or compile sweep")
   ap.add_argument("--repeats", type=int, default=None)
-  ap.add_argument("--only", default=None, help="comma list of: training,recipe,generation,compile,pipeline")
-  ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
+  ap.add_argument("--only", default=None, help="comma list of: training,data,recipe,generation,compile,pipeline")
+  ap.add_argument("--out", default=DEFAULT_OUT)
   ap.add_argument("--merge", action="store_true",
                   help="update the sections measured now in an existing --out file (e.g. after an interrupted run)")
+  ap.add_argument("--gpu", action="store_true",
+                  help="the GPU section instead (nanoGPT's GPU recipe side by side; --quick: steps only)")
+  ap.add_argument("--gpu-recipe-repeats", type=int, default=1, help="whole GPU recipe runs per side")
   args = ap.parse_args()
+  if args.gpu:
+    return gpu_main(args)
   repeats = args.repeats or (2 if args.quick else 5)
-  parts = set((args.only or "training,recipe,generation,compile,pipeline").split(","))
+  parts = set((args.only or "training,data,recipe,generation,compile,pipeline").split(","))
   if args.quick:
     parts -= {"recipe", "compile"}
   import torch
@@ -454,6 +729,12 @@ def main() -> None:
       print(json.dumps(r), flush=True)
       results["training"].append(r)
       save()
+  if "data" in parts:
+    results["data"] = []
+    for i in range(len(CASES) - 1 if args.quick else len(CASES)):
+      results["data"].append(data_dependence(i, repeats, jaxw))
+      print(json.dumps(results["data"][-1]), flush=True)
+      save()
   if "generation" in parts:
     rows = jaxw("jax_generation", repeats)
     for row, torch_row in zip(rows, torchw("torch_generation", repeats)):
@@ -480,7 +761,7 @@ def main() -> None:
   save()
   table = markdown(results)
   print(table)
-  if not args.quick and all(k in results for k in ("training", "recipe", "generation", "compile", "pipeline")):
+  if not args.quick and all(k in results for k in ("training", "data", "recipe", "generation", "compile", "pipeline")):
     update_readme(table)
 
 

@@ -21,13 +21,15 @@ Differences from the upstream PyTorch code, all to match nlm_jax:
     per-step matmul loop for the Elman RNN, as stock); only the parameter list changes.
     (bias=False would drop b_ih too; adding b by hand outside the call would cost an extra pass.)
   * Transformer: GELU defaults to the tanh approximation (flax's `nn.gelu`); nanoGPT uses the exact
-    erf form, which `run_nanogpt_shakespeare_char` uses. Dropout sits where nlm_jax has it
-    (embeddings, attention output, FFN output), not on the attention weights.
+    erf form, which `run_nanogpt_shakespeare_char` uses. Dropout sits where both nanoGPT and
+    nlm_jax have it: embeddings, attention probabilities (SDPA's dropout_p), attention output,
+    FFN output.
   * LSTM forget-gate bias starts at cfg.forget_bias, as in nlm_jax.
 
 `load_jax_params` copies an nlm_jax parameter tree into the torch module (logits then agree to
 ~1e-7). Timing helpers: `time_torch_training` (training tokens/s), `torch_generate_ms_per_token`
-(greedy decoding), and `run_nanogpt_shakespeare_char` (nanoGPT's whole CPU recipe).
+(greedy decoding), and `run_nanogpt_shakespeare_char` (nanoGPT's whole recipe: its CPU one by
+default; on a GPU as nanoGPT runs there with device='cuda', compile=True, dtype='bfloat16').
 On a 2-core machine, time only when nothing else runs: with 2 OpenMP threads, another process
 taking half the CPU slows torch steps 5-10×, not 2× (`TrainTiming.cpu_seconds` shows it).
 Run `python -m benchmarks.torch_reference` for the checks and timings of the default shapes.
@@ -35,6 +37,7 @@ Run `python -m benchmarks.torch_reference` for the checks and timings of the def
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, NamedTuple, Optional
@@ -85,6 +88,7 @@ class CausalSelfAttention(nn.Module):
       self.query, self.key, self.value = (nn.Linear(D, D, bias=bias) for _ in range(3))
     self.out = nn.Linear(D, D, bias=bias)
     self.resid_dropout = nn.Dropout(cfg.dropout)
+    self.attn_dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
 
   def forward(self, x_BxTxD: Tensor, positions_T: Tensor, cache=None, index: int = 0) -> Tensor:
     B, T, D = x_BxTxD.shape
@@ -97,7 +101,8 @@ class CausalSelfAttention(nn.Module):
     if self.cfg.pos_encoding == "rotary":
       q_BxHxTxK, k_BxHxTxK = _rotate(q_BxHxTxK, positions_T), _rotate(k_BxHxTxK, positions_T)
     if cache is None:
-      y_BxHxTxK = F.scaled_dot_product_attention(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, is_causal=True)
+      y_BxHxTxK = F.scaled_dot_product_attention(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, is_causal=True,
+                                                 dropout_p=self.attn_dropout if self.training else 0.0)
     else:
       k_cache, v_cache = cache
       k_cache[:, :, index:index + T] = k_BxHxTxK
@@ -106,7 +111,7 @@ class CausalSelfAttention(nn.Module):
       if T == 1:  # one new query sees every cached position
         mask = None
       else:  # query at index+t sees s ≤ index+t
-        mask = torch.arange(S)[None, :] <= positions_T[:, None]
+        mask = torch.arange(S, device=positions_T.device)[None, :] <= positions_T[:, None]
       y_BxHxTxK = F.scaled_dot_product_attention(q_BxHxTxK, k_cache[:, :, :S], v_cache[:, :, :S],
                                                  attn_mask=mask)
     y_BxTxD = y_BxHxTxK.transpose(1, 2).contiguous().view(B, T, D)
@@ -185,7 +190,7 @@ class TorchTransformer(nn.Module):
     T = tokens_BxT.shape[1]
     if index + T > self.cfg.context and self.cfg.pos_encoding == "learned":
       raise ValueError(f"sequence of {index + T} tokens exceeds context={self.cfg.context}")
-    positions_T = torch.arange(index, index + T)
+    positions_T = torch.arange(index, index + T, device=tokens_BxT.device)
     h_BxTxD = self.embed(tokens_BxT)
     if self.cfg.pos_encoding == "learned":
       h_BxTxD = h_BxTxD + self.pos_embed[index:index + T]
@@ -419,7 +424,8 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
   if name == "adamw":
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fused = all(p.is_cuda for p in params)  # nanoGPT uses the fused CUDA kernel where it can
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
   if name == "sgd":
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
   raise ValueError(f"unknown optimizer {name!r}; allowed: adamw, sgd")
@@ -438,23 +444,28 @@ class TorchTrainStep:
   RNN/LSTM hidden states and the FNN window are carried from one call to the next, detached.
   """
 
-  def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
+  def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0,
+               autocast: Optional[torch.dtype] = None, forward: Optional[Any] = None):
     self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
     self.carries = not isinstance(model, TorchTransformer)
     self.carry = None
+    self.forward = forward or model  # e.g. torch.compile(model)
+    device = next(model.parameters()).device.type
+    self.autocast = (lambda: torch.autocast(device, dtype=autocast)) if autocast else contextlib.nullcontext
 
   def reset(self) -> None:
     self.carry = None
 
   def __call__(self, inputs_BxT: Tensor, targets_BxT: Tensor) -> Tensor:
     self.model.train()
-    if self.carries:
-      logits_BxTxV, carry = self.model(inputs_BxT, self.carry)
-      self.carry = _detach(carry)
-    else:
-      logits_BxTxV = self.model(inputs_BxT)
-    loss = F.cross_entropy(logits_BxTxV.reshape(-1, logits_BxTxV.shape[-1]).float(),
-                           targets_BxT.reshape(-1))
+    with self.autocast():
+      if self.carries:
+        logits_BxTxV, carry = self.forward(inputs_BxT, self.carry)
+        self.carry = _detach(carry)
+      else:
+        logits_BxTxV = self.forward(inputs_BxT)
+      loss = F.cross_entropy(logits_BxTxV.reshape(-1, logits_BxTxV.shape[-1]).float(),
+                             targets_BxT.reshape(-1))
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if self.grad_clip > 0.0:
@@ -465,11 +476,13 @@ class TorchTrainStep:
 
 def torch_train_step_fn(model: nn.Module, optimizer_name: str = "adamw", lr: float = 1e-3,
                         weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                        momentum: float = 0.0, grad_clip: float = 0.0) -> TorchTrainStep:
+                        momentum: float = 0.0, grad_clip: float = 0.0, autocast: Optional[torch.dtype] = None,
+                        compile: bool = False) -> TorchTrainStep:
   """A training step for `model`: forward, mean cross-entropy, backward, clip (if grad_clip > 0),
-  optimizer step. The optimizer is `step.optimizer` (set its lr for schedules)."""
+  optimizer step. The optimizer is `step.optimizer` (set its lr for schedules). `autocast`
+  (e.g. torch.bfloat16) runs the forward under torch.autocast; `compile` under torch.compile."""
   return TorchTrainStep(model, make_optimizer(model, optimizer_name, lr, weight_decay, betas, momentum),
-                        grad_clip)
+                        grad_clip, autocast, torch.compile(model) if compile else None)
 
 
 # ============================================================================ timing
@@ -587,17 +600,27 @@ def run_nanogpt_shakespeare_char(text_path: str, iters: int = 2000, batch_size: 
                                  betas: tuple[float, float] = (0.9, 0.99), grad_clip: float = 1.0,
                                  eval_interval: int = 250, eval_iters: int = 20, dropout: float = 0.0,
                                  fused_qkv: bool = True, gelu_approximate: str = "none",
-                                 num_threads: int = 2, seed: int = 1337, log: bool = True) -> dict:
+                                 num_threads: int = 2, seed: int = 1337, log: bool = True,
+                                 device: str = "cpu", compile: bool = False, dtype: str = "float32") -> dict:
   """nanoGPT's CPU shakespeare_char recipe (README: `train.py config/train_shakespeare_char.py
   --device=cpu --compile=False --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4
   --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`), loop as in train.py:
   evaluate at every `eval_interval` (iteration 0 and the last included), iterations 0..iters.
 
+  On a GPU, nanoGPT's defaults there: device='cuda', compile=True (torch.compile), dtype='bfloat16'
+  (autocast; TF32 allowed for float32 matmuls), fused AdamW, pinned non-blocking batch copies.
+
   Returns {'wall_s', 'train_s' (wall time less evaluation), 'val_loss', 'train_loss' (last
-  evaluation), 'history' [(iter, train, val)], 'params'}.
+  evaluation), 'best_val_loss', 'history' [(iter, train, val)], 'params', 'iters'}.
   """
   torch.set_num_threads(num_threads)
   torch.manual_seed(seed)
+  cuda = device.startswith("cuda")
+  if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  autocast = _DTYPES[dtype] if dtype != "float32" else None
+  ctx = (lambda: torch.autocast(device.split(":")[0], dtype=autocast)) if autocast else contextlib.nullcontext
   lr_decay_iters = iters if lr_decay_iters is None else lr_decay_iters
   with open(text_path, encoding="utf-8") as f:
     text = f.read()
@@ -612,14 +635,16 @@ def run_nanogpt_shakespeare_char(text_path: str, iters: int = 2000, batch_size: 
     ix = torch.randint(len(d) - block_size, (batch_size,))
     x = torch.stack([d[i:i + block_size] for i in ix])
     y = torch.stack([d[i + 1:i + 1 + block_size] for i in ix])
+    if cuda:
+      return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
   cfg = TransformerConfig(vocab_size=len(chars), d_model=n_embd, n_heads=n_head, n_layers=n_layer,
                           context=block_size, pos_encoding="learned", dropout=dropout,
                           tie_embeddings=True, use_bias=False)
-  model = TorchTransformer(cfg, fused_qkv=fused_qkv, gelu_approximate=gelu_approximate)
+  model = TorchTransformer(cfg, fused_qkv=fused_qkv, gelu_approximate=gelu_approximate).to(device)
   step = torch_train_step_fn(model, "adamw", lr=lr, weight_decay=weight_decay, betas=betas,
-                             grad_clip=grad_clip)
+                             grad_clip=grad_clip, autocast=autocast, compile=compile)
 
   def get_lr(it: int) -> float:  # nanoGPT's: linear warmup, cosine decay to min_lr
     if it < warmup_iters:
@@ -637,8 +662,9 @@ def run_nanogpt_shakespeare_char(text_path: str, iters: int = 2000, batch_size: 
       losses = torch.zeros(eval_iters)
       for k in range(eval_iters):
         x, y = get_batch(split)
-        logits = model(x)
-        losses[k] = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()
+        with ctx():
+          logits = step.forward(x)
+          losses[k] = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).item()
       out[split] = losses.mean().item()
     model.train()
     return out
@@ -662,7 +688,8 @@ def run_nanogpt_shakespeare_char(text_path: str, iters: int = 2000, batch_size: 
   wall_s = time.perf_counter() - t_start
   _, train_loss, val_loss = history[-1]
   return {"wall_s": wall_s, "train_s": wall_s - eval_s, "val_loss": val_loss, "train_loss": train_loss,
-          "history": history, "params": count_params(model)}
+          "best_val_loss": min(h[2] for h in history), "history": history, "params": count_params(model),
+          "iters": iters}
 
 
 # ============================================================================ checks and timings

@@ -36,11 +36,12 @@ from nlm_jax.data import pipeline, tokenizers
 from nlm_jax.data.corpus import Corpus
 from nlm_jax.errors import UserError
 from nlm_jax.training import checkpoint as ckpt_lib
-from nlm_jax.training import optim
+from nlm_jax.training import optim, runlock
 from nlm_jax.training.steps import LMTask
 
 CONFIG_FILE = "resolved_config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+FINGERPRINT_FILE = "data_fingerprint.json"
 METRICS_FILE = "metrics.jsonl"
 # Config sections a resumed run must share with the checkpoint it resumes.
 RESUME_MUST_MATCH = ("model", "tokenizer", "data.source", "data.name", "data.files", "data.file",
@@ -173,7 +174,7 @@ def _prepare_workdir(cfg: config_lib.Config) -> tuple[str, bool]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} exists and is not a directory")
   ours = os.path.exists(os.path.join(workdir, CONFIG_FILE))
-  if os.path.isdir(workdir) and os.listdir(workdir) and not ours:
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) - {runlock.LOCK_FILE} and not ours:
     raise UserError(f"workdir {workdir} is not empty and holds no nlm-jax run; choose a new directory")
   return workdir, ours
 
@@ -187,21 +188,23 @@ def _check_resumable(saved: dict, now: dict, workdir: str) -> None:
 
 
 def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
-  """(checkpoints, latest step, tokenizer) of a run to resume; (None, None, None) for a new run."""
+  """(checkpoints, newest intact step, tokenizer, its config) of a run to resume; Nones for a new run."""
   if not (existing and os.path.isdir(os.path.join(workdir, "checkpoints"))):
-    return None, None, None
+    return None, None, None, None
   ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
-  step = ckpts.latest_step()
+  # A damaged newer step is moved aside: this run will save its step number again.
+  step = ckpts.newest_intact(set_aside=os.path.join(workdir, "checkpoints.damaged"))
   if step is None:
-    return ckpts, None, None
-  _check_resumable(ckpts.read_json(step, "config"), config_lib.to_dict(cfg), workdir)
-  return ckpts, step, tokenizers.from_dict(ckpts.read_json(step, "tokenizer"))
+    return ckpts, None, None, None
+  saved = ckpts.read_json(step, "config")
+  _check_resumable(saved, config_lib.to_dict(cfg), workdir)
+  return ckpts, step, tokenizers.from_dict(ckpts.read_json(step, "tokenizer")), saved
 
 
 def _init_from_source(cfg: config_lib.Config):
   """(run dir, step, tokenizer) of the run `train.init_from` names; its tokenizer config must be
   this run's, so that the new phase keeps the vocabulary the parameters were trained with."""
-  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)
+  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)  # step None: its best, else latest
   source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
   if dataclasses.asdict(source.tokenizer) != dataclasses.asdict(cfg.tokenizer):
     raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer "
@@ -227,23 +230,127 @@ def _stop_requests():
 
 
 def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int], directory: str) -> float:
-  """Mean training loss of the steps since the last check; stops the run if it is NaN or Inf
-  (before anything is saved, so the last checkpoint stays the last good one)."""
+  """Mean training loss of the steps since the last check. Stops the run if it, or the parameters
+  after any of these steps, are NaN or Inf: before anything is saved, so every checkpoint holds
+  finite parameters and the last one saved is the last good one."""
   if not metrics:
     return float("nan")
   loss = float(sum(m["nll_sum"] for m in metrics) / sum(m["count"] for m in metrics))
   if not math.isfinite(loss):
-    raise UserError(f"training loss is {loss} at step {step}; stopped. The last good checkpoint (step "
-                    f"{last_saved}) is kept in {directory}; lower optim.lr or set optim.clip_norm")
+    raise _not_finite(f"training loss is {loss}", step, last_saved, directory)
   return loss
 
 
+def _schedule_shape(c: dict) -> dict:
+  """What fixes η_t: its kind, warm-up, and the cosine's length (train.steps unless decay_steps)."""
+  o = c.get("optim", {})
+  length = (o.get("decay_steps") or c.get("train", {}).get("steps")) if o.get("schedule") == "warmup_cosine" else None
+  return {"optim.schedule": o.get("schedule"), "optim.warmup_steps": o.get("warmup_steps"),
+          "cosine length (optim.decay_steps or train.steps)": length}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+# Changes that cannot alter a resumed run's arithmetic, and so go unremarked.
+RESUME_UNREMARKED = ("workdir", "train.stop_after", "train.progress", "train.allow_data_change",
+                     "train.allow_schedule_change", "distributed", "mesh")
+
+
+def _check_resume_changes(saved: dict, now: dict, allow_schedule_change: bool) -> None:
+  """A resumed run with another schedule shape is refused (unless allowed); any other changed
+  setting is named in one warning, and resolved_config.yaml then records the new values."""
+  old_shape, new_shape = _schedule_shape(saved), _schedule_shape(now)
+  changed = [f"{k}: {old_shape[k]!r} (checkpoint) vs {new_shape[k]!r} (now)" for k in old_shape
+             if old_shape[k] != new_shape[k]]
+  if changed and not allow_schedule_change:
+    raise UserError(f"resuming with another learning-rate schedule ({changed[0]}) would reshape it midway; "
+                    "set train.allow_schedule_change=true to do so, or train.stop_after to stop early")
+  old, new = _flat(saved), _flat(now)
+  diffs = [f"{k}: {old[k]!r} (checkpoint) vs {new.get(k)!r} (now)" for k in sorted(old)
+           if old[k] != new.get(k) and k not in RESUME_UNREMARKED and k.split(".")[0] not in RESUME_UNREMARKED]
+  if diffs and is_main_process():
+    ckpt_lib.warn(f"resuming with changed settings: {'; '.join(diffs)}; {CONFIG_FILE} now records them")
+
+
+def data_fingerprint(run: "Run") -> dict[str, str]:
+  """SHA-256 (16 hex digits) of the token ids of the training and evaluation splits."""
+  import hashlib
+
+  splits = dict.fromkeys([run.cfg.data.train_split, run.cfg.data.eval_split])
+  return {split: hashlib.sha256(np.ascontiguousarray(run.corpus.tokens(split)).tobytes()).hexdigest()[:16]
+          for split in splits}
+
+
+def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: bool) -> None:
+  """Refuses (or warns, with train.allow_data_change) to resume on data whose tokens changed."""
+  path = os.path.join(workdir, FINGERPRINT_FILE)
+  if resuming and os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path} is unreadable ({e}); delete it to resume without the data check") from None
+    changed = [s for s in fingerprint if saved.get(s) not in (None, fingerprint[s])]
+    if changed:
+      what = f"the {changed[0]!r} split's text changed since this run started (token fingerprint " \
+             f"{saved[changed[0]]} then, {fingerprint[changed[0]]} now)"
+      if not allow_change:
+        raise UserError(f"{what}; restore the data, use a new workdir, or set train.allow_data_change=true")
+      ckpt_lib.warn(f"{what}; continuing (train.allow_data_change=true)")
+  if is_main_process():
+    _write_atomically(path, json.dumps(fingerprint, indent=2))
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """An interrupted write leaves the previous file, never half of one."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _check_split_lengths(run: "Run") -> None:
+  """The evaluation split holds enough tokens for its batches: fail now, not at the first
+  evaluation after `eval_every` steps of work (the training split is checked by its iterator)."""
+  d, split = run.cfg.data, run.cfg.data.eval_split
+  n = len(run.corpus.tokens(split))
+  rows = d.eval_batch_size or d.batch_size
+  if d.batching == "windows":
+    need = d.seq_len + rows if run.cfg.train.eval_batches is not None else 2
+    what = f"{rows} windows of data.seq_len={d.seq_len}"
+  else:
+    need, what = rows + 1, f"{rows} stream rows"
+  if n < need:
+    raise UserError(f"the {split!r} split has {n} tokens: too few for {what} (needs {need}); lower "
+                    "data.seq_len or data.eval_batch_size, or give it more text")
+
+
+def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str) -> UserError:
+  kept = (f"the last good checkpoint (step {last_saved}) is kept in {directory}" if last_saved is not None
+          else "no checkpoint was saved")
+  return UserError(f"{what} by step {step}; stopped: {kept}; lower optim.lr or set optim.clip_norm")
+
+
 def train(cfg: config_lib.Config) -> dict[str, Any]:
-  """Trains (or resumes) the run `cfg` describes; returns the summary."""
+  """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary."""
+  workdir, _ = _prepare_workdir(cfg)
+  with runlock.workdir_lock(workdir) if is_main_process() else contextlib.nullcontext():
+    return _train(cfg)
+
+
+def _train(cfg: config_lib.Config) -> dict[str, Any]:
   t_start = time.time()
   workdir, existing = _prepare_workdir(cfg)
   cfg_dict = config_lib.to_dict(cfg)
-  ckpts, resume_step, tokenizer = _resume_point(cfg, workdir, existing)
+  ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
   init_from = None
   if resume_step is None and cfg.train.init_from:
     *init_from, tokenizer = _init_from_source(cfg)
@@ -251,8 +358,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   run = Run(cfg, tokenizer)
   if is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config_lib.to_yaml(cfg))
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
     tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
   ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
 
@@ -262,7 +368,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   else:
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
     if init_from is not None:
-      params = ckpt_lib.restore_params(init_from[0], init_from[1], run.task.abstract_state.params)
+      params, _ = ckpt_lib.read_params(init_from[0], init_from[1], run.task.abstract_state.params, best=True)
       state = state.replace(params=params)
 
   k = cfg.optim.grad_accum
@@ -278,11 +384,32 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
 
     progress = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, desc="train")
 
+def _stop_agreed(requests: list[int], step: int, every: int) -> bool:
+  """Whether to stop before `step`: a SIGINT / SIGTERM came. With several processes, they agree
+  every `every` steps (an all-gather of "did any process get one?"), so that all stop at and
+  save the same step even when only one of them was signalled."""
+  if jax.process_count() == 1:
+    return bool(requests)
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils
+
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(len(requests) > 0))).any())
+
+
+def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str) -> UserError:
+  kept = (f"the last good checkpoint (step {last_saved}) is kept in {directory}" if last_saved is not None
+          else "no checkpoint was saved")
+  return UserError(f"{what} by step {step}; stopped: {kept}; lower optim.lr or set optim.clip_norm")
+
+
   def save(step, val_loss=None):
     ckpts.save(step, state, data_iter, cfg_dict, run.tokenizer.to_dict(), val_loss)
 
   last_saved = resume_step
   pending: list[dict] = []
+  if not all(bool(m["params_finite"]) for m in metrics):
+    raise _not_finite("the parameters became NaN or Inf", step, last_saved, directory)
   window_start = time.time()
   window_steps = 0
   last_val = None
@@ -290,7 +417,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   with _stop_requests() as interrupted:
     try:
       step = start
-      while step < stop and not interrupted:
+      while step < stop and not (stopped := _stop_agreed(interrupted, step, cfg.train.log_every)):
         for _ in range(k):
           batch = run.global_batch(next(data_iter), cfg.data.batch_size)
           state, metrics = run.task.train_step(state, batch)
@@ -313,6 +440,8 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
           window_start, window_steps = time.time(), 0
           if is_eval:
             val = run.evaluate(state.params, cfg.data.eval_split, cfg.train.eval_batches, seed=cfg.seed + 1)
+            if not math.isfinite(val["loss"]):
+              raise _not_finite(f"validation loss is {val['loss']}", step, last_saved, ckpts.directory)
             last_val = val["loss"]
             record.update({"val_loss": val["loss"], "val_perplexity": val["perplexity"]})
             if cfg.optim.schedule == "plateau":
@@ -327,7 +456,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
         if is_save:
           save(step, last_val if is_eval else None)
           last_saved = step
-      if interrupted and last_saved != step:
+      if stopped and last_saved != step:
         _finite_mean_loss(jax.device_get(pending), step, last_saved, ckpts.directory)
         save(step)
         last_saved = step
@@ -336,9 +465,13 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
       loop_time = time.time() - t_loop
       if progress is not None:
         progress.close()
+  _check_split_lengths(run)
+  if resume_step is not None:
+    _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
+  _check_data(workdir, data_fingerprint(run), resume_step is not None, cfg.train.allow_data_change)
       log.close()
 
-  if interrupted:
+  if stopped:  # (a request during the last step lets the run finish)
     raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
   summary: dict[str, Any] = {"workdir": workdir, "steps": step, "tokens_seen": step * tokens_per_step,
                              "wall_time_s": round(time.time() - t_start, 2),
@@ -346,6 +479,9 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
     final = run.evaluate(state.params, cfg.data.eval_split, None)
+    if not ckpt_lib.all_finite(state.params):  # saved before checkpoints were checked for NaN
+      raise UserError(f"checkpoint {ckpts.step_dir(resume_step)} holds NaN or Inf parameters; move it "
+                      f"out of {ckpts.directory} to resume from an earlier one")
     summary.update({f"final_{cfg.data.eval_split}_{name}": v for name, v in final.items()})
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
@@ -366,18 +502,15 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
     raise UserError(f"no nlm-jax run in {workdir} (no {CONFIG_FILE})")
   cfg = config_lib.load_config(os.path.join(workdir, CONFIG_FILE), [])
   cfg.mesh = config_lib.MeshConfig()  # evaluate on whatever devices are here
-  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
-  if step is None:
-    step = ckpts.best_step() if best else ckpts.latest_step()
-  if step is None or step not in ckpts.manager.all_steps():
-    raise UserError(f"no complete checkpoint {'' if step is None else step} in {workdir}/checkpoints")
+  if step is not None and not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
+    raise UserError(f"no checkpoint {step} in {workdir}/checkpoints")
   tokenizer = tokenizers.load(os.path.join(workdir, TOKENIZER_FILE))
   # Only the parameters are restored, so the batch may be re-cut for this machine's devices;
   # evaluation keeps the run's own evaluation batch size (padded rows are masked out).
   cfg.data.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+  stopped = False  # a stop request all processes agreed on
   n = jax.device_count()
   cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
   run = Run(cfg, tokenizer, mesh)
-  params = ckpt_lib.restore_params(workdir, step, run.task.abstract_state.params)
-  ckpts.close()
+  params, step = ckpt_lib.read_params(workdir, step, run.task.abstract_state.params, best=best)
   return run, params, step
