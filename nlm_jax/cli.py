@@ -45,7 +45,7 @@ def _eval(args) -> int:
   result = run.evaluate(params, split, None)
   result = {"split": split, "step": step, **result}
   if args.json:
-    print(json.dumps(result))
+    print(json.dumps(json_safe(result), allow_nan=False))
   else:
     for key, value in result.items():
       print(f"{key:>14}: {value}")
@@ -184,6 +184,36 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_options(args) -> None:
+  """The numeric options of eval / generate, checked before anything is loaded."""
+  import math
+
+  def bad(option: str, value, what: str) -> UserError:
+    return UserError(f"{option} {value}: must be {what}")
+
+  if getattr(args, "step", None) is not None and args.step < 0:
+    raise bad("--step", args.step, "≥ 0")
+  if getattr(args, "max_new_tokens", 0) < 0:
+    raise bad("--max-new-tokens", args.max_new_tokens, "≥ 0")
+  if getattr(args, "num_samples", 1) < 1:
+    raise bad("--num-samples", args.num_samples, "≥ 1")
+  temperature = getattr(args, "temperature", 1.0)
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise bad("--temperature", temperature, "a finite number > 0 (or 0: greedy)")
+  if getattr(args, "top_k", None) is not None and args.top_k < 1:
+    raise bad("--top-k", args.top_k, "≥ 1 (or left out: all tokens)")
+  top_p = getattr(args, "top_p", None)
+  if top_p is not None and not (0 < top_p <= 1):
+    raise bad("--top-p", top_p, "in (0, 1]")
+
+
+def json_safe(record: dict) -> dict:
+  """NaN and Inf become null: JSON has no such numbers."""
+  import math
+
+  return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 def _quiet_libraries() -> None:
   """Library chatter (absl INFO/WARNING from Orbax and TFDS) would bury the progress bar."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -198,13 +228,16 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   _quiet_libraries()
-  if getattr(args, "max_new_tokens", 1) < 0 or (getattr(args, "temperature", 0.0) or 0.0) < 0:
-    print("nlm-jax: error: --max-new-tokens and --temperature must be non-negative", file=sys.stderr)
-    return 2
   try:
+    check_options(args)
     return args.fn(args)
   except UserError as e:
     print(f"nlm-jax: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the environment (disk full, permissions, a file gone): one line, no traceback
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"nlm-jax: error: {e.strerror or e}{where}; check the path, its permissions and the free disk space, "
+          "then rerun (earlier checkpoints are kept)", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("nlm-jax: interrupted", file=sys.stderr)

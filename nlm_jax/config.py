@@ -174,7 +174,7 @@ def _check_numbers(cfg: "Config") -> None:
   for key, value in walk(cfg, ""):
     if isinstance(value, float) and not math.isfinite(value):
       raise UserError(f"config: {key}={value}; must be a finite number")
-    if abs(value) > INT_LIMIT:
+    if isinstance(value, int) and abs(value) > INT_LIMIT:
       raise UserError(f"config: {key}={value}; too large (at most {INT_LIMIT})")
     if key not in RANGES:
       continue
@@ -262,6 +262,9 @@ def merge_config(path: Optional[str], overrides: List[str] = ()) -> DictConfig:
       layers.append(OmegaConf.load(path))
     except Exception as e:  # YAML syntax
       raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(layers[-1], DictConfig):
+      raise UserError(f"config file {path} holds a {type(layers[-1]).__name__.removesuffix('Config').lower()}"
+                      "; a recipe is a mapping of sections (model:, data:, train:, ...)")
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")

@@ -884,3 +884,23 @@ def test_matmul_precision_reaches_every_matrix_product_forward_and_backward(conf
   default = precisions(dataclasses.replace(config, matmul_precision=None, embed_method="gather"))
   assert len(default) == len(pinned)
   assert any(p is None or any(x != jax.lax.Precision.HIGHEST for x in p) for p in default), default
+
+
+def test_our_attention_equals_jax_nn_dot_product_attention():
+  """The 'xla' path computes what jax.nn.dot_product_attention (whose cuDNN kernel 'cudnn' calls)
+  computes, causal and not."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32) for _ in range(3))
+  for causal in (True, False):
+    mask = jnp.tril(jnp.ones((7, 7), bool)) if causal else None
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask),
+                               jax.nn.dot_product_attention(q, k, v, is_causal=causal), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_gives_the_xla_results_within_bfloat16_tolerance(transformer_config):
+  cfg = dataclasses.replace(transformer_config, dtype="bfloat16", d_model=64, n_heads=2, context=16)
+  _, variables, tokens = init_model(cfg, B=4, T=16)
+  xla = build(dataclasses.replace(cfg, attention="xla")).apply(variables, tokens).logits
+  cudnn = build(dataclasses.replace(cfg, attention="cudnn")).apply(variables, tokens).logits
+  np.testing.assert_allclose(np.asarray(cudnn, np.float32), np.asarray(xla, np.float32), rtol=0.05, atol=0.05)

@@ -30,7 +30,9 @@ def tfds_dir(tmp_path_factory):
 
 
 def _train(workdir, data_dir, *extra, devices: int = 1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+  if devices > 1:  # simulated devices are CPU devices, also on a GPU machine
+    env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", "--config", RECIPE, f"workdir={workdir}",
                          f"data.data_dir={data_dir}", "train.progress=false", *extra],
                         env=env, capture_output=True, text=True, timeout=1800)

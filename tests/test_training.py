@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -85,7 +86,7 @@ def test_plateau_schedule_decays_lr(tmp_path, corpus):
   # A learning rate so small that validation cannot improve: every evaluation is a plateau.
   train(*overrides(tmp_path / "p", corpus, "lstm", "streams", steps=30, optim__name="sgd", optim__lr=1e-9,
                    optim__schedule="plateau", optim__plateau_factor=0.25, optim__plateau_patience=1))
-  lrs = [r["lr"] for r in metrics(tmp_path / "p")]
+  lrs = [r["lr"] for r in metrics(tmp_path / "p") if "lr" in r]
   assert lrs[0] == pytest.approx(1e-9)
   assert min(lrs) < 1e-9 * 0.25 + 1e-20
 
@@ -93,11 +94,12 @@ def test_plateau_schedule_decays_lr(tmp_path, corpus):
 def test_init_from_copies_params_only(tmp_path, corpus):
   train(*overrides(tmp_path / "pre", corpus, steps=10))
   summary = train(*overrides(tmp_path / "fine", corpus, steps=10, train__init_from=tmp_path / "pre",
-                             optim__name="sgd", optim__lr=0.0))
+                             optim__name="sgd", optim__lr=1e-30))
   assert summary["steps"] == 10
   pre = final_state(tmp_path / "pre")["params"]
   fine = final_state(tmp_path / "fine")["params"]
-  assert_trees_equal(pre, fine)  # lr 0: the params are the pretrained ones
+  for a, b in zip(jax.tree.leaves(pre), jax.tree.leaves(fine)):  # lr ~0: the pretrained params
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-20)
 
 
 def test_plot(tmp_path, corpus):
@@ -134,7 +136,8 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus):
 def test_a_partly_written_checkpoint_is_never_resumed_from(tmp_path, corpus):
   """Orbax writes a step into a temporary directory and renames it when complete; a save cut
   short leaves only such a directory, which resume skips. A step directory without Orbax's commit
-  marker (a copy cut short) is refused with an error naming it, and left where it is."""
+  marker (a copy cut short) is passed over with a one-line warning naming it, and moved aside
+  (not deleted) so that the resumed run can save that step again."""
   workdir = tmp_path / "r"
   args = overrides(workdir, corpus, steps=20, train__checkpoint_every=5)
   train(*args, "train.stop_after=10")
@@ -148,6 +151,8 @@ def test_a_partly_written_checkpoint_is_never_resumed_from(tmp_path, corpus):
   incomplete = workdir / "checkpoints" / "20"
   shutil.copytree(workdir / "checkpoints" / "12", incomplete)
   (incomplete / "commit_success.txt").unlink()
-  code, _, err = run_cli("train", *args)
-  assert code != 0 and "checkpoints/20 is incomplete" in err and len(err.strip().splitlines()) == 1
-  assert (incomplete / "state").is_dir() and len(metrics(workdir)) == len(log)
+  code, out, err = run_cli("train", *args)
+  warnings = [line for line in err.splitlines() if line.startswith("nlm-jax: warning:")]
+  assert code == 0 and len(warnings) == 1 and "checkpoints/20 is not used: incomplete" in warnings[0], err
+  assert (workdir / "checkpoints.damaged" / "20" / "state").is_dir()
+  assert json.loads(out[out.index("{"):])["steps"] == 20 and metrics(workdir)[-1]["step"] == 20

@@ -12,6 +12,7 @@ import collections
 import hashlib
 import io
 import json
+import os
 from typing import Any, Iterable, Protocol
 
 import numpy as np
@@ -220,8 +221,11 @@ def from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
+  """Written to a temporary file and renamed: an interrupted save leaves the previous file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(tokenizer.to_dict(), f, ensure_ascii=False)
+  os.replace(tmp, path)
 
 
 def load(path: str) -> Tokenizer:
@@ -230,3 +234,6 @@ def load(path: str) -> Tokenizer:
       return from_dict(json.load(f))
   except FileNotFoundError:
     raise UserError(f"tokenizer file not found: {path}") from None
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a tokenizer's
+    raise UserError(f"tokenizer file {path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
+                    "from checkpoints/<step>/tokenizer or retrain") from None

@@ -4,15 +4,21 @@
 
 Orbax writes a step into a temporary directory and renames it only once complete (after writing
 its `commit_success.txt`), so a save cut short (a crash, a kill) never appears among `all_steps()`.
-A step directory without that marker (a copy cut short, a hand-made directory) is refused with an
-error naming it rather than taken for a checkpoint: resume always takes a whole checkpoint.
+Before that rename, each step gets `sha256.json`: the SHA-256 of every file Orbax wrote for its
+items. A step is restored only once its files match (`problem()`); a damaged or incomplete newest
+step (flipped bytes, a deleted or truncated file, no commit marker) is passed over for the newest
+intact one with a one-line warning naming what is wrong, and left where it is for inspection.
 Kept: the last `keep` steps and the best by validation loss. Restoring onto another mesh (saved on
 8 devices, read on 1) just passes the target shardings.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
+import sys
 from typing import Any, Optional
 
 import grain
@@ -23,6 +29,65 @@ from orbax.checkpoint import checkpoint_managers as policies
 from nlm_jax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax just before the atomic rename
+CHECKSUMS = "sha256.json"  # ours: {relative path: sha256} of every file under the step's items
+
+
+def warn(message: str) -> None:
+  print(f"nlm-jax: warning: {message}", file=sys.stderr)
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _item_files(step_dir: str) -> list[str]:
+  """Every file inside the step's item directories (state/, config/, ...), relative to `step_dir`.
+  Files at the top level (Orbax's step metadata, commit marker, ours) are updated after we hash."""
+  out = []
+  for item in sorted(os.listdir(step_dir)):
+    if os.path.isdir(os.path.join(step_dir, item)):
+      for root, _, files in os.walk(os.path.join(step_dir, item)):
+        out += [os.path.relpath(os.path.join(root, f), step_dir) for f in files]
+  return sorted(out)
+
+
+def write_checksums(step_dir: str) -> None:
+  sums = {rel: _file_sha256(os.path.join(step_dir, rel)) for rel in _item_files(step_dir)}
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(sums, f, indent=0, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def step_problem(step_dir: str) -> Optional[str]:
+  """What is wrong with a step directory (None: complete, and every file matches its checksum)."""
+  if not os.path.isdir(step_dir):
+    return "it is gone"
+  if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+    return f"incomplete: no {COMMIT_MARKER}, no finished save wrote it"
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      sums = json.load(f)
+  except FileNotFoundError:
+    return f"no {CHECKSUMS}: its files cannot be verified"
+  except (ValueError, OSError) as e:
+    return f"{CHECKSUMS} is unreadable ({e})"
+  for rel, digest in sorted(sums.items()):
+    path = os.path.join(step_dir, rel)
+    try:
+      if _file_sha256(path) != digest:
+        return f"{rel} does not match its checksum (damaged)"
+    except FileNotFoundError:
+      return f"{rel} is missing"
+    except OSError as e:
+      return f"{rel} is unreadable ({e.strerror})"
+  return None
 
 
 class Checkpoints:
@@ -32,20 +97,53 @@ class Checkpoints:
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_val_loss, best_mode="min",
-                                           create=not read_only, read_only=read_only)
+    self._saving: Optional[int] = None
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
+        read_only=read_only, async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "tokenizer": ocp.JsonCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    for step in self.manager.all_steps():
-      path = os.path.join(self.directory, str(step))
-      if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
-        self.manager.close()
-        raise UserError(f"checkpoint {path} is incomplete (no {COMMIT_MARKER}: no finished save wrote it); "
-                        f"move it out of {self.directory} and rerun")
+
+  def _seal(self) -> None:
+    """Runs in Orbax's save thread once every item is written, before the commit marker and the
+    rename: the checksums are part of the committed step."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    tmp = sorted(glob.glob(os.path.join(self.directory, f"{self._saving}.orbax-checkpoint-tmp*")))
+    write_checksums(tmp[-1] if tmp else self.step_dir(self._saving))
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def problem(self, step: int) -> Optional[str]:
+    return step_problem(self.step_dir(step))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def newest_intact(self, set_aside: Optional[str] = None) -> Optional[int]:
+    """The newest step whose files are whole. Each damaged newer one gets a one-line warning
+    naming what is wrong, and is left in place, or moved into `set_aside` (a trainer must not
+    write over it); steps that vanish meanwhile (a trainer pruning) are passed over silently."""
+    moved, found = False, None
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = self.problem(step)
+      if problem is None:
+        found = step
+        break
+      if problem == "it is gone":
+        continue
+      where = "it is left in place"
+      if set_aside is not None:
+        os.makedirs(set_aside, exist_ok=True)
+        target = os.path.join(set_aside, str(step))
+        os.rename(self.step_dir(step), target)
+        where, moved = f"moved to {target}", True
+      warn(f"checkpoint {self.step_dir(step)} is not used: {problem}; {where}")
+    if moved:
+      self.manager.reload()
+    return found
 
   def best_step(self) -> Optional[int]:
     """The kept step with the lowest validation loss (None if no step has one)."""
@@ -59,7 +157,12 @@ class Checkpoints:
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self.wait()  # the previous save is finished (its checksums written for its step)
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    except Exception as e:  # disk full, permission, ...: the earlier steps are untouched
+      raise self._failed(e) from None
 
   def read_json(self, step: int, item: str) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
@@ -79,7 +182,16 @@ class Checkpoints:
     return restored["state"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # raised by the background save
+      raise self._failed(e) from None
+
+  def _failed(self, e: Exception) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return UserError(f"saving checkpoint {self.step_dir(self._saving)} failed ({first}); the earlier checkpoints "
+                     f"are intact: free disk space or make {self.directory} writable, then rerun the same "
+                     "command to resume")
 
   def close(self) -> None:
     self.manager.close()
@@ -95,27 +207,68 @@ def _restore_args(abstract: Any) -> Any:
                                                      dtype=x.dtype), abstract)
 
 
-def resolve(path: str) -> tuple[str, int]:
+def resolve(path: str) -> tuple[str, Optional[int]]:
   """A run directory or a checkpoint step directory → (run directory, step). A run directory
-  gives its best step if any has a validation loss, else its latest."""
+  gives None: its best step if any has a validation loss, else its latest (see `read_params`)."""
   path = os.path.abspath(path)
   base = os.path.basename(path)
   if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
     return os.path.dirname(os.path.dirname(path)), int(base)
   if not os.path.isdir(os.path.join(path, "checkpoints")):
     raise UserError(f"no nlm-jax checkpoints in {path}")
-  ckpts = Checkpoints(path, read_only=True)
-  step = ckpts.best_step()
-  step = ckpts.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"no complete checkpoint in {path}/checkpoints")
-  return path, step
+  return path, None
 
 
-def restore_params(run_dir: str, step: int, abstract_params: Any) -> Any:
-  """Only the parameters of another run's checkpoint (for `init_from`), laid out as
-  `abstract_params`; a UserError naming the first parameter whose shape differs."""
-  ckpts = Checkpoints(run_dir, read_only=True)
+def all_finite(tree: Any) -> bool:
+  return all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(tree))
+
+
+def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: bool = False,
+                attempts: int = 5) -> tuple[Any, int]:
+  """(parameters, step) of a run's checkpoint laid out as `abstract_params`: `step`, else the best
+  (`best`, or a run dir given to `init_from`) or the latest intact one. Safe while a trainer saves
+  and prunes: a step that vanishes while it is read is passed over for the next pick."""
+  for _ in range(attempts):
+    chosen, ckpts = step, None
+    try:
+      ckpts = Checkpoints(run_dir, read_only=True)
+      if chosen is None and best:
+        chosen = ckpts.best_step()
+        if chosen is not None and ckpts.problem(chosen) not in (None, "it is gone"):
+          warn(f"the best checkpoint {ckpts.step_dir(chosen)} is not used: {ckpts.problem(chosen)}")
+          chosen = None
+      if chosen is None:
+        chosen = ckpts.newest_intact()
+        if chosen is None:
+          raise UserError(f"no complete checkpoint in {ckpts.directory}")
+      problem = ckpts.problem(chosen)
+      if problem == "it is gone" and step is None:
+        continue
+      if problem is not None:
+        raise UserError(f"checkpoint {ckpts.step_dir(chosen)} cannot be used: {problem}")
+      params = _restore_params(ckpts, chosen, abstract_params, run_dir)
+    except UserError:
+      raise
+    except Exception as e:  # Orbax / TensorStore errors have many types
+      changed = chosen is None or step_problem(os.path.join(run_dir, "checkpoints", str(chosen))) is not None
+      if step is None and changed:
+        continue  # verified, then pruned by a running trainer while we read it: pick again
+      where = os.path.join(run_dir, "checkpoints", str(chosen) if chosen is not None else "")
+      raise UserError(f"checkpoint {where} cannot be read ({(str(e).splitlines() or [''])[0][:200]})") from None
+    finally:
+      if ckpts is not None:
+        ckpts.close()
+    if not all_finite(params):
+      raise UserError(f"checkpoint {ckpts.step_dir(chosen)} holds NaN or Inf parameters; use an earlier "
+                      "step (--step) or retrain")
+    return params, chosen
+  raise UserError(f"checkpoints in {run_dir}/checkpoints kept vanishing while read (a trainer pruning "
+                  "them?); retry, or pass --step")
+
+
+def _restore_params(ckpts: Checkpoints, step: int, abstract_params: Any, run_dir: str) -> Any:
+  """Only the parameters of a checkpoint, laid out as `abstract_params`; a UserError naming the
+  first parameter whose shape differs (another architecture, for `init_from`)."""
   meta = ckpts.manager.item_metadata(step)["state"]
   saved = (meta.tree if hasattr(meta, "tree") else meta)["params"]
   flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
@@ -123,10 +276,11 @@ def restore_params(run_dir: str, step: int, abstract_params: Any) -> Any:
   for path, target in flat_target.items():
     name = jax.tree_util.keystr(path)
     if path not in flat_saved:
-      raise UserError(f"init_from {run_dir}: it has no parameter {name} (a different architecture?)")
+      raise UserError(f"checkpoint {ckpts.step_dir(step)}: it has no parameter {name} (a different "
+                      "architecture?)")
     if tuple(flat_saved[path].shape) != tuple(target.shape):
-      raise UserError(f"init_from {run_dir}: parameter {name} has shape {tuple(flat_saved[path].shape)}, "
-                      f"this model needs {tuple(target.shape)}")
+      raise UserError(f"checkpoint {ckpts.step_dir(step)}: parameter {name} has shape "
+                      f"{tuple(flat_saved[path].shape)}, this model needs {tuple(target.shape)}")
   restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={"params": abstract_params},
       restore_args=_restore_args({"params": abstract_params}),

@@ -115,7 +115,9 @@ class LMTask:
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               carry=jax.lax.stop_gradient(new_carry) if self.carry_state else None)
-    metrics = {"nll_sum": nll_sum, "count": count, "grad_norm": optax.global_norm(grads)}
+    # Whether the updated parameters are all finite (their global norm is): checked before a save.
+    metrics = {"nll_sum": nll_sum, "count": count, "grad_norm": optax.global_norm(grads),
+               "params_finite": jnp.isfinite(optax.global_norm(params))}
     return new_state, metrics
 
   def _eval_step(self, params, carry, batch: dict[str, Array]):

@@ -1,0 +1,372 @@
+"""Faults a run directory must survive (issue 12): a second trainer, NaN, damaged checkpoints, bad
+settings, changed data, full disks. Each gives one line and a non-zero exit (or, for a damaged
+newest checkpoint, one warning and the newest intact one), and leaves every earlier checkpoint's
+bytes as they were (sha256 of every file before and after)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from support import final_state, metrics, overrides, run_cli, train, write_corpus
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A run stopped at step 10 of 20 with checkpoints 5 and 10 (copied by each test)."""
+  d = tmp_path_factory.mktemp("faults")
+  old = os.environ.get("NLM_JAX_CACHE")
+  os.environ["NLM_JAX_CACHE"] = str(d / "cache")
+  corpus = write_corpus(d / "corpus.txt")
+  train(*args_for(d / "run", corpus), "train.stop_after=10")
+  yield d / "run", corpus
+  if old is None:
+    os.environ.pop("NLM_JAX_CACHE")
+  else:
+    os.environ["NLM_JAX_CACHE"] = old
+
+
+@pytest.fixture
+def run(base, tmp_path, monkeypatch):
+  monkeypatch.setenv("NLM_JAX_CACHE", str(base[0].parent / "cache"))
+  workdir = tmp_path / "run"
+  shutil.copytree(base[0], workdir)
+  return workdir, base[1]
+
+
+def args_for(workdir, corpus, **extra) -> list[str]:
+  return overrides(workdir, corpus, steps=20, train__checkpoint_every=5, train__keep_checkpoints=3, **extra)
+
+
+def checkpoint_hashes(workdir) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  assert out
+  return out
+
+
+def one_line_error(code: int, err: str, mention: str) -> str:
+  lines = [line for line in err.splitlines() if line.startswith("nlm-jax: error:")]
+  assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
+  assert mention.lower() in lines[0].lower(), lines[0]
+  return lines[0]
+
+
+def warnings_of(err: str) -> list[str]:
+  assert "Traceback" not in err, err
+  return [line for line in err.splitlines() if line.startswith("nlm-jax: warning:")]
+
+
+# ----------------------------------------------------------------------------- 1, 5: lock, readers
+
+
+def test_second_trainer_is_refused_readers_see_whole_checkpoints_stale_lock_is_taken_over(tmp_path, monkeypatch):
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  corpus = write_corpus(tmp_path / "corpus.txt")
+  workdir = tmp_path / "r"
+  # Saves and prunes every step (keep 1): the worst case for readers.
+  args = overrides(workdir, corpus, steps=100000, train__log_every=1, train__eval_every=100000,
+                   train__checkpoint_every=1, train__keep_checkpoints=1)
+  proc = subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() or len(metrics(workdir)) < 2:
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+      time.sleep(0.2)
+    config_before = (workdir / "resolved_config.yaml").read_bytes()
+    start = time.time()
+    code, _, err = run_cli("train", *args, "model.d_model=64", "seed=7")
+    line = one_line_error(code, err, "in use by another nlm-jax train")
+    assert f"pid {proc.pid} on host " in line and time.time() - start < 10
+    assert (workdir / "resolved_config.yaml").read_bytes() == config_before
+    for _ in range(3):  # readers while the trainer saves and prunes
+      code, out, err = run_cli("eval", "--workdir", workdir, "--json")
+      assert code == 0 and "Traceback" not in err, err[-3000:]
+      assert json.loads(out)["step"] >= 1
+    code, out, err = run_cli("generate", "--workdir", workdir, "--prompt", "the ", "--max-new-tokens", 5)
+    assert code == 0 and out.startswith("the "), err[-3000:]
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and "interrupted at step" in err, err[-3000:]
+  step = int(err.split("interrupted at step")[1].split(";")[0])
+  # The dead trainer's lock file (its pid and host inside) is taken over.
+  assert str(proc.pid) in (workdir / ".lock").read_text()
+  resumed = train(*args, f"train.stop_after={step + 2}")
+  assert resumed["steps"] == step + 2
+
+
+# ----------------------------------------------------------------------------- 2: NaN
+
+
+def test_nan_is_never_saved_and_the_error_names_the_last_good_step(run):
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+  code, _, err = run_cli("train", *args_for(workdir, corpus), "optim.lr=1e9", "optim.warmup_steps=0",
+                         "train.log_every=1", "train.eval_every=1")
+  line = one_line_error(code, err, "last good checkpoint (step 10)")
+  assert "nan" in line.lower()  # the parameters, or the validation loss computed from them
+  assert checkpoint_hashes(workdir) == before
+  # The last good checkpoint is good: a sane rerun goes on from it.
+  assert train(*args_for(workdir, corpus), "train.stop_after=12")["steps"] == 12
+
+
+def test_with_lr_1e9_every_saved_checkpoint_is_finite(tmp_path, monkeypatch):
+  """The issue's case: the guard was one step late and named a NaN checkpoint the last good one."""
+  import jax
+
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  corpus = write_corpus(tmp_path / "corpus.txt")
+  workdir = tmp_path / "r"
+  code, _, err = run_cli("train", *overrides(workdir, corpus, steps=10, optim__lr=1e9, optim__schedule="constant",
+                                             optim__warmup_steps=0, train__log_every=1, train__eval_every=1))
+  line = one_line_error(code, err, "stopped")
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  if saved:
+    assert f"last good checkpoint (step {saved[-1]})" in line
+  else:
+    assert "no checkpoint was saved" in line
+  for step in saved:
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state(workdir, step)["params"]))
+
+
+def test_eval_and_generate_refuse_nan_parameters(run):
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  workdir, _ = run
+  import jax
+
+  state = final_state(workdir)
+  state["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), state["params"])
+  ckpts = Checkpoints(str(workdir), keep=5)
+  ckpts.save(15, state, None, {}, {})
+  ckpts.wait()
+  ckpts.close()
+  for argv in (("eval", "--json"), ("generate", "--prompt", "the ")):
+    code, out, err = run_cli(argv[0], "--workdir", workdir, *argv[1:])
+    one_line_error(code, err, "NaN or Inf parameters")
+    assert "NaN" not in out
+
+
+def test_eval_json_has_no_nan():
+  from nlm_jax.cli import json_safe
+
+  text = json.dumps(json_safe({"loss": float("nan"), "perplexity": float("inf"), "step": 3}), allow_nan=False)
+  assert json.loads(text) == {"loss": None, "perplexity": None, "step": 3}
+
+
+# ----------------------------------------------------------------------------- 3: damaged checkpoints
+
+
+def _largest_file(path) -> str:
+  files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read(64))
+    f.seek(0)
+    f.write(bytes(b ^ 0xFF for b in data))
+
+
+DAMAGES = {
+    "flipped_bytes": lambda step: _flip(_largest_file(step / "state")),
+    "no_manifest_ocdbt": lambda step: os.remove(step / "state" / "manifest.ocdbt"),
+    "no_METADATA": lambda step: os.remove(step / "state" / "_METADATA"),
+    "truncated": lambda step: os.truncate(_largest_file(step / "state"), 10),
+    "no_commit_marker": lambda step: os.remove(step / "commit_success.txt"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(run, damage):
+  workdir, _ = run
+  DAMAGES[damage](workdir / "checkpoints" / "10")
+  before = checkpoint_hashes(workdir)
+  code, out, err = run_cli("eval", "--workdir", workdir, "--json")
+  assert code == 0, err[-3000:]
+  (warning,) = warnings_of(err)
+  assert "checkpoints/10 is not used" in warning and "left in place" in warning
+  assert json.loads(out)["step"] == 5 and np.isfinite(json.loads(out)["loss"])
+  assert checkpoint_hashes(workdir) == before  # nothing deleted, nothing changed
+
+
+def test_trainer_resumes_from_the_newest_intact_checkpoint_and_keeps_the_damaged_one(run):
+  workdir, corpus = run
+  _flip(_largest_file(workdir / "checkpoints" / "10" / "state"))
+  damaged = checkpoint_hashes(workdir)
+  code, out, err = run_cli("train", *args_for(workdir, corpus), "train.stop_after=12")
+  assert code == 0, err[-3000:]
+  (warning,) = warnings_of(err)
+  assert "checkpoints/10 is not used" in warning and "does not match its checksum" in warning
+  assert json.loads(out[out.index("{"):])["steps"] == 12
+  moved = {k.replace("checkpoints/10/", "checkpoints.damaged/10/"): v for k, v in damaged.items()
+           if k.startswith("checkpoints/10/")}
+  for rel, digest in moved.items():
+    with open(workdir / rel, "rb") as f:
+      assert hashlib.sha256(f.read()).hexdigest() == digest
+  assert [r["step"] for r in metrics(workdir)][-1] == 12
+
+
+# ----------------------------------------------------------------------------- 4: settings
+
+
+@pytest.mark.parametrize("override,mention", [
+    ("optim.lr=-1", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
+    ("train.stop_after=-5", "train.stop_after"), ("optim.warmup_steps=-10", "optim.warmup_steps"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"), ("train.eval_batches=0", "train.eval_batches"),
+    ("optim.b2=1.5", "optim.b2"), ("train.steps=99999999999", "train.steps"),
+])
+def test_bad_settings_are_refused_at_load_time(run, override, mention):
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+  code, _, err = run_cli("train", *args_for(workdir, corpus), override)
+  one_line_error(code, err, mention)
+  assert checkpoint_hashes(workdir) == before
+
+
+def test_a_validation_split_too_short_fails_before_training(tmp_path, monkeypatch):
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  corpus = write_corpus(tmp_path / "train.txt")
+  (tmp_path / "val.txt").write_text("the cat sat\n")
+  argv = [a for a in overrides(tmp_path / "r", corpus, steps=20) if not a.startswith("data.file=")]
+  start = time.time()
+  code, _, err = run_cli("train", *argv, f"data.files.train={corpus}", f"data.files.validation={tmp_path / 'val.txt'}")
+  one_line_error(code, err, "'validation' split has 12 tokens: too few")
+  assert not (tmp_path / "r" / "checkpoints").exists() or not os.listdir(tmp_path / "r" / "checkpoints")
+  assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--top-k", 0), ("--top-k", -3), ("--temperature", "nan"),
+                                          ("--temperature", "inf"), ("--temperature", -1), ("--top-p", 0),
+                                          ("--top-p", 1.5), ("--max-new-tokens", -1)])
+def test_bad_generate_options(tmp_path, option, value):
+  code, out, err = run_cli("generate", "--workdir", tmp_path, option, value)
+  one_line_error(code, err, option)
+  assert out == ""
+
+
+# ----------------------------------------------------------------------------- changed data / settings
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(run):
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+  original = open(corpus).read()
+  try:  # the same path (part of the checked config) with other text
+    write_corpus(corpus, seed=5)
+    code, _, err = run_cli("train", *args_for(workdir, corpus))
+    one_line_error(code, err, "text changed since this run started")
+    assert checkpoint_hashes(workdir) == before
+    code, out, err = run_cli("train", *args_for(workdir, corpus), "train.allow_data_change=true",
+                             "train.stop_after=11")
+    assert code == 0 and any("text changed" in w for w in warnings_of(err)), err[-3000:]
+  finally:
+    with open(corpus, "w") as f:
+      f.write(original)
+
+
+def test_resume_with_changed_lr_says_so_and_changed_schedule_is_refused(run):
+  workdir, corpus = run
+  code, out, err = run_cli("train", *args_for(workdir, corpus), "optim.lr=0.001", "train.stop_after=11")
+  assert code == 0, err[-3000:]
+  (warning,) = warnings_of(err)
+  assert "optim.lr: 0.003 (checkpoint) vs 0.001 (now)" in warning
+  assert "lr: 0.001" in (workdir / "resolved_config.yaml").read_text()
+
+
+def test_changed_cosine_length_is_refused_unless_allowed(tmp_path, monkeypatch):
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  corpus = write_corpus(tmp_path / "corpus.txt")
+  args = overrides(tmp_path / "r", corpus, steps=20, optim__schedule="warmup_cosine", optim__warmup_steps=2,
+                   train__checkpoint_every=5)
+  train(*args, "train.stop_after=5")
+  before = checkpoint_hashes(tmp_path / "r")
+  code, _, err = run_cli("train", *args, "train.steps=40", "train.stop_after=6")
+  one_line_error(code, err, "train.allow_schedule_change")
+  assert checkpoint_hashes(tmp_path / "r") == before
+  assert train(*args, "train.steps=40", "train.stop_after=6", "train.allow_schedule_change=true")["steps"] == 6
+
+
+# ----------------------------------------------------------------------------- 5: environment faults
+
+
+def test_damaged_tokenizer_json(run):
+  workdir, _ = run
+  (workdir / "tokenizer.json").write_text('{"kind": "char", "chars": [')
+  for argv in (("eval",), ("generate", "--prompt", "the")):
+    code, _, err = run_cli(*argv, "--workdir", workdir)
+    one_line_error(code, err, "tokenizer.json is damaged")
+
+
+def test_yaml_whose_top_level_is_a_list(tmp_path):
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text("- model\n- data\n")
+  code, _, err = run_cli("train", "--config", recipe, f"workdir={tmp_path / 'r'}")
+  one_line_error(code, err, "recipe.yaml holds a list")
+
+
+def test_workdir_that_cannot_be_created(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  corpus = write_corpus(tmp_path / "corpus.txt")
+  code, _, err = run_cli("train", *overrides(blocker / "run", corpus, steps=5))
+  one_line_error(code, err, str(blocker / "run"))
+
+
+def test_disk_full_during_a_save_keeps_earlier_checkpoints(run, monkeypatch):
+  from nlm_jax.training import checkpoint
+
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+
+  def full(step_dir):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), step_dir)
+
+  monkeypatch.setattr(checkpoint, "write_checksums", full)
+  code, _, err = run_cli("train", *args_for(workdir, corpus), "train.stop_after=15")
+  line = one_line_error(code, err, "saving checkpoint")
+  assert "checkpoints/15 failed" in line and "No space left on device" in line
+  assert {k: v for k, v in checkpoint_hashes(workdir).items() if k in before} == before
+  monkeypatch.undo()
+  monkeypatch.setenv("NLM_JAX_CACHE", str(workdir.parent.parent / "cache"))
+  # After freeing space, the same command resumes from step 10.
+  code, out, err = run_cli("train", *args_for(workdir, corpus), "train.stop_after=15")
+  assert code == 0, err[-3000:]
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_a_stop_request_during_the_last_step_lets_the_run_finish(run, monkeypatch):
+  from nlm_jax.training import trainer
+
+  workdir, corpus = run
+  requests = []
+  original = trainer._finite_mean_loss
+
+  def signal_during_last_step(fetched, step, *rest):
+    if step == 12:
+      requests.append(signal.SIGINT)
+    return original(fetched, step, *rest)
+
+  monkeypatch.setattr(trainer, "_finite_mean_loss", signal_during_last_step)
+  monkeypatch.setattr(trainer, "_stop_requests", lambda: __import__("contextlib").nullcontext(requests))
+  summary = train(*args_for(workdir, corpus), "train.stop_after=12")
+  assert requests and summary["steps"] == 12 and summary["latest_checkpoint"] == 12
