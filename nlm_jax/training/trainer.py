@@ -40,8 +40,8 @@ from nlm_jax.training import optim, runlock
 from nlm_jax.training.steps import LMTask
 
 CONFIG_FILE = "resolved_config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_FILE = "data_fingerprint.json"
+TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 # Config sections a resumed run must share with the checkpoint it resumes.
 RESUME_MUST_MATCH = ("model", "tokenizer", "data.source", "data.name", "data.files", "data.file",
@@ -187,60 +187,6 @@ def _check_resumable(saved: dict, now: dict, workdir: str) -> None:
                       "use a new workdir or the same config")
 
 
-def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
-  """(checkpoints, newest intact step, tokenizer, its config) of a run to resume; Nones for a new run."""
-  if not (existing and os.path.isdir(os.path.join(workdir, "checkpoints"))):
-    return None, None, None, None
-  ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
-  # A damaged newer step is moved aside: this run will save its step number again.
-  step = ckpts.newest_intact(set_aside=os.path.join(workdir, "checkpoints.damaged"))
-  if step is None:
-    return ckpts, None, None, None
-  saved = ckpts.read_json(step, "config")
-  _check_resumable(saved, config_lib.to_dict(cfg), workdir)
-  return ckpts, step, tokenizers.from_dict(ckpts.read_json(step, "tokenizer")), saved
-
-
-def _init_from_source(cfg: config_lib.Config):
-  """(run dir, step, tokenizer) of the run `train.init_from` names; its tokenizer config must be
-  this run's, so that the new phase keeps the vocabulary the parameters were trained with."""
-  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)  # step None: its best, else latest
-  source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
-  if dataclasses.asdict(source.tokenizer) != dataclasses.asdict(cfg.tokenizer):
-    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer "
-                    f"{dataclasses.asdict(source.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
-  return run_dir, step, tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
-
-
-@contextlib.contextmanager
-def _stop_requests():
-  """Collects SIGINT / SIGTERM instead of dying mid-step: the loop saves, then stops."""
-  requests: list[int] = []
-  previous = {}
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    try:
-      previous[sig] = signal.signal(sig, lambda signum, frame: requests.append(signum))
-    except ValueError:  # not the main thread
-      pass
-  try:
-    yield requests
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-
-
-def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int], directory: str) -> float:
-  """Mean training loss of the steps since the last check. Stops the run if it, or the parameters
-  after any of these steps, are NaN or Inf: before anything is saved, so every checkpoint holds
-  finite parameters and the last one saved is the last good one."""
-  if not metrics:
-    return float("nan")
-  loss = float(sum(m["nll_sum"] for m in metrics) / sum(m["count"] for m in metrics))
-  if not math.isfinite(loss):
-    raise _not_finite(f"training loss is {loss}", step, last_saved, directory)
-  return loss
-
-
 def _schedule_shape(c: dict) -> dict:
   """What fixes η_t: its kind, warm-up, and the cosine's length (train.steps unless decay_steps)."""
   o = c.get("optim", {})
@@ -333,56 +279,47 @@ def _check_split_lengths(run: "Run") -> None:
                     "data.seq_len or data.eval_batch_size, or give it more text")
 
 
-def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str) -> UserError:
-  kept = (f"the last good checkpoint (step {last_saved}) is kept in {directory}" if last_saved is not None
-          else "no checkpoint was saved")
-  return UserError(f"{what} by step {step}; stopped: {kept}; lower optim.lr or set optim.clip_norm")
+def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
+  """(checkpoints, newest intact step, tokenizer, its config) of a run to resume; Nones for a new run."""
+  if not (existing and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return None, None, None, None
+  ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+  # A damaged newer step is moved aside: this run will save its step number again.
+  step = ckpts.newest_intact(set_aside=os.path.join(workdir, "checkpoints.damaged"))
+  if step is None:
+    return ckpts, None, None, None
+  saved = ckpts.read_json(step, "config")
+  _check_resumable(saved, config_lib.to_dict(cfg), workdir)
+  return ckpts, step, tokenizers.from_dict(ckpts.read_json(step, "tokenizer")), saved
 
 
-def train(cfg: config_lib.Config) -> dict[str, Any]:
-  """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary."""
-  workdir, _ = _prepare_workdir(cfg)
-  with runlock.workdir_lock(workdir) if is_main_process() else contextlib.nullcontext():
-    return _train(cfg)
+def _init_from_source(cfg: config_lib.Config):
+  """(run dir, step, tokenizer) of the run `train.init_from` names; its tokenizer config must be
+  this run's, so that the new phase keeps the vocabulary the parameters were trained with."""
+  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)  # step None: its best, else latest
+  source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
+  if dataclasses.asdict(source.tokenizer) != dataclasses.asdict(cfg.tokenizer):
+    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer "
+                    f"{dataclasses.asdict(source.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
+  return run_dir, step, tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
 
 
-def _train(cfg: config_lib.Config) -> dict[str, Any]:
-  t_start = time.time()
-  workdir, existing = _prepare_workdir(cfg)
-  cfg_dict = config_lib.to_dict(cfg)
-  ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
-  init_from = None
-  if resume_step is None and cfg.train.init_from:
-    *init_from, tokenizer = _init_from_source(cfg)
+@contextlib.contextmanager
+def _stop_requests():
+  """Collects SIGINT / SIGTERM instead of dying mid-step: the loop saves, then stops."""
+  requests: list[int] = []
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      previous[sig] = signal.signal(sig, lambda signum, frame: requests.append(signum))
+    except ValueError:  # not the main thread
+      pass
+  try:
+    yield requests
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
-  run = Run(cfg, tokenizer)
-  if is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
-    tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
-  ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
-
-  data_iter = run.train_iterator()
-  if resume_step is not None:
-    state = ckpts.restore(resume_step, run.task.abstract_state, data_iter)
-  else:
-    state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
-    if init_from is not None:
-      params, _ = ckpt_lib.read_params(init_from[0], init_from[1], run.task.abstract_state.params, best=True)
-      state = state.replace(params=params)
-
-  k = cfg.optim.grad_accum
-  start = int(state.step) // k
-  stop = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
-  log = MetricsLog(workdir, start)
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * k
-  every_ckpt = cfg.train.checkpoint_every or cfg.train.eval_every
-
-  progress = None
-  if is_main_process() and cfg.train.progress:
-    from tqdm import tqdm
-
-    progress = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, desc="train")
 
 def _stop_agreed(requests: list[int], step: int, every: int) -> bool:
   """Whether to stop before `step`: a SIGINT / SIGTERM came. With several processes, they agree
@@ -403,17 +340,82 @@ def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str)
   return UserError(f"{what} by step {step}; stopped: {kept}; lower optim.lr or set optim.clip_norm")
 
 
+def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int], directory: str) -> float:
+  """Mean training loss of the steps since the last check. Stops the run if it, or the parameters
+  after any of these steps, are NaN or Inf: before anything is saved, so every checkpoint holds
+  finite parameters and the last one saved is the last good one."""
+  if not metrics:
+    return float("nan")
+  if not all(bool(m["params_finite"]) for m in metrics):
+    raise _not_finite("the parameters became NaN or Inf", step, last_saved, directory)
+  loss = float(sum(m["nll_sum"] for m in metrics) / sum(m["count"] for m in metrics))
+  if not math.isfinite(loss):
+    raise _not_finite(f"training loss is {loss}", step, last_saved, directory)
+  return loss
+
+
+def train(cfg: config_lib.Config) -> dict[str, Any]:
+  """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary."""
+  workdir, _ = _prepare_workdir(cfg)
+  with runlock.workdir_lock(workdir) if is_main_process() else contextlib.nullcontext():
+    return _train(cfg)
+
+
+def _train(cfg: config_lib.Config) -> dict[str, Any]:
+  t_start = time.time()
+  workdir, existing = _prepare_workdir(cfg)
+  cfg_dict = config_lib.to_dict(cfg)
+  ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
+  init_from = None
+  if resume_step is None and cfg.train.init_from:
+    *init_from, tokenizer = _init_from_source(cfg)
+
+  run = Run(cfg, tokenizer)
+  _check_split_lengths(run)
+  if resume_step is not None:
+    _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
+  _check_data(workdir, data_fingerprint(run), resume_step is not None, cfg.train.allow_data_change)
+  if is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
+    tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
+  ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+
+  data_iter = run.train_iterator()
+  if resume_step is not None:
+    state = ckpts.restore(resume_step, run.task.abstract_state, data_iter)
+    if not ckpt_lib.all_finite(state.params):  # saved before checkpoints were checked for NaN
+      raise UserError(f"checkpoint {ckpts.step_dir(resume_step)} holds NaN or Inf parameters; move it "
+                      f"out of {ckpts.directory} to resume from an earlier one")
+  else:
+    state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
+    if init_from is not None:
+      params, _ = ckpt_lib.read_params(init_from[0], init_from[1], run.task.abstract_state.params, best=True)
+      state = state.replace(params=params)
+
+  k = cfg.optim.grad_accum
+  start = int(state.step) // k
+  stop = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+  log = MetricsLog(workdir, start)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * k
+  every_ckpt = cfg.train.checkpoint_every or cfg.train.eval_every
+
+  progress = None
+  if is_main_process() and cfg.train.progress:
+    from tqdm import tqdm
+
+    progress = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, desc="train")
+
   def save(step, val_loss=None):
     ckpts.save(step, state, data_iter, cfg_dict, run.tokenizer.to_dict(), val_loss)
 
   last_saved = resume_step
   pending: list[dict] = []
-  if not all(bool(m["params_finite"]) for m in metrics):
-    raise _not_finite("the parameters became NaN or Inf", step, last_saved, directory)
   window_start = time.time()
   window_steps = 0
   last_val = None
   t_loop = time.time()
+  stopped = False  # a stop request all processes agreed on
   with _stop_requests() as interrupted:
     try:
       step = start
@@ -465,10 +467,6 @@ def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str)
       loop_time = time.time() - t_loop
       if progress is not None:
         progress.close()
-  _check_split_lengths(run)
-  if resume_step is not None:
-    _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
-  _check_data(workdir, data_fingerprint(run), resume_step is not None, cfg.train.allow_data_change)
       log.close()
 
   if stopped:  # (a request during the last step lets the run finish)
@@ -479,9 +477,6 @@ def _not_finite(what: str, step: int, last_saved: Optional[int], directory: str)
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
     final = run.evaluate(state.params, cfg.data.eval_split, None)
-    if not ckpt_lib.all_finite(state.params):  # saved before checkpoints were checked for NaN
-      raise UserError(f"checkpoint {ckpts.step_dir(resume_step)} holds NaN or Inf parameters; move it "
-                      f"out of {ckpts.directory} to resume from an earlier one")
     summary.update({f"final_{cfg.data.eval_split}_{name}": v for name, v in final.items()})
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
@@ -508,7 +503,6 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
   # Only the parameters are restored, so the batch may be re-cut for this machine's devices;
   # evaluation keeps the run's own evaluation batch size (padded rows are masked out).
   cfg.data.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-  stopped = False  # a stop request all processes agreed on
   n = jax.device_count()
   cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
   run = Run(cfg, tokenizer, mesh)
