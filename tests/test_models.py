@@ -690,7 +690,7 @@ def test_transformer_bfloat16_policy_runs_matmuls_in_bfloat16_and_the_rest_in_fl
   """dtype=bfloat16: every matrix product of the layers takes bfloat16 operands; LayerNorm, the
   residual additions and the softmax stay float32; parameters stay float32."""
   _, variables, tokens = init_model(transformer_config, B=2, T=6)
-  bf16 = dataclasses.replace(transformer_config, dtype="bfloat16", embed_method="gather")
+  bf16 = dataclasses.replace(transformer_config, dtype="bfloat16", embed_method="gather", attention="xla")
   jaxpr = jax.make_jaxpr(lambda v: build(bf16).apply(v, tokens))(variables).jaxpr
   eqns = []
 
