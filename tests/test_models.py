@@ -155,6 +155,25 @@ def rotary_numpy(x_TxK, positions_T):
   return out
 
 
+def all_eqns(jaxpr) -> list:
+  """The equations of a jaxpr and of every jaxpr nested in their parameters (scan, remat, pjit)."""
+  def subs(value):
+    if hasattr(value, "eqns"):
+      yield value
+    elif hasattr(value, "jaxpr") and hasattr(value, "consts"):  # a ClosedJaxpr
+      yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        yield from subs(v)
+
+  out = []
+  for e in jaxpr.eqns:
+    out.append(e)
+    for sub in subs(list(e.params.values())):
+      out.extend(all_eqns(sub))
+  return out
+
+
 # ----------------------------------------------------------------------------- 1. causality
 
 
@@ -692,16 +711,7 @@ def test_transformer_bfloat16_policy_runs_matmuls_in_bfloat16_and_the_rest_in_fl
   _, variables, tokens = init_model(transformer_config, B=2, T=6)
   bf16 = dataclasses.replace(transformer_config, dtype="bfloat16", embed_method="gather", attention="xla")
   jaxpr = jax.make_jaxpr(lambda v: build(bf16).apply(v, tokens))(variables).jaxpr
-  eqns = []
-
-  def walk(jp):
-    for e in jp.eqns:
-      eqns.append(e)
-      for sub in jax.core.jaxprs_in_params(e.params):
-        walk(sub)
-
-  walk(jaxpr)
-  dots = [e for e in eqns if e.primitive.name == "dot_general"]
+  dots = [e for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
   # q, k, v, W_O, W1, W2 per layer, QKᵀ and PV per layer, and the tied output projection.
   assert len(dots) == 8 * transformer_config.n_layers + 1
   assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), [
@@ -866,17 +876,7 @@ def test_matmul_precision_reaches_every_matrix_product_forward_and_backward(conf
     loss = lambda v: jnp.sum(model.apply(v, tokens).logits)
     with jax.default_matmul_precision("default"):
       jaxpr = jax.make_jaxpr(jax.grad(loss))(variables)
-    found = []
-
-    def walk(jp):
-      for e in jp.eqns:
-        if e.primitive.name == "dot_general":
-          found.append(e.params["precision"])
-        for sub in jax.core.jaxprs_in_params(e.params):
-          walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
+    return [e.params["precision"] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
 
   pinned = precisions(dataclasses.replace(config, matmul_precision="highest", embed_method="gather"))
   assert len(pinned) >= 3
