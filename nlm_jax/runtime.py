@@ -34,6 +34,8 @@ _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 def _backends_started() -> bool:
   from jax._src import xla_bridge
 
+  if hasattr(xla_bridge, "backends_are_initialized"):
+    return xla_bridge.backends_are_initialized()
   return bool(getattr(xla_bridge, "_backends", None))
 
 
