@@ -490,18 +490,22 @@ def _summary_of_jax_run(workdir: str, stdout: str) -> dict:
           "final_train_loss": evals[-1].get("eval_train_loss")}
 
 
-def gpu_recipe(repeats: int, peak_gflops: float) -> dict:
+GPU_TORCH_RECIPE = dict(iters=5000, batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+                        eval_iters=200, eval_interval=250, device="cuda", compile=True, dtype="bfloat16")
+
+
+def gpu_recipe(repeats: int, peak_gflops: float, jax_overrides: tuple = (), torch_kwargs: Optional[dict] = None,
+               case: Case = GPU_CASE) -> dict:
   """nanoGPT's GPU recipe, whole, each side in its own process, alternated: `nlm-jax train
   --config experiments/configs/shakespeare_char_gpu.yaml` against nanoGPT's loop run as nanoGPT
   runs on a GPU (torch.compile, bf16 autocast, SDPA, fused AdamW). Both estimate losses the same
   way: 200 fresh random windows of each split every 250 iterations, in eval mode."""
   text = os.path.join(SHAKESPEARE, "input.txt")
   script = ("import json, sys\nfrom benchmarks import torch_reference as tr\n"
-            "r = tr.run_nanogpt_shakespeare_char(sys.argv[1], iters=5000, batch_size=64, block_size=256, n_layer=6,"
-            " n_head=6, n_embd=384, dropout=0.2, eval_iters=200, eval_interval=250, device='cuda', compile=True,"
-            " dtype='bfloat16', log=False)\n"
+            "r = tr.run_nanogpt_shakespeare_char(sys.argv[1], log=False, **json.loads(sys.argv[2]))\n"
             "print(json.dumps({k: r[k] for k in ('wall_s', 'train_s', 'val_loss', 'best_val_loss', 'train_loss',"
             " 'params', 'iters')}))")
+  torch_kwargs = {**GPU_TORCH_RECIPE, **(torch_kwargs or {})}
 
   env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}  # as a user runs them
 
@@ -517,21 +521,22 @@ def gpu_recipe(repeats: int, peak_gflops: float) -> dict:
     for i in range(repeats):
       workdir = os.path.join(tmp, f"run{i}")
       wall, out = timed([sys.executable, "-m", "nlm_jax", "train", "--config", GPU_RECIPE, f"workdir={workdir}",
-                         f"data.file={text}", "train.progress=false"])
+                         f"data.file={text}", "train.progress=false", *jax_overrides])
       jax_runs.append({"wall_s": wall, **_summary_of_jax_run(workdir, out)})
       print(json.dumps({"nlm-jax": jax_runs[-1]}), flush=True)
-      wall, out = timed([sys.executable, "-c", script, text])
+      wall, out = timed([sys.executable, "-c", script, text, json.dumps(torch_kwargs)])
       r = json.loads(out.strip().splitlines()[-1])
       torch_runs.append({"wall_s": wall, "loop_s": r["wall_s"], "params": r["params"], "iters": r["iters"],
                          "best_val_loss": r["best_val_loss"], "final_val_loss": r["val_loss"],
                          "final_train_loss": r["train_loss"]})
       print(json.dumps({"pytorch": torch_runs[-1]}), flush=True)
-  flops = model_flops_per_token(GPU_CASE.cfg, jax_runs[0]["params"], GPU_CASE.seq)
+  assert jax_runs[0]["params"] == torch_runs[0]["params"], (jax_runs[0]["params"], torch_runs[0]["params"])
+  flops = model_flops_per_token(case.cfg, jax_runs[0]["params"], case.seq)
   rows = {}
   for side, runs in (("nlm-jax", jax_runs), ("pytorch", torch_runs)):
     row = {k: median([r[k] for r in runs]) for k in ("wall_s", "loop_s", "best_val_loss", "final_val_loss")}
     row["ms_per_iter"] = 1e3 * row["loop_s"] / runs[0]["iters"]
-    tokens_per_s = GPU_CASE.batch * GPU_CASE.seq * runs[0]["iters"] / row["loop_s"]
+    tokens_per_s = case.batch * case.seq * runs[0]["iters"] / row["loop_s"]
     row["mfu"] = flops * tokens_per_s / (peak_gflops * 1e9)
     rows[side] = row
   return {"sides": rows, "wall_ratio": rows["nlm-jax"]["wall_s"] / rows["pytorch"]["wall_s"], "repeats": repeats,
