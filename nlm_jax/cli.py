@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from nlm_jax.errors import UserError
 
@@ -31,7 +32,7 @@ def _train(args) -> int:
                                         d.initialize)
   from nlm_jax.training import trainer
 
-  summary = trainer.train(cfg)
+  summary = trainer.train(cfg, started=args.started)
   if trainer.is_main_process():
     print(json.dumps(summary, indent=2))
   return 0
@@ -62,10 +63,15 @@ def _generate(args) -> int:
     sys.stdout.write(piece)
     sys.stdout.flush()
 
-  sys.stdout.write(args.prompt)
-  generate_text(run.model, params, run.tokenizer, args.prompt, args.max_new_tokens, args.seed,
-                args.temperature, args.top_k, args.top_p, stream=stream)
-  sys.stdout.write("\n")
+  options = (args.max_new_tokens, args.seed, args.temperature, args.top_k, args.top_p)
+  if args.num_samples == 1:
+    generate_text(run.model, params, run.tokenizer, args.prompt, *options, stream=stream)
+    sys.stdout.write("\n")
+    return 0
+  texts = generate_text(run.model, params, run.tokenizer, args.prompt, *options, num_samples=args.num_samples)
+  for i, text in enumerate(texts):
+    print(f"--- sample {i + 1} of {len(texts)} ---")
+    print(text)
   return 0
 
 
@@ -90,6 +96,8 @@ def _config_show(args) -> int:
 def _data_prepare(args) -> int:
   from nlm_jax.data.corpus import prepare_tfds
 
+  print(f"nlm-jax: preparing {args.name} with TFDS (from {args.manual_dir or 'a download'}); its bars follow",
+        file=sys.stderr)
   path = prepare_tfds(args.name, args.manual_dir, args.data_dir)
   print(f"prepared {args.name} in {path}")
   return 0
@@ -225,8 +233,21 @@ def _quiet_libraries() -> None:
     pass
 
 
+def _process_start() -> float:
+  """When this process started, as a time.time() (Linux: from /proc, so the imports before
+  main() count); elsewhere, now."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age if 0 <= age < 86400 * 365 else time.time()
+  except (OSError, ValueError, IndexError, AttributeError):
+    return time.time()
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
+  args.started = _process_start()  # train's wall_time_s counts from here
   _quiet_libraries()
   try:
     check_options(args)

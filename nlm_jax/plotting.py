@@ -1,4 +1,5 @@
-"""Training curves from a run's metrics.jsonl: loss and perplexity against steps and tokens."""
+"""Training curves from a run's metrics.jsonl: loss and perplexity against steps and tokens, one
+curve per kind of number (see `curves`)."""
 
 from __future__ import annotations
 
@@ -19,29 +20,68 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
+def _estimate_label(workdir: str) -> str:
+  """What val_loss is in this run: an estimate from `train.eval_batches` batches, or the whole split."""
+  path = os.path.join(workdir, "resolved_config.yaml")
+  if not os.path.exists(path):
+    return "estimate"
+  import yaml
+
+  with open(path) as f:
+    train = (yaml.safe_load(f) or {}).get("train", {})
+  batches, estimator = train.get("eval_batches"), train.get("eval_estimator", "fixed")
+  if batches is None:
+    return "whole split"
+  return f"{batches} batches, {'fresh random' if estimator == 'random_windows' else 'fixed'} windows"
+
+
+def curves(records: list[dict]) -> dict[str, list[tuple[int, int, float]]]:
+  """The run's loss curves as (step, tokens, loss) points, by what each number is:
+
+    train               train_loss: mean over the training steps since the previous record
+                        (train mode: dropout on, parameters changing during the window)
+    train (eval mode)   eval_train_loss: training windows scored like validation, at each evaluation
+    validation          val_loss: the periodic estimate (train.eval_batches batches)
+    final               final_<split>_loss: the whole evaluation split, final parameters
+  """
+  def points(key_of):
+    return [(r["step"], r["tokens"], r[key]) for r in records for key in [key_of(r)] if key in r]
+
+  final_key = lambda r: next((k for k in r if k.startswith("final_") and k.endswith("_loss")), "")
+  return {"train": points(lambda r: "train_loss"), "train (eval mode)": points(lambda r: "eval_train_loss"),
+          "validation": points(lambda r: "val_loss"), "final": points(final_key)}
+
+
 def plot_run(workdir: str, output: str | None = None) -> str:
   """Writes a 2×2 PNG (loss / perplexity × steps / tokens) and returns its path."""
+  import math
+
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  records = read_metrics(workdir)
-  train = [r for r in records if "train_loss" in r]
-  val = [r for r in records if "val_loss" in r]
+  lines = curves(read_metrics(workdir))
+  labels = {"train": "train_loss (training steps, dropout on)",
+            "train (eval mode)": "eval_train_loss (training windows, eval mode)",
+            "validation": f"val_loss ({_estimate_label(workdir)})",
+            "final": "final validation loss (whole split)"}
+  styles = {"train": dict(lw=1), "train (eval mode)": dict(marker="s", ms=3, lw=1),
+            "validation": dict(marker="o", ms=3), "final": dict(marker="*", ms=12, ls="none", color="black")}
   fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
   for col, x in enumerate(("step", "tokens")):
-    for row, (metric, label) in enumerate((("loss", "loss (nats/token)"), ("perplexity", "perplexity"))):
+    for row, label in enumerate(("loss (nats/token)", "perplexity")):
       ax = axes[row, col]
-      ax.plot([r[x] for r in train], [r[f"train_{metric}"] for r in train], label="train", lw=1)
-      if val:
-        ax.plot([r[x] for r in val], [r[f"val_{metric}"] for r in val], "o-", label="validation", ms=3)
+      for name, pts in lines.items():
+        if pts:
+          ys = [p[2] if row == 0 else math.exp(min(p[2], 700.0)) for p in pts]
+          ax.plot([p[col] for p in pts], ys, label=labels[name], **styles[name])
       ax.set_xlabel(x)
       ax.set_ylabel(label)
-      if metric == "perplexity":
+      if row == 1:
         ax.set_yscale("log")
       ax.grid(alpha=0.3)
-      ax.legend()
+  axes[0, 0].legend(fontsize=8)
   fig.suptitle(os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
   output = output or os.path.join(workdir, "curves.png")

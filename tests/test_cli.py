@@ -132,3 +132,15 @@ def _help(*argv):
   with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
     cli.main([*argv, "--help"])
   return e.value.code, out.getvalue(), ""
+
+
+def test_plot_curves_keep_estimates_and_the_final_score_apart():
+  from nlm_jax.plotting import curves
+
+  records = [{"step": 5, "tokens": 50, "train_loss": 3.0},
+             {"step": 10, "tokens": 100, "train_loss": 2.0, "val_loss": 2.5, "eval_train_loss": 1.9},
+             {"step": 10, "tokens": 100, "final_validation_loss": 2.45, "final_validation_perplexity": 11.6}]
+  lines = curves(records)
+  assert lines["train"] == [(5, 50, 3.0), (10, 100, 2.0)]
+  assert lines["validation"] == [(10, 100, 2.5)] and lines["train (eval mode)"] == [(10, 100, 1.9)]
+  assert lines["final"] == [(10, 100, 2.45)]

@@ -44,7 +44,7 @@ def test_word_tokenizer_follows_ptb_conventions():
   n_lines = TEXT.count("\n")
   assert (ids == tok.eos_id).sum() == n_lines  # one <eos> per line, blank lines included
   assert len(ids) == len(TEXT.split()) + n_lines
-  assert tok.decode(tok.encode("the cat\n")) == "the cat \n"
+  assert tok.decode(tok.encode("the cat\n")) == "the cat\n" and tok.decode(tok.encode(TEXT)) == TEXT
   small = tokenizers.WordTokenizer.train(TEXT, max_size=4)
   assert small.vocab_size == 4 and small.encode("zebra")[0] == small.unk_id
   rare = tokenizers.WordTokenizer.train(TEXT, min_count=2)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from nlm_jax import progress
 from nlm_jax.data import tokenizers
 from nlm_jax.errors import UserError
 
@@ -107,6 +108,8 @@ class TFDSSource:
   """A TFDS dataset prepared as ArrayRecord, read with `tfds.data_source` (random access).
   The text feature of each example is decoded as UTF-8; examples are joined by newlines."""
 
+  progress = False  # a bar while reading (Corpus sets it)
+
   def __init__(self, cfg):
     self.cfg = cfg
     self.builder = tfds_builder(cfg.name, cfg.data_dir)
@@ -138,7 +141,7 @@ class TFDSSource:
                               builder_kwargs=None)
     n = len(source) if self.cfg.max_examples is None else min(len(source), self.cfg.max_examples)
     parts = []
-    for i in range(n):
+    for i in progress.bar(self.progress, range(n), desc=f"read {self.cfg.name} {split}", unit="example"):
       example = source[i]
       if self.cfg.text_feature not in example:
         raise UserError(f"TFDS dataset {self.cfg.name!r} has no feature {self.cfg.text_feature!r}; "
@@ -209,9 +212,13 @@ class Corpus:
   pass a run's saved tokenizer to encode with exactly its vocabulary.
   """
 
-  def __init__(self, data_cfg, tokenizer_cfg, tokenizer: Optional[tokenizers.Tokenizer] = None):
+  def __init__(self, data_cfg, tokenizer_cfg, tokenizer: Optional[tokenizers.Tokenizer] = None,
+               show_progress: bool = False):
     self.cfg = data_cfg
+    self.progress = show_progress  # bars on stderr for reading and tokenizing that take over 2 s
     self.source = TFDSSource(data_cfg) if data_cfg.source == "tfds" else TextSource(data_cfg)
+    self.source.progress = show_progress
+    self._tokens: dict[str, np.ndarray] = {}
     self.cache_dir = data_cfg.cache_dir or default_cache_dir()
     self.tokenizer = tokenizer or self._train_tokenizer(tokenizer_cfg)
     self._fingerprint = tokenizers.fingerprint(self.tokenizer)
@@ -238,10 +245,28 @@ class Corpus:
 
   def tokens(self, split: str) -> np.ndarray:
     """The split as int32 token ids (read from the cache when it was tokenized before)."""
+    if split in self._tokens:
+      return self._tokens[split]
     key = _digest({"source": self.source.identity(split), "tokenizer": self._fingerprint})
     path = os.path.join(self.cache_dir, f"tokens-{key}.npy")
     if os.path.exists(path):
-      return np.load(path)
-    ids = self.tokenizer.encode(self._nonempty_text(split))
-    _atomic_write(path, lambda f: np.save(f, ids))
+      ids = np.load(path)
+    else:
+      ids = self._encode(self._nonempty_text(split), split)
+      _atomic_write(path, lambda f: np.save(f, ids))
+    self._tokens[split] = ids
     return ids
+
+  def _encode(self, text: str, split: str, chunk_chars: int = 1 << 20) -> np.ndarray:
+    """`tokenizer.encode(text)`, a chunk of whole lines at a time so that a bar can follow it
+    (every tokenizer encodes line by line: the chunks' ids join into the text's ids)."""
+    bar = progress.bar(self.progress, total=len(text), desc=f"tokenize {split}", unit="char", unit_scale=True)
+    parts, start = [], 0
+    while start < len(text):
+      end = text.find("\n", start + chunk_chars)
+      end = len(text) if end < 0 else end + 1
+      parts.append(self.tokenizer.encode(text[start:end]))
+      bar.update(end - start)
+      start = end
+    bar.close()
+    return np.concatenate(parts).astype(np.int32) if parts else self.tokenizer.encode(text)

@@ -132,9 +132,16 @@ class WordTokenizer:
     return np.asarray(ids, np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
-    out = []
+    """Words joined by single spaces, a newline for each `<eos>`: decode(encode(text)) is the text
+    with its whitespace normalized, and decoding a longer sequence extends the shorter one's text."""
+    out: list[str] = []
     for i in ids:
-      out.append("\n" if i == self.eos_id else self.words[i] + " ")
+      if i == self.eos_id:
+        out.append("\n")
+      else:
+        if out and out[-1] != "\n":
+          out.append(" ")
+        out.append(self.words[i])
     return "".join(out)
 
   def to_dict(self) -> dict[str, Any]:

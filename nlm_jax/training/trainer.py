@@ -33,6 +33,7 @@ import numpy as np
 from nlm_jax import config as config_lib
 from nlm_jax import models, objectives, parallel
 from nlm_jax.data import pipeline, tokenizers
+from nlm_jax import progress as progress_lib
 from nlm_jax.data.corpus import Corpus
 from nlm_jax.errors import UserError
 from nlm_jax.training import checkpoint as ckpt_lib
@@ -78,7 +79,7 @@ class Run:
   def __init__(self, cfg: config_lib.Config, tokenizer: Optional[tokenizers.Tokenizer] = None,
                mesh=None):
     self.cfg = cfg
-    self.corpus = Corpus(cfg.data, cfg.tokenizer, tokenizer)
+    self.corpus = Corpus(cfg.data, cfg.tokenizer, tokenizer, show_progress=cfg.train.progress and is_main_process())
     self.tokenizer = self.corpus.tokenizer
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     self.model = models.build(self.model_cfg)
@@ -87,6 +88,8 @@ class Run:
     self.uses_carry = cfg.data.batching == "streams" and self.model_cfg.arch != "transformer"
     if self.model_cfg.arch == "transformer" and cfg.data.seq_len > self.model_cfg.context:
       raise UserError(f"config: data.seq_len={cfg.data.seq_len} exceeds model.context={self.model_cfg.context}")
+    if cfg.train.eval_estimator == "random_windows" and cfg.train.eval_batches is None:
+      raise UserError("config: train.eval_estimator=random_windows needs train.eval_batches (nanoGPT: 200)")
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
@@ -106,20 +109,41 @@ class Run:
   def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
     return parallel.global_batch(local, self.task.batch_sharding, batch_size)
 
-  def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0) -> dict[str, float]:
-    """Mean NLL over a split (all of it, or `max_batches` batches), perplexity, bits/token."""
+  def eval_batch_size(self) -> int:
+    """The evaluation batch: data.eval_batch_size rows (or batch_size), padded to the mesh's shards."""
     d = self.cfg.data
-    tokens = self.corpus.tokens(split)
-    batch_size = d.eval_batch_size or d.batch_size
     n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
-    batch_size = -(-batch_size // n_shards) * n_shards  # padded rows carry mask 0
+    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards  # padded rows carry mask 0
+
+  def eval_plan(self, split: str, max_batches: Optional[int], batching: Optional[str] = None) -> tuple[int, bool]:
+    """(batches, whether they score every token of the split) of `evaluate` with these arguments."""
+    d = self.cfg.data
+    return pipeline.eval_batch_count(len(self.corpus.tokens(split)), batching or d.batching,
+                                     self.eval_batch_size(), d.seq_len, max_batches)
+
+  def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0,
+               batching: Optional[str] = None) -> dict[str, float]:
+    """Mean NLL over a split (all of it, or `max_batches` batches), perplexity, bits/token.
+    `batching='windows'` scores random windows (each from a fresh state) whatever data.batching is."""
+    d = self.cfg.data
+    batching = batching or d.batching
+    tokens = self.corpus.tokens(split)
+    batch_size = self.eval_batch_size()
     rows = parallel.process_rows(batch_size)
-    carry = self.task.initial_carry(batch_size) if self.uses_carry else None
-    nll_sum, count = 0.0, 0.0
-    for local in pipeline.eval_batches(tokens, d.batching, batch_size, d.seq_len, max_batches, seed, rows):
+    carry = self.task.initial_carry(batch_size) if self.uses_carry and batching == "streams" else None
+    n_batches, _ = self.eval_plan(split, max_batches, batching)
+    bar = progress_bar(self.cfg, total=n_batches, desc=f"eval {split}", unit="batch")
+    nll_sum, count, previous = 0.0, 0.0, None
+    for local in pipeline.eval_batches(tokens, batching, batch_size, d.seq_len, max_batches, seed, rows):
       carry, m = self.task.eval_step(params, carry, self.global_batch(local, batch_size))
       nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
+      if previous is not None:  # the bar follows the device, one batch behind the host
+        jax.block_until_ready(previous)
+        bar.update(1)
+      previous = m
     nll_sum, count = float(nll_sum), float(count)
+    bar.update(1 if previous is not None else 0)
+    bar.close()
     if count == 0:
       raise UserError(f"the {split!r} split has no tokens to evaluate")
     loss = nll_sum / count
@@ -128,6 +152,34 @@ class Run:
       out["bits_per_char" if self.tokenizer.kind == "char" else "bits_per_byte"] = float(
           objectives.bits_per_token(nll_sum, count))
     return out
+
+
+  def periodic_evaluation(self, params, step: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The numbers logged at each evaluation, in eval mode (no dropout), by `train.eval_estimator`:
+
+      val_loss, val_perplexity   `train.eval_batches` batches of the validation split (all of it when null)
+      eval_train_loss            as many batches of the training split, by the same estimator
+
+    'fixed' scores the same batches at every evaluation (seed + 1); 'random_windows' draws fresh
+    random windows of each split at each step, as nanoGPT's estimate_loss does. Returns these
+    numbers and the validation split's whole result (`evaluate`'s dict).
+    """
+    t, d = self.cfg.train, self.cfg.data
+    if t.eval_estimator == "random_windows":
+      batching = "windows"
+      seed_val, seed_train = (int(np.random.SeedSequence([self.cfg.seed, step, i]).generate_state(1)[0])
+                              for i in (0, 1))
+    else:
+      batching, seed_val, seed_train = None, self.cfg.seed + 1, self.cfg.seed + 1
+    val = self.evaluate(params, d.eval_split, t.eval_batches, seed_val, batching)
+    n_train = t.eval_batches or self.eval_plan(d.eval_split, None, batching)[0]
+    train = self.evaluate(params, d.train_split, n_train, seed_train, batching)
+    return {"val_loss": val["loss"], "val_perplexity": val["perplexity"], "eval_train_loss": train["loss"]}, val
+
+
+def progress_bar(cfg: config_lib.Config, **kwargs):
+  """A bar on stderr when `train.progress` is on, from process 0 only (`nlm_jax.progress.bar`)."""
+  return progress_lib.bar(cfg.train.progress and is_main_process(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -143,8 +195,9 @@ class MetricsLog:
     if not self.enabled:
       return
     if os.path.exists(self.path):  # drop lines past the step we resume from
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path) as f:  # and the final evaluation's line, which a finished run writes again
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                and not any(key.startswith("final_") for key in json.loads(line))]
       with open(self.path, "w") as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter
@@ -354,15 +407,35 @@ def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int],
   return loss
 
 
-def train(cfg: config_lib.Config) -> dict[str, Any]:
-  """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary."""
+def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str, tokens_per_step: int) -> dict:
+  """`final_<split>_loss` etc.: the whole evaluation split scored with the final parameters, also
+  appended to metrics.jsonl. When the evaluation at this step already scored the whole split
+  (train.eval_batches: null, estimator 'fixed'), its numbers are these ones and are reused."""
+  cfg, t0 = run.cfg, time.time()
+  split = cfg.data.eval_split
+  whole = cfg.train.eval_estimator == "fixed" and run.eval_plan(split, cfg.train.eval_batches)[1]
+  if last_eval is not None and last_eval[0] == step and whole:
+    final = last_eval[1]
+  else:
+    final = run.evaluate(params, split, None)
+  out = {f"final_{split}_{name}": v for name, v in final.items()}
+  log = MetricsLog(workdir, step)
+  log.write({"step": step, "tokens": step * tokens_per_step,
+             **{key: value for key, value in out.items() if not key.endswith("_tokens")}})
+  log.close()
+  return {**out, "final_eval_s": round(time.time() - t0, 2)}
+
+
+def train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str, Any]:
+  """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary.
+  `started`: when the command began (time.time()), so that wall_time_s covers all it did."""
   workdir, _ = _prepare_workdir(cfg)
   with runlock.workdir_lock(workdir) if is_main_process() else contextlib.nullcontext():
-    return _train(cfg)
+    return _train(cfg, started)
 
 
-def _train(cfg: config_lib.Config) -> dict[str, Any]:
-  t_start = time.time()
+def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str, Any]:
+  t_start = started or time.time()
   workdir, existing = _prepare_workdir(cfg)
   cfg_dict = config_lib.to_dict(cfg)
   ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
@@ -414,6 +487,7 @@ def _train(cfg: config_lib.Config) -> dict[str, Any]:
   window_start = time.time()
   window_steps = 0
   last_val = None
+  last_eval = None  # (step, validation result) of the latest evaluation
   t_loop = time.time()
   stopped = False  # a stop request all processes agreed on
   with _stop_requests() as interrupted:
@@ -441,14 +515,18 @@ def _train(cfg: config_lib.Config) -> dict[str, Any]:
                     "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
           window_start, window_steps = time.time(), 0
           if is_eval:
-            val = run.evaluate(state.params, cfg.data.eval_split, cfg.train.eval_batches, seed=cfg.seed + 1)
+            t_eval = time.time()
+            scores, val = run.periodic_evaluation(state.params, step)
             if not math.isfinite(val["loss"]):
               raise _not_finite(f"validation loss is {val['loss']}", step, last_saved, ckpts.directory)
-            last_val = val["loss"]
-            record.update({"val_loss": val["loss"], "val_perplexity": val["perplexity"]})
+            last_val, last_eval = val["loss"], (step, val)
+            record.update(scores)
             if cfg.optim.schedule == "plateau":
               state = run.task.update_plateau(state, jnp.asarray(val["loss"], jnp.float32))
-            window_start = time.time()  # validation time is not training throughput
+            window_start = time.time()  # evaluation time is not training throughput,
+            if progress is not None:  # nor the bar's rate
+              progress.start_t += window_start - t_eval
+              progress.last_print_t += window_start - t_eval
           log.write(record)
           if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -472,14 +550,14 @@ def _train(cfg: config_lib.Config) -> dict[str, Any]:
   if stopped:  # (a request during the last step lets the run finish)
     raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
   summary: dict[str, Any] = {"workdir": workdir, "steps": step, "tokens_seen": step * tokens_per_step,
-                             "wall_time_s": round(time.time() - t_start, 2),
+                             "wall_time_s": None,  # below: the whole command, final evaluation included
                              "loop_time_s": round(loop_time, 2),  # the steps, their compilation, evals, saves
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
-    final = run.evaluate(state.params, cfg.data.eval_split, None)
-    summary.update({f"final_{cfg.data.eval_split}_{name}": v for name, v in final.items()})
+    summary.update(_final_evaluation(run, state.params, step, last_eval, workdir, tokens_per_step))
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
+  summary["wall_time_s"] = round(time.time() - t_start, 2)
   if is_main_process():
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
