@@ -624,6 +624,7 @@ INVALID_CONFIGS = [
     (LSTMConfig, dict(n_layers=0), "n_layers"),
     (TransformerConfig, dict(attn_dropout=1.0), "attn_dropout"),
     (TransformerConfig, dict(attention="flash"), "attention"),
+    (TransformerConfig, dict(attention="cudnn", dropout=0.1), "attention"),
 ] + [(cls, fields, field)
      for cls in (FNNConfig, RNNConfig, LSTMConfig, TransformerConfig)
      for fields, field in [(dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-3), "vocab_size"),
@@ -904,3 +905,20 @@ def test_cudnn_attention_gives_the_xla_results_within_bfloat16_tolerance(transfo
   xla = build(dataclasses.replace(cfg, attention="xla")).apply(variables, tokens).logits
   cudnn = build(dataclasses.replace(cfg, attention="cudnn")).apply(variables, tokens).logits
   np.testing.assert_allclose(np.asarray(cudnn, np.float32), np.asarray(xla, np.float32), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="tests the fallback where cuDNN is absent")
+def test_auto_attention_falls_back_to_xla_where_cudnn_is_missing(transformer_config, monkeypatch, caplog):
+  """attention='auto' taking cuDNN on a (pretend) GPU without cuDNN warns and computes XLA's
+  result; attention='cudnn' asked for explicitly raises instead."""
+  cfg = dataclasses.replace(transformer_config, dtype="bfloat16")
+  _, variables, tokens = init_model(cfg)
+  expected = build(dataclasses.replace(cfg, attention="xla")).apply(variables, tokens).logits
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention_impl(cfg, dropout_active=False, cached=False) == "cudnn"
+  with caplog.at_level("WARNING"):
+    got = build(cfg).apply(variables, tokens).logits
+  assert "cuDNN fused attention unavailable" in caplog.text
+  np.testing.assert_array_equal(got, expected)
+  with pytest.raises(RuntimeError):
+    build(dataclasses.replace(cfg, attention="cudnn")).apply(variables, tokens)

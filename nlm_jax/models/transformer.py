@@ -40,6 +40,7 @@ same mask M, so step-by-step decoding gives the logits of the full forward pass.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import ClassVar, NamedTuple, Optional
 
@@ -93,6 +94,8 @@ class TransformerConfig:
                    "attn_dropout", self.attn_dropout, "must be null or a number in [0, 1)")
     layers.require(self.attention in ATTENTION_IMPLS, "attention", self.attention,
                    f"allowed: {', '.join(ATTENTION_IMPLS)}")
+    layers.require(self.attention != "cudnn" or self.attn_dropout_rate == 0.0, "attention", self.attention,
+                   "cuDNN's fused attention has no dropout on the probabilities: set attn_dropout=0 or attention=auto")
     layers.require(self.pos_encoding != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
                    "d_model", self.d_model, "rotary needs an even head size d_model/n_heads")
 
@@ -173,6 +176,19 @@ def dot_product_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
+def cudnn_attention(q_BxTxHxK: Array, k_BxTxHxK: Array, v_BxTxHxK: Array, causal: bool,
+                    required: bool) -> Optional[Array]:
+  """cuDNN's fused attention via jax.nn.dot_product_attention; None (with a warning) where this
+  cuDNN or these shapes are not supported, unless `required`."""
+  try:
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=causal, implementation="cudnn")
+  except (NotImplementedError, ValueError, RuntimeError) as e:
+    if required:
+      raise
+    logging.warning("attention: cuDNN fused attention unavailable (%s); using XLA's", str(e).splitlines()[0])
+    return None
+
+
 def attention_impl(cfg: TransformerConfig, dropout_active: bool, cached: bool,
                    backend: Optional[str] = None) -> str:
   """'xla' or 'cudnn' for `cfg.attention` (see the module docstring)."""
@@ -229,10 +245,11 @@ class MultiHeadAttention(nn.Module):
     rate = cfg.attn_dropout_rate
     dropout_key = None if deterministic or rate == 0.0 else self.make_rng("dropout")
     impl = attention_impl(cfg, dropout_key is not None, cache is not None)
+    fused = None
     if cache is None and impl == "cudnn":
-      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=self.causal,
-                                                 implementation="cudnn")
-      new_cache = None
+      fused = cudnn_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.causal, required=cfg.attention == "cudnn")
+    if fused is not None:
+      out_BxTxHxK, new_cache = fused, None
     elif cache is None:
       mask_TxT = jnp.tril(jnp.ones((T, T), bool)) if self.causal else None
       out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_TxT, rate, dropout_key)
