@@ -226,3 +226,15 @@ def test_tfds_source_prepared_offline(tmp_path):
   corpus = Corpus(cfg, TokenizerConfig(kind="char"))
   assert corpus.tokenizer.decode(corpus.tokens("validation")) == "\n".join(lines[-5:])
   assert corpus.tokenizer.decode(corpus.tokens("train")) == "\n".join(lines[:-5])
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_tokenizing_in_chunks_of_lines_gives_the_same_ids(tmp_path, kind):
+  """The corpus tokenizes a chunk of whole lines at a time (so that a bar can follow it)."""
+  text = "".join(f"line {i} of the naïve text\n" if i % 7 else "\n" for i in range(200)) + "no newline at the end"
+  path = tmp_path / "t.txt"
+  path.write_text(text, encoding="utf-8")
+  corpus = Corpus(DataConfig(source="text", files={"train": str(path)}, cache_dir=str(tmp_path / "cache")),
+                  TokenizerConfig(kind=kind))
+  np.testing.assert_array_equal(corpus._encode(text, "train", chunk_chars=50), corpus.tokenizer.encode(text))
+  np.testing.assert_array_equal(corpus.tokens("train"), corpus.tokenizer.encode(text))
