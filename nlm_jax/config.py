@@ -268,6 +268,13 @@ def merge_config(path: Optional[str], overrides: List[str] = ()) -> DictConfig:
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+    try:
+      OmegaConf.from_dotlist([item])
+    except Exception as e:  # the value is not YAML (a control character, an unclosed bracket, ...)
+      if isinstance(e, OmegaConfBaseException):
+        raise _omegaconf_error(e, "config") from None
+      raise UserError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                      "quote it") from None
   try:
     return OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
   except OmegaConfBaseException as e:
