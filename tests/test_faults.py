@@ -370,3 +370,40 @@ def test_a_stop_request_during_the_last_step_lets_the_run_finish(run, monkeypatc
   monkeypatch.setattr(trainer, "_stop_requests", lambda: __import__("contextlib").nullcontext(requests))
   summary = train(*args_for(workdir, corpus), "train.stop_after=12")
   assert requests and summary["steps"] == 12 and summary["latest_checkpoint"] == 12
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path):
+  """Multi-host: a SIGTERM seen by one process is agreed on (an all-gather every log step), so
+  both stop at, and save, the same step instead of one entering a collective save alone."""
+  import socket
+
+  corpus = write_corpus(tmp_path / "c.txt")
+  workdir = tmp_path / "two"
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  args = overrides(workdir, corpus, steps=100000, train__log_every=2, train__eval_every=100000)
+  env = lambda i: dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                       NLM_JAX_CACHE=str(tmp_path / f"cache{i}"))
+  procs = [subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *args,
+                             f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                             f"distributed.process_id={i}"], env=env(i), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    deadline = time.time() + 400
+    while not (workdir / "metrics.jsonl").exists() or len(metrics(workdir)) < 2:
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].communicate()[1][-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the non-coordinator process only
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  steps = []
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 2 and "interrupted at step" in err, err[-3000:]
+    steps.append(int(err.split("interrupted at step")[1].split(";")[0]))
+  assert steps[0] == steps[1] and steps[0] % 2 == 0
+  assert (workdir / "checkpoints" / str(steps[0]) / "commit_success.txt").exists()
