@@ -72,9 +72,16 @@ def final_state(workdir, step=None):
 
   from nlm_jax.training.checkpoint import Checkpoints
 
+  import jax
+
   ckpts = Checkpoints(str(workdir), read_only=True)
   step = ckpts.latest_step() if step is None else step
-  state = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  meta = ckpts.manager.item_metadata(step)["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh saved it
+  restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype),
+                              meta.tree if hasattr(meta, "tree") else meta)
+  state = ckpts.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
   ckpts.close()
   return state
 
