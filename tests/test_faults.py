@@ -224,6 +224,33 @@ def test_trainer_resumes_from_the_newest_intact_checkpoint_and_keeps_the_damaged
   assert [r["step"] for r in metrics(workdir)][-1] == 12
 
 
+def test_when_every_checkpoint_is_damaged_the_trainer_refuses_to_start_over(run):
+  workdir, corpus = run
+  for step in ("5", "10"):
+    _flip(_largest_file(workdir / "checkpoints" / step / "state"))
+  before = sorted(checkpoint_hashes(workdir).values())
+  code, _, err = run_cli("train", *args_for(workdir, corpus))
+  one_line_error(code, err, "no intact checkpoint is left")
+  assert len(warnings_of(err)) == 2
+  kept = []
+  for root, _, files in os.walk(workdir / "checkpoints.damaged"):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        kept.append(hashlib.sha256(f.read()).hexdigest())
+  assert sorted(kept) == before  # moved aside, byte for byte, not deleted
+  assert not (workdir / "metrics.jsonl").read_text().count('"step": 1,')
+
+
+def test_a_checkpoint_without_checksums_is_used_with_a_warning(run):
+  """Saved before checksums were kept: restored, but not silently."""
+  workdir, _ = run
+  os.remove(workdir / "checkpoints" / "10" / "sha256.json")
+  code, out, err = run_cli("eval", "--workdir", workdir, "--json")
+  assert code == 0 and json.loads(out)["step"] == 10, err[-3000:]
+  (warning,) = warnings_of(err)
+  assert "checkpoints/10 has no sha256.json" in warning
+
+
 # ----------------------------------------------------------------------------- 4: settings
 
 

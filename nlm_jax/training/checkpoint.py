@@ -74,8 +74,8 @@ def step_problem(step_dir: str) -> Optional[str]:
   try:
     with open(os.path.join(step_dir, CHECKSUMS)) as f:
       sums = json.load(f)
-  except FileNotFoundError:
-    return f"no {CHECKSUMS}: its files cannot be verified"
+  except FileNotFoundError:  # saved before checksums were kept: `newest_intact` warns
+    return None
   except (ValueError, OSError) as e:
     return f"{CHECKSUMS} is unreadable ({e})"
   for rel, digest in sorted(sums.items()):
@@ -98,6 +98,7 @@ class Checkpoints:
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
     self._saving: Optional[int] = None
+    self.set_aside: list[str] = []  # damaged steps `newest_intact` moved away
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
         read_only=read_only, async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
@@ -131,6 +132,9 @@ class Checkpoints:
       problem = self.problem(step)
       if problem is None:
         found = step
+        if not os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS)):
+          warn(f"checkpoint {self.step_dir(step)} has no {CHECKSUMS} (saved before nlm-jax kept checksums): "
+               "its files are not verified")
         break
       if problem == "it is gone":
         continue
@@ -138,8 +142,12 @@ class Checkpoints:
       if set_aside is not None:
         os.makedirs(set_aside, exist_ok=True)
         target = os.path.join(set_aside, str(step))
+        n = 1
+        while os.path.exists(target):  # the same step damaged again
+          target, n = os.path.join(set_aside, f"{step}.{n}"), n + 1
         os.rename(self.step_dir(step), target)
         where, moved = f"moved to {target}", True
+        self.set_aside.append(target)
       warn(f"checkpoint {self.step_dir(step)} is not used: {problem}; {where}")
     if moved:
       self.manager.reload()

@@ -339,6 +339,9 @@ def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
   ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
   # A damaged newer step is moved aside: this run will save its step number again.
   step = ckpts.newest_intact(set_aside=os.path.join(workdir, "checkpoints.damaged"))
+  if step is None and ckpts.set_aside:
+    raise UserError(f"no intact checkpoint is left in {ckpts.directory} (the damaged ones were moved to "
+                    f"{os.path.dirname(ckpts.set_aside[0])}); to start over, use a new workdir")
   if step is None:
     return ckpts, None, None, None
   saved = ckpts.read_json(step, "config")
