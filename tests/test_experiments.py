@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,3 +28,16 @@ def test_ngram_vs_neural_quick(tmp_path):
   assert all(p <= kn5["test_ppl"][0] * 1.05 for p in mixed["test_ppl"])
   assert (tmp_path / "test_perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "QUICK MODE" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_positional_encodings_quick(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.positional_encodings.run", "--quick", "--seeds", "1",
+                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)["results"]
+  assert set(results) == {"sinusoidal", "learned", "rotary", "none"}
+  assert results["learned"]["256"] == [] and len(results["rotary"]["256"]) == 1  # no rows past 64 to learn
+  assert all(np.isfinite(results[e]["64"][0]) for e in results)
+  assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
