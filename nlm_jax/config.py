@@ -81,6 +81,7 @@ class TrainConfig:
   eval_every: int = 250  # steps between evaluations (val_loss, eval_train_loss); the last step is always one
   eval_batches: Optional[int] = 20  # batches per evaluation and split (eval_iters); None = all of validation
   eval_estimator: str = "fixed"  # 'fixed' (same windows each time) | 'random_windows' (fresh, nanoGPT)
+  eval_train_batches: Optional[int] = None  # for eval_train_loss; None = as many as validation's, 0 = none
   checkpoint_every: Optional[int] = None  # steps between checkpoints; None = eval_every
   keep_checkpoints: int = 2  # the last N, plus the best by validation loss
   init_from: Optional[str] = None  # run dir or checkpoint dir: start from its params only

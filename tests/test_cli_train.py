@@ -125,3 +125,12 @@ def test_evaluation_progress_and_times(tmp_path, corpus, monkeypatch):
   # The training bar's clock leaves out the two 1.5 s evaluations; the summary's wall time does not.
   assert train_bars and train_bars[0] < summary["loop_time_s"] - 2.9
   assert summary["wall_time_s"] >= summary["loop_time_s"] + summary["final_eval_s"]
+
+
+def test_eval_train_batches_sets_or_skips_the_training_sample(tmp_path, corpus, evaluations):
+  train(*overrides(tmp_path / "a", corpus, "lstm", "streams", steps=10, train__eval_train_batches=2))
+  assert [c[1] for c in evaluations if c[0] == "train"] == [2]
+  evaluations.clear()
+  train(*overrides(tmp_path / "b", corpus, "lstm", "streams", steps=10, train__eval_train_batches=0))
+  assert not [c for c in evaluations if c[0] == "train"]
+  assert not any("eval_train_loss" in r for r in metrics(tmp_path / "b"))

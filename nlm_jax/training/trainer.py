@@ -90,6 +90,8 @@ class Run:
       raise UserError(f"config: data.seq_len={cfg.data.seq_len} exceeds model.context={self.model_cfg.context}")
     if cfg.train.eval_estimator == "random_windows" and cfg.train.eval_batches is None:
       raise UserError("config: train.eval_estimator=random_windows needs train.eval_batches (nanoGPT: 200)")
+    if (cfg.train.eval_train_batches or 0) < 0:
+      raise UserError(f"config: train.eval_train_batches={cfg.train.eval_train_batches}; must be ≥ 0 or null")
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
@@ -158,7 +160,8 @@ class Run:
     """The numbers logged at each evaluation, in eval mode (no dropout), by `train.eval_estimator`:
 
       val_loss, val_perplexity   `train.eval_batches` batches of the validation split (all of it when null)
-      eval_train_loss            as many batches of the training split, by the same estimator
+      eval_train_loss            as many batches of the training split (or `train.eval_train_batches`;
+                                 0: not measured), by the same estimator
 
     'fixed' scores the same batches at every evaluation (seed + 1); 'random_windows' draws fresh
     random windows of each split at each step, as nanoGPT's estimate_loss does. Returns these
@@ -172,9 +175,13 @@ class Run:
     else:
       batching, seed_val, seed_train = None, self.cfg.seed + 1, self.cfg.seed + 1
     val = self.evaluate(params, d.eval_split, t.eval_batches, seed_val, batching)
-    n_train = t.eval_batches or self.eval_plan(d.eval_split, None, batching)[0]
-    train = self.evaluate(params, d.train_split, n_train, seed_train, batching)
-    return {"val_loss": val["loss"], "val_perplexity": val["perplexity"], "eval_train_loss": train["loss"]}, val
+    scores = {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
+    n_train = t.eval_train_batches
+    if n_train is None:
+      n_train = t.eval_batches or self.eval_plan(d.eval_split, None, batching)[0]
+    if n_train > 0:
+      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train, seed_train, batching)["loss"]
+    return scores, val
 
 
 def progress_bar(cfg: config_lib.Config, **kwargs):
