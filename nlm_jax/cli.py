@@ -1,9 +1,10 @@
 """The `nlm-jax` command (also `python -m nlm_jax`).
 
     nlm-jax train --config FILE [key=value ...]
+    nlm-jax config show [--config FILE] [key=value ...]     every key: value, default, meaning
     nlm-jax eval --workdir DIR [--split NAME] [--json]
-    nlm-jax generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
-                     [--top-k K] [--top-p P] [--seed S]
+    nlm-jax generate --workdir DIR --prompt TEXT [--num-samples N] [--max-new-tokens N]
+                     [--temperature T] [--top-k K] [--top-p P] [--seed S]
     nlm-jax data prepare NAME [--manual-dir DIR] [--data-dir DIR]
     nlm-jax plot --workdir DIR
 

@@ -6,7 +6,9 @@
 Run directory:
     resolved_config.yaml   the config after overrides (what eval / generate rebuild from)
     tokenizer.json         the vocabulary
-    metrics.jsonl          one JSON object per log / eval step; TensorBoard events in tb/
+    metrics.jsonl          one JSON object per log / eval step (train_loss; val_loss and eval_train_loss,
+                           the periodic estimates), then one with final_<split>_* (the whole split);
+                           the same numbers as TensorBoard events in tb/
     checkpoints/<step>/    Orbax: state, data-iterator state, config, tokenizer
     summary.json           written at the end
 
