@@ -41,3 +41,18 @@ def test_positional_encodings_quick(tmp_path):
   assert results["learned"]["256"] == [] and len(results["rotary"]["256"]) == 1  # no rows past 64 to learn
   assert all(np.isfinite(results[e]["64"][0]) for e in results)
   assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_long_range_quick(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.long_range.run", "--quick", "--seeds", "1",
+                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  for arch in ("rnn", "lstm"):
+    for state in ("initialization", "trained"):
+      g = np.asarray(results["gradients"][arch][state])
+      assert g.shape == (20,) and np.all(np.isfinite(g)) and np.all(g > 0)
+  assert set(results["copy"]) == {"rnn", "lstm", "transformer"}
+  assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
