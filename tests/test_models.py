@@ -922,3 +922,22 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_is_missing(transformer_con
   np.testing.assert_array_equal(got, expected)
   with pytest.raises(RuntimeError):
     build(dataclasses.replace(cfg, attention="cudnn")).apply(variables, tokens)
+
+
+@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned", "rotary", "none"])
+def test_first_hidden_state_is_the_embedding_plus_positions(transformer_config, pos_encoding):
+  """h⁰_t = E[w_t] + P_t (learned), √D·E[w_t] + P_t (sinusoidal, Vaswani et al.), E[w_t] (rotary, none),
+  at the positions of a call that continues a KV cache too."""
+  cfg = dataclasses.replace(transformer_config, pos_encoding=pos_encoding)
+  model, variables, tokens = init_model(cfg, B=2, T=5)
+  p = variables["params"]
+  E = np.asarray(p["embed"]["embedding"])
+  cache = model.apply(variables, tokens[:, :3], model.initial_carry(2)).carry  # positions 3, 4 next
+  _, state = model.apply(variables, tokens[:, 3:], cache, mutable="intermediates")
+  h0 = np.asarray(state["intermediates"]["h0"][0])
+  expected = E[np.asarray(tokens[:, 3:])]
+  if pos_encoding == "learned":
+    expected = expected + np.asarray(p["pos_embed"])[3:5]
+  elif pos_encoding == "sinusoidal":
+    expected = math.sqrt(cfg.d_model) * expected + np.asarray(sinusoidal_positions(jnp.arange(3, 5), cfg.d_model))
+  np.testing.assert_allclose(h0, expected, rtol=1e-6, atol=1e-6)

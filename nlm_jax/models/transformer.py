@@ -2,7 +2,9 @@ r"""Decoder-only Transformer language model (Vaswani et al. 2017; pre-LayerNorm 
 
 Tokens w_1..w_T, embedding matrix E ∈ R^{|V|×D}, L layers, H heads of size d_k = D/H:
 
-    h⁰_t = E[w_t] + P_t                              (P_t: sinusoidal or learned; 0 for rotary/none)
+    h⁰_t = E[w_t] + P_t                              (P_t: learned; 0 for rotary/none)
+    h⁰_t = √D·E[w_t] + P_t                           (P_t sinusoidal, as Vaswani et al.: the
+                                                       embedding's scale then matches P's)
     a^ℓ  = h^{ℓ−1} + MHA(LN(h^{ℓ−1}))                 ℓ = 1..L
     h^ℓ  = a^ℓ + FFN(LN(a^ℓ)),        FFN(x) = GELU(x W₁ + b₁) W₂ + b₂,   W₁ ∈ R^{D×F}
     logits_t = LN(h^L_t) Eᵀ   (tied)  or  LN(h^L_t) W_out + b_out
@@ -346,8 +348,10 @@ class Transformer(nn.Module):
       # Rows index..index+T−1 as one slice: its gradient is a dense update, not a scatter-add.
       P_TxD = jax.lax.dynamic_slice_in_dim(P, index, T, axis=0)
       h_BxTxD = h_BxTxD + P_TxD.astype(h_BxTxD.dtype)[None]
-    elif cfg.pos_encoding == "sinusoidal":
-      h_BxTxD = h_BxTxD + sinusoidal_positions(positions_T, cfg.d_model).astype(h_BxTxD.dtype)[None]
+    elif cfg.pos_encoding == "sinusoidal":  # √D·E[w]: P's unit amplitude would swamp E ~ N(0, 0.02²)
+      P_TxD = sinusoidal_positions(positions_T, cfg.d_model)
+      h_BxTxD = math.sqrt(cfg.d_model) * h_BxTxD + P_TxD.astype(h_BxTxD.dtype)[None]
+    self.sow("intermediates", "h0", h_BxTxD)  # h⁰, for inspection (a no-op unless asked for)
     h_BxTxD = nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
     B = tokens_BxT.shape[0]
     h_NxD = constrain(h_BxTxD.reshape(B * T, cfg.d_model), ("batch", "embed_act"))  # N = B·T
