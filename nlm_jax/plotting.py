@@ -35,21 +35,30 @@ def _estimate_label(workdir: str) -> str:
   return f"{batches} batches, {'fresh random' if estimator == 'random_windows' else 'fixed'} windows"
 
 
-def curves(records: list[dict]) -> dict[str, list[tuple[int, int, float]]]:
-  """The run's loss curves as (step, tokens, loss) points, by what each number is:
+def read_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def curves(records: list[dict], summary: dict | None = None) -> dict[str, list[tuple[int, int, float]]]:
+  """The run's loss curves as (step, tokens, loss) points (from metrics.jsonl's records and
+  summary.json), by what each number is:
 
     train               train_loss: mean over the training steps since the previous record
                         (train mode: dropout on, parameters changing during the window)
     train (eval mode)   eval_train_loss: training windows scored like validation, at each evaluation
     validation          val_loss: the periodic estimate (train.eval_batches batches)
-    final               final_<split>_loss: the whole evaluation split, final parameters
+    final               final_<split>_loss (summary.json): the whole evaluation split, final parameters
   """
-  def points(key_of):
-    return [(r["step"], r["tokens"], r[key]) for r in records for key in [key_of(r)] if key in r]
-
-  final_key = lambda r: next((k for k in r if k.startswith("final_") and k.endswith("_loss")), "")
-  return {"train": points(lambda r: "train_loss"), "train (eval mode)": points(lambda r: "eval_train_loss"),
-          "validation": points(lambda r: "val_loss"), "final": points(final_key)}
+  points = lambda key: [(r["step"], r["tokens"], r[key]) for r in records if key in r]
+  summary = summary or {}
+  final_key = next((k for k in summary if k.startswith("final_") and k.endswith("_loss")), None)
+  final = [(summary["steps"], summary["tokens_seen"], summary[final_key])] if final_key else []
+  return {"train": points("train_loss"), "train (eval mode)": points("eval_train_loss"),
+          "validation": points("val_loss"), "final": final}
 
 
 def plot_run(workdir: str, output: str | None = None) -> str:
@@ -61,7 +70,7 @@ def plot_run(workdir: str, output: str | None = None) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  lines = curves(read_metrics(workdir))
+  lines = curves(read_metrics(workdir), read_summary(workdir))
   labels = {"train": "train_loss (training steps, dropout on)",
             "train (eval mode)": "eval_train_loss (training windows, eval mode)",
             "validation": f"val_loss ({_estimate_label(workdir)})",

@@ -138,9 +138,9 @@ def test_plot_curves_keep_estimates_and_the_final_score_apart():
   from nlm_jax.plotting import curves
 
   records = [{"step": 5, "tokens": 50, "train_loss": 3.0},
-             {"step": 10, "tokens": 100, "train_loss": 2.0, "val_loss": 2.5, "eval_train_loss": 1.9},
-             {"step": 10, "tokens": 100, "final_validation_loss": 2.45, "final_validation_perplexity": 11.6}]
-  lines = curves(records)
+             {"step": 10, "tokens": 100, "train_loss": 2.0, "val_loss": 2.5, "eval_train_loss": 1.9}]
+  summary = {"steps": 10, "tokens_seen": 100, "final_validation_loss": 2.45, "final_validation_perplexity": 11.6}
+  lines = curves(records, summary)
   assert lines["train"] == [(5, 50, 3.0), (10, 100, 2.0)]
   assert lines["validation"] == [(10, 100, 2.5)] and lines["train (eval mode)"] == [(10, 100, 1.9)]
   assert lines["final"] == [(10, 100, 2.45)]

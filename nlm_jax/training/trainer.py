@@ -7,8 +7,8 @@ Run directory:
     resolved_config.yaml   the config after overrides (what eval / generate rebuild from)
     tokenizer.json         the vocabulary
     metrics.jsonl          one JSON object per log / eval step (train_loss; val_loss and eval_train_loss,
-                           the periodic estimates), then one with final_<split>_* (the whole split);
-                           the same numbers as TensorBoard events in tb/
+                           the periodic estimates); the same numbers as TensorBoard events in tb/,
+                           which also get the final whole-split final_<split>_* of summary.json
     checkpoints/<step>/    Orbax: state, data-iterator state, config, tokenizer
     summary.json           written at the end
 
@@ -204,20 +204,20 @@ class MetricsLog:
     if not self.enabled:
       return
     if os.path.exists(self.path):  # drop lines past the step we resume from
-      with open(self.path) as f:  # and the final evaluation's line, which a finished run writes again
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                and not any(key.startswith("final_") for key in json.loads(line))]
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter
 
     self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
-  def write(self, record: dict[str, Any]) -> None:
+  def write(self, record: dict[str, Any], jsonl: bool = True) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if jsonl:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
         self.tb.add_scalar(key, value, record["step"])
@@ -419,9 +419,9 @@ def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int],
   return loss
 
 
-def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str, tokens_per_step: int) -> dict:
+def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str) -> dict:
   """`final_<split>_loss` etc.: the whole evaluation split scored with the final parameters, also
-  appended to metrics.jsonl. When the evaluation at this step already scored the whole split
+  written to TensorBoard. When the evaluation at this step already scored the whole split
   (train.eval_batches: null, estimator 'fixed'), its numbers are these ones and are reused."""
   cfg, t0 = run.cfg, time.time()
   split = cfg.data.eval_split
@@ -432,8 +432,8 @@ def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str, toke
     final = run.evaluate(params, split, None)
   out = {f"final_{split}_{name}": v for name, v in final.items()}
   log = MetricsLog(workdir, step)
-  log.write({"step": step, "tokens": step * tokens_per_step,
-             **{key: value for key, value in out.items() if not key.endswith("_tokens")}})
+  log.write({"step": step, **{key: value for key, value in out.items() if not key.endswith("_tokens")}},
+            jsonl=False)  # metrics.jsonl keeps one kind of line: a training step's record
   log.close()
   return {**out, "final_eval_s": round(time.time() - t0, 2)}
 
@@ -566,7 +566,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
                              "loop_time_s": round(loop_time, 2),  # the steps, their compilation, evals, saves
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
-    summary.update(_final_evaluation(run, state.params, step, last_eval, workdir, tokens_per_step))
+    summary.update(_final_evaluation(run, state.params, step, last_eval, workdir))
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
   summary["wall_time_s"] = round(time.time() - t_start, 2)
