@@ -28,6 +28,9 @@ def _train(args) -> int:
   from nlm_jax import parallel
 
   cfg = config_lib.load_config(args.config, args.overrides)
+  from nlm_jax.training import trainer
+
+  trainer.configure_runtime(cfg)  # device settings first: before any backend starts
   d = cfg.distributed
   parallel.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives,
                                         d.initialize)

@@ -86,6 +86,7 @@ class TrainConfig:
   keep_checkpoints: int = 2  # the last N, plus the best by validation loss
   init_from: Optional[str] = None  # run dir or checkpoint dir: start from its params only
   progress: bool = True  # progress bars on stderr
+  deterministic: bool = True  # bitwise-reproducible steps on GPUs too (XLA deterministic ops; nlm_jax.runtime)
   allow_data_change: bool = False  # resume even if the data's fingerprint changed (a warning, not an error)
   allow_schedule_change: bool = False  # resume with another train.steps / optim.decay_steps (reshapes the schedule)
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlm_jax import config as config_lib
-from nlm_jax import models, objectives, parallel
+from nlm_jax import models, objectives, parallel, runtime
 from nlm_jax.data import pipeline, tokenizers
 from nlm_jax import progress as progress_lib
 from nlm_jax.data.corpus import Corpus
@@ -419,6 +419,14 @@ def _finite_mean_loss(metrics: list[dict], step: int, last_saved: Optional[int],
   return loss
 
 
+def configure_runtime(cfg: config_lib.Config) -> None:
+  """The run's device settings (`train.deterministic`), before JAX starts a backend."""
+  try:
+    runtime.configure(deterministic=cfg.train.deterministic)
+  except RuntimeError as e:
+    raise UserError(f"{e} (or train.deterministic=false)") from None
+
+
 def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str) -> dict:
   """`final_<split>_loss` etc.: the whole evaluation split scored with the final parameters, also
   written to TensorBoard. When the evaluation at this step already scored the whole split
@@ -448,6 +456,7 @@ def train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str, 
 
 def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str, Any]:
   t_start = started or time.time()
+  configure_runtime(cfg)
   workdir, existing = _prepare_workdir(cfg)
   cfg_dict = config_lib.to_dict(cfg)
   ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
@@ -586,6 +595,7 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     raise UserError(f"no nlm-jax run in {workdir} (no {CONFIG_FILE})")
   cfg = config_lib.load_config(os.path.join(workdir, CONFIG_FILE), [])
+  configure_runtime(cfg)
   cfg.mesh = config_lib.MeshConfig()  # evaluate on whatever devices are here
   if step is not None and not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
     raise UserError(f"no checkpoint {step} in {workdir}/checkpoints")
