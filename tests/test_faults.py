@@ -126,23 +126,32 @@ def test_nan_is_never_saved_and_the_error_names_the_last_good_step(run):
   assert train(*args_for(workdir, corpus), "train.stop_after=12")["steps"] == 12
 
 
-def test_with_lr_1e9_every_saved_checkpoint_is_finite(tmp_path, monkeypatch):
-  """The issue's case: the guard was one step late and named a NaN checkpoint the last good one."""
+@pytest.mark.parametrize("cadence", [
+    # The issue's case: the validation loss is the first number computed from the new parameters.
+    {"optim__lr": 1e9, "train__eval_every": 1},
+    # No evaluation, a save every step: only the step's finiteness flag sees the new parameters.
+    {"optim__lr": 1e38, "optim__name": "sgd", "train__eval_every": 1000, "train__checkpoint_every": 1},
+])
+def test_with_a_huge_lr_every_saved_checkpoint_is_good(tmp_path, monkeypatch, cadence):
+  """The guard was one step late and named a NaN checkpoint the last good one."""
   import jax
 
   monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
   corpus = write_corpus(tmp_path / "corpus.txt")
   workdir = tmp_path / "r"
-  code, _, err = run_cli("train", *overrides(workdir, corpus, steps=10, optim__lr=1e9, optim__schedule="constant",
-                                             optim__warmup_steps=0, train__log_every=1, train__eval_every=1))
+  code, _, err = run_cli("train", *overrides(workdir, corpus, steps=10, optim__schedule="constant",
+                                             optim__warmup_steps=0, train__log_every=1, **cadence))
   line = one_line_error(code, err, "stopped")
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-  if saved:
-    assert f"last good checkpoint (step {saved[-1]})" in line
-  else:
+  if not saved:
     assert "no checkpoint was saved" in line
+    return
+  assert f"last good checkpoint (step {saved[-1]})" in line
   for step in saved:
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state(workdir, step)["params"]))
+  code, out, err = run_cli("eval", "--workdir", workdir, "--json")  # and it scores
+  assert code == 0 and json.loads(out)["step"] == saved[-1], err[-2000:]
+  assert json.loads(out)["loss"] is not None and np.isfinite(json.loads(out)["loss"])
 
 
 def test_eval_and_generate_refuse_nan_parameters(run):
