@@ -14,7 +14,15 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     raise UserError(f"no metrics.jsonl in {workdir}")
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i == len(lines) - 1:  # a trainer writing its next line right now
+        break
+      raise UserError(f"{path} line {i + 1} is not JSON: the file is damaged") from None
   if not records:
     raise UserError(f"{path} is empty")
   return records

@@ -144,3 +144,15 @@ def test_plot_curves_keep_estimates_and_the_final_score_apart():
   assert lines["train"] == [(5, 50, 3.0), (10, 100, 2.0)]
   assert lines["validation"] == [(10, 100, 2.5)] and lines["train (eval mode)"] == [(10, 100, 1.9)]
   assert lines["final"] == [(10, 100, 2.45)]
+
+
+def test_plot_reads_a_metrics_file_being_written_and_names_a_damaged_one(tmp_path):
+  from nlm_jax.errors import UserError
+  from nlm_jax.plotting import read_metrics
+
+  good = '{"step": 5, "train_loss": 3.0}\n{"step": 10, "train_loss": 2.0}\n'
+  (tmp_path / "metrics.jsonl").write_text(good + '{"step": 15, "train_l')  # a line half-written
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [5, 10]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 5, "tr\n' + good)
+  with pytest.raises(UserError, match="line 1 is not JSON"):
+    read_metrics(str(tmp_path))
