@@ -19,27 +19,19 @@ Writes results.json, results.md, gradient_norms.png and copy_task.png beside thi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
+
+from experiments.common import nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TEXT = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare", "input.txt")
 LETTERS, K = "abcdefgh", 5
 SOLVED = 0.9
-
-
-def nlm_jax_train(workdir: str, overrides: list[str]) -> None:
-  proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", f"workdir={workdir}", "train.progress=false",
-                         *overrides], cwd=ROOT, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
 
 
 # ----------------------------------------------------------------------------- 1. gradient flow
@@ -197,21 +189,9 @@ def main() -> None:
             + (" QUICK MODE, not a result." if args.quick else "")]
   table = "\n".join(lines)
   print(table)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"quick": args.quick, "seeds": args.seeds, "gradients": grads, "copy": copy, "gaps": gaps,
-               "steps": steps}, f, indent=2)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + "\n")
+  write_results(out, table, {"quick": args.quick, "seeds": args.seeds, "gradients": grads, "copy": copy,
+                             "gaps": gaps, "steps": steps}, update_readme=not args.quick)
   plot(grads, copy, gaps, out)
-  readme = os.path.join(out, "README.md")
-  if not args.quick and os.path.exists(readme):
-    with open(readme) as f:
-      text = f.read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    i, j = text.index(start) + len(start), text.index(end)
-    with open(readme, "w") as f:
-      f.write(text[:i] + "\n" + table + "\n" + text[j:])
 
 
 def plot(grads: dict, copy: dict, gaps: list[int], out: str) -> None:

@@ -15,16 +15,15 @@ into README.md between its markers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+from experiments.common import nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -49,13 +48,8 @@ def toy_corpus(directory: str) -> list[str]:
 
 def train_fnn(workdir: str, direct: bool, seed: int, steps: int, extra: list[str]) -> float:
   """`nlm-jax train` of the NPLM recipe; returns its wall time."""
-  t = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", "--config", RECIPE, f"workdir={workdir}",
-                         f"model.direct={str(direct).lower()}", f"seed={seed}", f"train.steps={steps}",
-                         "train.progress=false", *extra], cwd=ROOT, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
-  return time.perf_counter() - t
+  return nlm_jax_train(workdir, [f"model.direct={str(direct).lower()}", f"seed={seed}", f"train.steps={steps}",
+                                 *extra], config=RECIPE)
 
 
 def ppl(log_p: np.ndarray) -> float:
@@ -158,20 +152,9 @@ def main() -> None:
   table = "\n".join(lines)
   print(table)
 
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"steps": steps, "seeds": args.seeds, "quick": args.quick, "rows": rows}, f, indent=2)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + "\n")
+  write_results(out, table, {"steps": steps, "seeds": args.seeds, "quick": args.quick, "rows": rows},
+                update_readme=not args.quick)
   plot(rows, os.path.join(out, "test_perplexity.png"))
-  readme = os.path.join(out, "README.md")
-  if not args.quick and os.path.exists(readme):
-    with open(readme) as f:
-      text = f.read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    i, j = text.index(start) + len(start), text.index(end)
-    with open(readme, "w") as f:
-      f.write(text[:i] + "\n" + table + "\n" + text[j:])
 
 
 def plot(rows: dict, path: str) -> None:

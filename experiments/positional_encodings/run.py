@@ -17,15 +17,13 @@ table into README.md between its markers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 import numpy as np
+
+from experiments.common import nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -38,14 +36,9 @@ EVAL_LENS = (64, 128, 256)
 
 def train(workdir: str, encoding: str, seed: int, steps: int, extra: list[str]) -> float:
   context = TRAIN_LEN if encoding == "learned" else max(EVAL_LENS)  # T_max: the table's rows, if any
-  t = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", "--config", RECIPE, f"workdir={workdir}",
-                         "data.source=text", f"model.pos_encoding={encoding}", f"model.context={context}",
-                         f"data.seq_len={TRAIN_LEN}", f"seed={seed}", f"train.steps={steps}",
-                         "train.progress=false", *extra], cwd=ROOT, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
-  return time.perf_counter() - t
+  return nlm_jax_train(workdir, ["data.source=text", f"model.pos_encoding={encoding}", f"model.context={context}",
+                                 f"data.seq_len={TRAIN_LEN}", f"seed={seed}", f"train.steps={steps}", *extra],
+                       config=RECIPE)
 
 
 def loss_by_position(model, params, tokens: np.ndarray, length: int) -> np.ndarray:
@@ -131,21 +124,10 @@ def main() -> None:
             + (" QUICK MODE on a toy text, not a result." if args.quick else "")]
   table = "\n".join(lines)
   print(table)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"steps": steps, "seeds": args.seeds, "quick": args.quick, "eval_chars": eval_chars,
-               "results": results, "loss_by_position": {k: v.tolist() for k, v in curves.items()}}, f, indent=2)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + "\n")
+  write_results(out, table, {"steps": steps, "seeds": args.seeds, "quick": args.quick, "eval_chars": eval_chars,
+                             "results": results, "loss_by_position": {k: v.tolist() for k, v in curves.items()}},
+                update_readme=not args.quick)
   plot(curves, os.path.join(out, "loss_by_position.png"))
-  readme = os.path.join(out, "README.md")
-  if not args.quick and os.path.exists(readme):
-    with open(readme) as f:
-      text_md = f.read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    i, j = text_md.index(start) + len(start), text_md.index(end)
-    with open(readme, "w") as f:
-      f.write(text_md[:i] + "\n" + table + "\n" + text_md[j:])
 
 
 def plot(curves: dict, path: str) -> None:

@@ -1,0 +1,41 @@
+"""What every experiment runner shares: training through the command line, and writing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None) -> float:
+  """`nlm-jax train [--config CONFIG] workdir=WORKDIR ...` from the repository root, quietly;
+  returns its wall time. A failure stops the experiment with the command's last error lines."""
+  argv = [sys.executable, "-m", "nlm_jax", "train", *(["--config", config] if config else []),
+          f"workdir={workdir}", "train.progress=false", *overrides]
+  t = time.perf_counter()
+  proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
+  return time.perf_counter() - t
+
+
+def write_results(out: str, table: str, payload: dict, update_readme: bool) -> None:
+  """results.json and results.md in `out`; with `update_readme`, the table also replaces what
+  stands between the results markers of out/README.md."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(payload, f, indent=2)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table + "\n")
+  readme = os.path.join(out, "README.md")
+  if update_readme and os.path.exists(readme):
+    with open(readme) as f:
+      text = f.read()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    with open(readme, "w") as f:
+      f.write(text[:i] + "\n" + table + "\n" + text[j:])
