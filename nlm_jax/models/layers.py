@@ -129,9 +129,11 @@ class Embed(nn.Module):
       x = jnp.take(E_VxD, ids, axis=0)
     return x.astype(self.dtype)
 
-  def attend(self, x: Array) -> Array:
-    """x Eᵀ: (..., D) → (..., |V|), the logits of a tied output layer, computed in `dtype`."""
-    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+  def attend(self, x: Array, compute_dtype: Any = None) -> Array:
+    """x Eᵀ: (..., D) → (..., |V|), the logits of a tied output layer: operands in `compute_dtype`
+    (default `dtype`), accumulated and returned in `dtype`."""
+    cd = self.dtype if compute_dtype is None else compute_dtype
+    return jnp.einsum("...d,vd->...v", x.astype(cd), self.embedding.astype(cd), preferred_element_type=self.dtype)
 
 
 @contextlib.contextmanager

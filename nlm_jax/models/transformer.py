@@ -375,8 +375,7 @@ class Transformer(nn.Module):
 
     h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
     if cfg.tie_embeddings:  # in the matmul dtype, accumulated and returned in float32
-      E_VxD = embed.embedding.astype(cfg.dtype)
-      logits_NxV = jnp.einsum("nd,vd->nv", h_NxD.astype(cfg.dtype), E_VxD, preferred_element_type=cfg.residual_dtype)
+      logits_NxV = embed.attend(h_NxD, compute_dtype=cfg.dtype)
     else:
       logits_NxV = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), 0.02, "out", use_bias=False)(h_NxD)
       logits_NxV = logits_NxV.astype(cfg.residual_dtype)
