@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +22,15 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None)
   if proc.returncode:
     raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
   return time.perf_counter() - t
+
+
+def mean_std(xs: list[float], digits: int) -> str:
+  """'mean ± std' over seeds ('mean' alone for one value, '—' for none), `digits` decimals."""
+  if not xs:
+    return "—"
+  if len(xs) == 1:
+    return f"{xs[0]:.{digits}f}"
+  return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def write_results(out: str, table: str, payload: dict, update_readme: bool) -> None:

@@ -11,12 +11,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_ngram_vs_neural_quick(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.ngram_vs_neural.run", "--quick", "--seeds", "2",
-                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_quick(experiment: str, out, seeds: int) -> dict:
+  """`python -m experiments.EXPERIMENT.run --quick` into `out`; its results.json."""
+  proc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}.run", "--quick", "--seeds", str(seeds),
+                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    rows = json.load(f)["rows"]
+  with open(out / "results.json") as f:
+    return json.load(f)
+
+
+def test_ngram_vs_neural_quick(tmp_path):
+  rows = run_quick("ngram_vs_neural", tmp_path, seeds=2)["rows"]
   assert len(rows) == 6
   kn3, kn5 = rows["Kneser–Ney n=3 (modified, interpolated)"], rows["Kneser–Ney n=5 (modified, interpolated)"]
   assert 1.0 < kn3["test_ppl"][0] < 20 and 1.0 < kn5["test_ppl"][0] < 20  # a 30-word grammar
@@ -32,11 +37,7 @@ def test_ngram_vs_neural_quick(tmp_path):
 
 @pytest.mark.slow
 def test_positional_encodings_quick(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.positional_encodings.run", "--quick", "--seeds", "1",
-                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    results = json.load(f)["results"]
+  results = run_quick("positional_encodings", tmp_path, seeds=1)["results"]
   assert set(results) == {"sinusoidal", "learned", "rotary", "none"}
   assert results["learned"]["256"] == [] and len(results["rotary"]["256"]) == 1  # no rows past 64 to learn
   assert all(np.isfinite(results[e]["64"][0]) for e in results)
@@ -45,11 +46,7 @@ def test_positional_encodings_quick(tmp_path):
 
 @pytest.mark.slow
 def test_long_range_quick(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.long_range.run", "--quick", "--seeds", "1",
-                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    results = json.load(f)
+  results = run_quick("long_range", tmp_path, seeds=1)
   for arch in ("rnn", "lstm"):
     for state in ("initialization", "trained"):
       g = np.asarray(results["gradients"][arch][state])

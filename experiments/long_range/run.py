@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from experiments.common import nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -182,7 +182,7 @@ def main() -> None:
     cells = []
     for g in gaps:
       xs = by_gap[str(g)]
-      cell = f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+      cell = mean_std(xs, 2)
       cells.append(f"**{cell}**" if statistics.mean(xs) >= SOLVED else cell)
     lines.append(f"| {arch} | " + " | ".join(cells) + " |")
   lines += ["", f"Bold: solved (≥ {SOLVED:.0%} of held-out lines). {steps} steps of batch 32 per copy-task run."

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from experiments.common import nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -63,10 +63,6 @@ def mixture(lp_a_val, lp_b_val, lp_a_test, lp_b_test) -> tuple[float, float]:
 
   lam = max(LAMBDAS, key=lambda l: np.mean(mix(l, lp_a_val, lp_b_val)))
   return float(lam), ppl(mix(lam, lp_a_test, lp_b_test))
-
-
-def mean_std(xs: list[float]) -> str:
-  return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
 
 
 def main() -> None:
@@ -143,7 +139,7 @@ def main() -> None:
     train_s = "—" if not r["train_s"] else f"{statistics.mean(r['train_s']):.0f} s"
     lam = r.get("lambda")
     extra_txt = f" (λ = {statistics.mean(lam):.2f} ± {statistics.pstdev(lam):.2f})" if lam else ""
-    lines.append(f"| {name}{extra_txt} | {mean_std(r['test_ppl'])} | {params} | {train_s} |")
+    lines.append(f"| {name}{extra_txt} | {mean_std(r['test_ppl'], 1)} | {params} | {train_s} |")
   best_neural = min(statistics.mean(r["test_ppl"]) for k, r in rows.items() if not k.startswith("Kneser"))
   lines += ["", f"Best neural or mixed model against the best n-gram model: "
             f"{100 * (best_neural / best_kn - 1):+.1f}% test perplexity (Bengio et al. on Brown: −24%). "

@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from experiments.common import nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -109,9 +109,7 @@ def main() -> None:
     curves[encoding] = np.mean(curve, axis=0)
 
   def cell(xs):
-    if not xs:
-      return "—"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+    return mean_std(xs, 4)
 
   lines = ["| encoding | val loss, windows of 64 (trained) | windows of 128 | windows of 256 | "
            "loss at positions 64–255 | training time |", "|---|---:|---:|---:|---:|---:|"]
