@@ -99,6 +99,7 @@ class Checkpoints:
     ])
     self._saving: Optional[int] = None
     self.set_aside: list[str] = []  # damaged steps `newest_intact` moved away
+    self.vanished = False  # `newest_intact` saw a listed step disappear (a trainer pruning it)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
         read_only=read_only, async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
@@ -137,6 +138,7 @@ class Checkpoints:
                "its files are not verified")
         break
       if problem == "it is gone":
+        self.vanished = True
         continue
       where = "it is left in place"
       if set_aside is not None:
@@ -232,7 +234,7 @@ def all_finite(tree: Any) -> bool:
 
 
 def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: bool = False,
-                attempts: int = 5) -> tuple[Any, int]:
+                attempts: int = 20) -> tuple[Any, int]:
   """(parameters, step) of a run's checkpoint laid out as `abstract_params`: `step`, else the best
   (`best`, or a run dir given to `init_from`) or the latest intact one. Safe while a trainer saves
   and prunes: a step that vanishes while it is read is passed over for the next pick."""
@@ -247,6 +249,8 @@ def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: b
           chosen = None
       if chosen is None:
         chosen = ckpts.newest_intact()
+        if chosen is None and ckpts.vanished:
+          continue  # every listed step was pruned while we looked (keep_checkpoints=1): list again
         if chosen is None:
           raise UserError(f"no complete checkpoint in {ckpts.directory}")
       problem = ckpts.problem(chosen)
