@@ -72,11 +72,16 @@ def configure(deterministic: Optional[bool] = None, matmul_precision: Optional[s
     jax.config.update("jax_default_matmul_precision", matmul_precision)
 
 
+def deterministic_ops() -> bool:
+  """Whether XLA's deterministic-ops flag is set (`configure(deterministic=True)`)."""
+  return DETERMINISTIC_FLAG in _xla_flags()
+
+
 def describe() -> dict:
   """What is in effect: backend, devices, determinism flag, matmul precision (for run summaries)."""
   import jax
 
   return {"backend": jax.default_backend(), "devices": jax.device_count(),
           "device_kind": jax.devices()[0].device_kind,
-          "deterministic_ops": DETERMINISTIC_FLAG in _xla_flags(),
+          "deterministic_ops": deterministic_ops(),
           "matmul_precision": jax.config.jax_default_matmul_precision}

@@ -57,6 +57,13 @@ def test_bad_value_names_the_field(tmp_path, corpus):
   expect_error("train", *overrides(tmp_path / "r", corpus), "data.batching=sideways", must_mention="data.batching")
 
 
+def test_cudnn_attention_with_deterministic_training(tmp_path, corpus):
+  """XLA cannot compile cuDNN attention's backward pass under deterministic ops (H200, jax 0.11.2):
+  said before anything starts, on any backend."""
+  expect_error("train", *overrides(tmp_path / "r", corpus), "model.attention=cudnn", must_mention="train.deterministic")
+  assert not (tmp_path / "r").exists()
+
+
 def test_typo_in_yaml_recipe(tmp_path, corpus):
   recipe = tmp_path / "recipe.yaml"
   recipe.write_text("model:\n  arch: lstm\noptim:\n  learning_rate: 0.1\n")

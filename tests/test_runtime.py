@@ -30,7 +30,8 @@ def probe(env_extra: dict, **settings) -> dict:
 
 
 def test_configure_sets_flags_before_the_backend_starts_and_keeps_other_flags():
-  state = probe({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, deterministic=True,
+  # The host platform, also on a GPU machine (where jax.devices() would list the GPU).
+  state = probe({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}, deterministic=True,
                 matmul_precision="highest", preallocate=False)
   assert state["xla_flags"].split() == ["--xla_force_host_platform_device_count=2", runtime.DETERMINISTIC_FLAG]
   assert state["devices"] == 2  # the user's own flag still acted

@@ -24,8 +24,10 @@ the softmax and the logits stay in float32 (or wider), and parameters are stored
 precision of float32 products (None: the backend's default, TF32 on recent NVIDIA GPUs;
 'highest': exact float32). `attention`: 'xla' computes softmax(QKᵀ/√d_k + M)V as written;
 'cudnn' calls cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`; 'auto'
-takes cuDNN on a GPU for bfloat16/float16 when no attention dropout is active and no KV cache is
-used, XLA otherwise.
+takes cuDNN on a GPU for bfloat16/float16 when no attention dropout is active, no KV cache is
+used and XLA's deterministic ops are off (`train.deterministic=false`: XLA cannot compile cuDNN
+attention's backward pass deterministically), XLA otherwise. Measured on an H200 (nanoGPT's
+6×384 step, B=64, T=256, bf16, no dropout): cuDNN 5.44 ms, XLA 8.68 ms (deterministic ops).
 
 Positional encodings (`pos_encoding`):
     sinusoidal  P_{t,2i} = sin(t / 10000^{2i/D}),   P_{t,2i+1} = cos(t / 10000^{2i/D})
@@ -50,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nlm_jax import runtime
 from nlm_jax.models import layers
 from nlm_jax.models.layers import LMOutput, constrain, param_init
 
@@ -192,13 +195,16 @@ def cudnn_attention(q_BxTxHxK: Array, k_BxTxHxK: Array, v_BxTxHxK: Array, causal
 
 
 def attention_impl(cfg: TransformerConfig, dropout_active: bool, cached: bool,
-                   backend: Optional[str] = None) -> str:
-  """'xla' or 'cudnn' for `cfg.attention` (see the module docstring)."""
+                   backend: Optional[str] = None, deterministic_ops: Optional[bool] = None) -> str:
+  """'xla' or 'cudnn' for `cfg.attention` (see the module docstring). `deterministic_ops`
+  (default: whether nlm_jax.runtime set XLA's flag) rules cuDNN out for 'auto': XLA cannot
+  compile cuDNN attention's backward pass under deterministic ops (jax 0.11.2, H200)."""
   if cfg.attention != "auto":
     return cfg.attention
   backend = backend or jax.default_backend()
+  deterministic_ops = runtime.deterministic_ops() if deterministic_ops is None else deterministic_ops
   fused_ok = jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and not dropout_active and not cached
-  return "cudnn" if backend in ("gpu", "cuda") and fused_ok else "xla"
+  return "cudnn" if backend in ("gpu", "cuda") and fused_ok and not deterministic_ops else "xla"
 
 
 def _dense(cfg: TransformerConfig, features, axes, std: float, name: str, use_bias=None):

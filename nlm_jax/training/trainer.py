@@ -449,6 +449,10 @@ def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str) -> d
 def train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str, Any]:
   """Trains (or resumes) the run `cfg` describes, holding its workdir's lock; returns the summary.
   `started`: when the command began (time.time()), so that wall_time_s covers all it did."""
+  if cfg.train.deterministic and cfg.model.get("attention") == "cudnn":
+    raise UserError("model.attention=cudnn cannot train with train.deterministic=true: XLA has no deterministic "
+                    "cuDNN attention backward pass; set model.attention=auto (XLA's attention) or "
+                    "train.deterministic=false")
   workdir, _ = _prepare_workdir(cfg)
   with runlock.workdir_lock(workdir) if is_main_process() else contextlib.nullcontext():
     return _train(cfg, started)
