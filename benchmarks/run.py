@@ -555,10 +555,17 @@ def gpu_main(args) -> None:
                      f"PyTorch (cuda available: {torch.cuda.is_available()}); install with "
                      "pip install -e \".[cuda,bench]\"")
   repeats = args.repeats or 5
-  results = {"date": time.strftime("%Y-%m-%d"), "machine": {
-      "gpu": jax.devices()[0].device_kind, "cpu": _cpu_model(), "jax": jax.__version__, "torch": torch.__version__,
-      "python": platform.python_version()}}
+  parts = set((args.only or "steps,torch,recipe").split(","))
+  if args.quick:
+    parts.discard("recipe")
   out = args.out if args.out != DEFAULT_OUT else os.path.join(ROOT, "benchmarks", "results", "gpu.json")
+  results = {}
+  if args.merge and os.path.exists(out):
+    with open(out) as f:
+      results = json.load(f)
+  results.update({"date": time.strftime("%Y-%m-%d"), "machine": {
+      "gpu": jax.devices()[0].device_kind, "cpu": _cpu_model(), "jax": jax.__version__, "torch": torch.__version__,
+      "python": platform.python_version()}})
 
   def save():
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -571,28 +578,48 @@ def gpu_main(args) -> None:
   peak = max(results["bf16_peak_gflops"], results["torch_bf16_peak_gflops"])
   print(f"bf16 matmul peak: JAX {results['bf16_peak_gflops']:.0f}, PyTorch {results['torch_bf16_peak_gflops']:.0f} "
         "GFLOP/s", flush=True)
-  steps = []
-  for overrides in (None, {"embed_method": "gather"}, {"dropout": 0.0, "attention": "xla"},
-                    {"dropout": 0.0, "attention": "cudnn"}):
-    steps.append({"deterministic": True, **data_dependence("gpu", repeats, jaxw, model_overrides=overrides)})
-    print(json.dumps(steps[-1]), flush=True)
-  jaxw.close()
-  loose = Worker(deterministic=False)
-  steps.append({"deterministic": False, **data_dependence("gpu", repeats, loose)})
-  loose.close()
-  print(json.dumps(steps[-1]), flush=True)
-  n_torch = torchw("torch_setup", "gpu")
-  torchw("torch_run", 10)  # compile, warm up
-  torch_ms = median([1e3 * torchw("torch_run", GPU_CASE.steps) / GPU_CASE.steps for _ in range(repeats)])
-  torchw.close()
-  flops = model_flops_per_token(GPU_CASE.cfg, n_torch, GPU_CASE.seq)
+  flops = model_flops_per_token(GPU_CASE.cfg, param_count(jax.eval_shape(
+      lambda: models.build(GPU_CASE.cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]),
+      GPU_CASE.seq)
   tokens = GPU_CASE.batch * GPU_CASE.seq
-  for row in steps:
-    row["mfu_text"] = flops * tokens / (row["text_ms"] * 1e-3) / (peak * 1e9)
-  results["steps"] = steps
-  results["torch_step"] = {"ms": torch_ms, "mfu": flops * tokens / (torch_ms * 1e-3) / (peak * 1e9)}
-  save()
-  if not args.quick:
+
+  def mfu(ms: float) -> float:
+    return flops * tokens / (ms * 1e-3) / (peak * 1e9)
+
+  if "steps" in parts:
+    steps = []
+    # (deterministic ops, model overrides): one-hot against gather embedding, XLA against cuDNN attention
+    rows = [(True, None), (True, {"embed_method": "gather"}), (True, {"dropout": 0.0, "attention": "xla"}),
+            (True, {"dropout": 0.0, "attention": "cudnn"}), (False, None), (False, {"dropout": 0.0, "attention": "cudnn"})]
+    for deterministic in (True, False):
+      jaxw.close()
+      jaxw = Worker(deterministic=deterministic)
+      for overrides in [o for d, o in rows if d == deterministic]:
+        try:
+          row = data_dependence("gpu", repeats, jaxw, model_overrides=overrides)
+          row["mfu_text"] = mfu(row["text_ms"])
+        except RuntimeError as e:  # e.g. no cuDNN attention for this card or version: a row says so, the rest runs
+          lines = [l for l in str(e).splitlines() if "Error:" in l] or str(e).strip().splitlines()
+          row = {"model": overrides, "error": lines[-1].strip()[:160]}
+          jaxw.close()
+          jaxw = Worker(deterministic=deterministic)
+        steps.append({"deterministic": deterministic, **row})
+        print(json.dumps(steps[-1]), flush=True)
+    results["steps"] = steps
+    save()
+  jaxw.close()
+  for row in results.get("steps", []):  # rows merged from an earlier run: against this run's peak
+    if "error" not in row and "mfu_text" not in row:
+      row["mfu_text"] = mfu(row["text_ms"])
+  if "torch" in parts:
+    torchw("torch_setup", "gpu")
+    torchw("torch_run", 10)  # compile, warm up
+    torch_ms = median([1e3 * torchw("torch_run", GPU_CASE.steps) / GPU_CASE.steps for _ in range(repeats)])
+    results["torch_step"] = {"ms": torch_ms, "mfu": mfu(torch_ms)}
+    print(json.dumps(results["torch_step"]), flush=True)
+    save()
+  torchw.close()
+  if "recipe" in parts:
     results["recipe"] = gpu_recipe(args.gpu_recipe_repeats, peak)
     save()
   table = gpu_markdown(results)
@@ -623,10 +650,14 @@ def gpu_markdown(results: dict) -> str:
     what = "nlm-jax, " + ("deterministic ops" if r["deterministic"] else "non-deterministic ops")
     if r.get("model"):
       what += ", " + ", ".join(f"{k}={v}" for k, v in r["model"].items())
+    if "error" in r:
+      lines.append(f"| {what} | failed: {r['error']} | | | | |")
+      continue
     lines.append(f"| {what} | {r['text_ms']:.2f} | {r['uniform_ms']:.2f} | {r['repeated_ms']:.2f} | "
                  f"{r['text_vs_uniform']:.3f} | {100 * r['mfu_text']:.1f}% |")
-  ts = results["torch_step"]
-  lines.append(f"| PyTorch (torch.compile, bf16 autocast, SDPA) | {ts['ms']:.2f} | | | | {100 * ts['mfu']:.1f}% |")
+  ts = results.get("torch_step")
+  if ts:
+    lines.append(f"| PyTorch (torch.compile, bf16 autocast, SDPA) | {ts['ms']:.2f} | | | | {100 * ts['mfu']:.1f}% |")
   return "\n".join(lines)
 
 

@@ -449,7 +449,7 @@ class TorchTrainStep:
     self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
     self.carries = not isinstance(model, TorchTransformer)
     self.carry = None
-    self.forward = forward or model  # e.g. torch.compile(model)
+    self.forward = model if forward is None else forward  # e.g. torch.compile(model) (no truth value)
     device = next(model.parameters()).device.type
     self.autocast = (lambda: torch.autocast(device, dtype=autocast)) if autocast else contextlib.nullcontext
 
