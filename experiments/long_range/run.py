@@ -127,7 +127,9 @@ def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) ->
     rng = np.random.default_rng(gap)
     line_len = 2 * K + gap + 2  # with the newline the tokenizer adds
     files = {}
-    for split, n in (("train", 3000 if not quick else 300), ("validation", 300 if not quick else 50)):
+    # 40,000 training lines: with 3,000 an LSTM learned to recall them (train loss 0.60 ≈ perfect
+    # recall) while its validation loss rose again (0.76 → 0.89): it memorized lines instead.
+    for split, n in (("train", 40_000 if not quick else 300), ("validation", 300 if not quick else 50)):
       files[split] = os.path.join(tmp, f"copy_gap{gap}_{split}.txt")
       with open(files[split], "w") as f:
         f.write("\n".join(copy_lines(n, gap, rng)) + "\n")
@@ -165,8 +167,9 @@ def main() -> None:
   out = args.out or (tmp if args.quick else HERE)
   if not args.quick and not os.path.exists(TEXT):
     raise SystemExit(f"{TEXT} not found (the gradient part needs ../shared/data/tiny_shakespeare)")
-  gaps = [2, 8] if args.quick else [5, 20, 50, 100]
-  steps = 10 if args.quick else 600
+  gaps = [2, 8] if args.quick else [5, 20, 50]
+  # An LSTM took ~1,500 steps to leave the no-recall plateau (loss 1.22 nats/char) at gap 5.
+  steps = 10 if args.quick else 2000
   grads = gradient_flow(tmp, args.quick, seed=1)
   copy = copy_task(tmp, args.quick, args.seeds, gaps, steps)
 
