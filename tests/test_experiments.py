@@ -11,10 +11,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(experiment: str, out, seeds: int) -> dict:
+def run_quick(experiment: str, out, seeds: int, *extra: str) -> dict:
   """`python -m experiments.EXPERIMENT.run --quick` into `out`; its results.json."""
   proc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}.run", "--quick", "--seeds", str(seeds),
-                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "results.json") as f:
     return json.load(f)
@@ -53,3 +53,29 @@ def test_long_range_quick(tmp_path):
       assert g.shape == (20,) and np.all(np.isfinite(g)) and np.all(g > 0)
   assert set(results["copy"]) == {"rnn", "lstm", "transformer"}
   assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
+
+
+def test_architectures_quick(tmp_path):
+  """Word level (the corpus with more settings: files per split, <eos> padding for the FNN, tied
+  embeddings); the character corpus runs the same code."""
+  res = run_quick("architectures", tmp_path, 1, "--corpora", "wikitext2")["results"]["wikitext2"]
+  assert list(res["rows"]) == ["fnn", "rnn", "lstm", "transformer"]
+  tokens = {r["tokens"] for r in res["rows"].values()}
+  assert tokens == {6 * 4 * 35}  # equal budget: the same training tokens for every model
+  for r in res["rows"].values():
+    assert len(r["val_ppl"]) == 1 and 1.0 < r["val_ppl"][0] < 100  # a 12-word toy vocabulary
+    assert r["curves"][0][-1]["tokens"] == 6 * 4 * 35
+  assert (tmp_path / "wikitext2.png").read_bytes()[:4] == b"\x89PNG"
+  assert "QUICK MODE" in (tmp_path / "results.md").read_text()
+
+
+def test_optimization_quick(tmp_path):
+  res = run_quick("optimization", tmp_path, 1, "--workloads", "wikitext2_lstm", "--groups", "schedule")
+  rows = res["results"]["wikitext2_lstm"]["rows"]
+  assert list(rows) == ["AdamW (baseline)", "AdamW, constant lr", "AdamW, plateau ÷4"]
+  for r in rows.values():
+    assert len(r["val_ppl"]) == 1 and 1.0 < r["val_ppl"][0] < 100  # a 12-word toy vocabulary
+    assert [s for s, _ in r["curves"][0]] == [1, 2, 3, 4]
+  # the schedules differ, so the runs do (a setting that changed nothing would give the baseline's curve)
+  assert rows["AdamW, constant lr"]["curves"] != rows["AdamW (baseline)"]["curves"]
+  assert (tmp_path / "wikitext2_lstm.png").read_bytes()[:4] == b"\x89PNG"

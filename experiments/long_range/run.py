@@ -104,10 +104,13 @@ def copy_lines(n: int, gap: int, rng) -> list[str]:
 
 
 def recall_accuracy(run, params, lines: list[str]) -> float:
-  """Fraction of lines whose K recalled letters are all the argmax predictions (teacher forcing)."""
+  """Fraction of lines whose K recalled letters are all the argmax predictions (teacher forcing).
+  Each line is read after a newline, as every line in training was: from a bare start the
+  recurrent models, which only ever saw lines after a newline, do not recognize the letters as a
+  line's beginning (an LSTM that recalled 100% after '\n' recalled 0% without it)."""
   import jax.numpy as jnp
 
-  ids = np.stack([run.tokenizer.encode(line)[:len(line)] for line in lines])  # no trailing <eos>
+  ids = np.stack([run.tokenizer.encode("\n" + line)[:len(line) + 1] for line in lines])  # no trailing <eos>
   logits = run.model.apply({"params": params}, jnp.asarray(ids[:, :-1])).logits
   predicted = np.asarray(jnp.argmax(logits, axis=-1))[:, -K:]
   return float(np.mean(np.all(predicted == ids[:, -K:], axis=1)))

@@ -537,7 +537,8 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
                     "train_perplexity": math.exp(min(loss, 700.0)),
                     "grad_norm": float(fetched[-1]["grad_norm"]),
                     "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
-                    "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                    "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    "elapsed_s": round(time.time() - t_loop, 3)}  # this process's loop so far (evals included)
           window_start, window_steps = time.time(), 0
           if is_eval:
             t_eval = time.time()
