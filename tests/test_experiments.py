@@ -79,3 +79,38 @@ def test_optimization_quick(tmp_path):
   # the schedules differ, so the runs do (a setting that changed nothing would give the baseline's curve)
   assert rows["AdamW, constant lr"]["curves"] != rows["AdamW (baseline)"]["curves"]
   assert (tmp_path / "wikitext2_lstm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_embeddings_quick(tmp_path):
+  res = run_quick("embeddings", tmp_path, 1)
+  trained, random_ = res["probes"]["trained"][0], res["probes"]["random"][0]
+  for p in (trained, random_):
+    assert 0.0 <= p["purity"]["overall"] <= 1.0 and 0.0 < p["purity"]["chance"] < 1.0
+    assert p["analogies"]["all"]["questions"] > 0  # the toy corpus holds the gender and ordinal words
+  assert trained["purity"]["words"] == random_["purity"]["words"] == 61
+  assert set(res["first_seed"]["neighbours"]["trained"]) <= {"king", "France", "Monday", "three", "guitar", "war",
+                                                             "played", "river"}
+  assert (tmp_path / "embeddings_pca.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_embedding_probes_on_constructed_embeddings():
+  """The probes find structure put there on purpose, and none in random vectors."""
+  from experiments.embeddings.run import CATEGORIES, RELATIONS, analogies, category_purity
+
+  rng = np.random.default_rng(0)
+  words = list(dict.fromkeys([w for ws in CATEGORIES.values() for w in ws]
+                             + [w for ps in RELATIONS.values() for p in ps for w in p] + [f"w{i}" for i in range(200)]))
+  index = {w: i for i, w in enumerate(words)}
+  clustered = rng.normal(size=(len(words), 64))
+  for c, ws in CATEGORIES.items():
+    clustered[[index[w] for w in ws]] = rng.normal(size=64) * 3 + rng.normal(size=(len(ws), 64))
+  assert category_purity(clustered, index)["overall"] > 0.9
+  assert category_purity(rng.normal(size=clustered.shape), index)["overall"] < 0.4
+
+  related = rng.normal(size=(len(words), 256))
+  for rel, pairs in RELATIONS.items():
+    offset = rng.normal(size=256) * 0.5
+    for a, b in pairs:
+      related[index[b]] = related[index[a]] + offset
+  assert analogies(related, index, len(words))["all"]["accuracy"] > 0.9
+  assert analogies(rng.normal(size=related.shape), index, len(words))["all"]["accuracy"] < 0.1
