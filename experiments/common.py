@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +25,21 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None)
   if proc.returncode:
     raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
   return time.perf_counter() - t
+
+
+def scratch(prefix: str) -> str:
+  """A temporary folder for an experiment's runs; the run directories in it (checkpoints: up to
+  hundreds of MB each) are removed when the experiment exits, files at its top (a quick run's
+  results) are kept."""
+  tmp = tempfile.mkdtemp(prefix=prefix)
+
+  def remove_runs() -> None:
+    for entry in os.scandir(tmp):
+      if entry.is_dir():
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+  atexit.register(remove_runs)
+  return tmp
 
 
 def mean_std(xs: list[float], digits: int) -> str:

@@ -20,9 +20,8 @@ import json
 import os
 import random
 import statistics
-import tempfile
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -124,7 +123,7 @@ def main() -> None:
   ap.add_argument("--corpora", default="shakespeare,wikitext2")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   args = ap.parse_args()
-  tmp = tempfile.mkdtemp(prefix="architectures-")
+  tmp = scratch("architectures-")
   out = args.out or (tmp if args.quick else HERE)
   if args.quick:
     toy_corpora(tmp)
@@ -139,7 +138,7 @@ def main() -> None:
     some = next(iter(res["rows"].values()))
     lines += [f"**{res['title']}**: {res['steps']} steps, {some['tokens']:,} training tokens for every model "
               f"(mean ± std over {args.seeds} seeds)", "",
-              f"| model | parameters | validation perplexity (whole split) | wall time of `nlm-jax train` |",
+              "| model | parameters | validation perplexity (whole split) | wall time of `nlm-jax train` |",
               "|---|---:|---:|---:|"]
     for arch, r in res["rows"].items():
       lines.append(f"| {arch.upper() if arch != 'transformer' else 'Transformer'} | {r['params']:,} | "

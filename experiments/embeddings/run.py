@@ -24,11 +24,10 @@ import itertools
 import os
 import random
 import statistics
-import tempfile
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -142,7 +141,7 @@ def main() -> None:
   from nlm_jax import models
   from nlm_jax.training import trainer
 
-  tmp = tempfile.mkdtemp(prefix="embeddings-")
+  tmp = scratch("embeddings-")
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 1500)
   if args.quick:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -166,7 +165,7 @@ def main() -> None:
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.ERROR)
-  tmp = tempfile.mkdtemp(prefix="long_range-")
+  tmp = scratch("long_range-")
   out = args.out or (tmp if args.quick else HERE)
   if not args.quick and not os.path.exists(TEXT):
     raise SystemExit(f"{TEXT} not found (the gradient part needs ../shared/data/tiny_shakespeare)")

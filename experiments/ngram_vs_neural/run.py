@@ -18,12 +18,11 @@ import argparse
 import os
 import random
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -82,7 +81,7 @@ def main() -> None:
   from nlm_jax.scoring import token_log_probs
   from nlm_jax.training import trainer
 
-  tmp = tempfile.mkdtemp(prefix="ngram_vs_neural-")
+  tmp = scratch("ngram_vs_neural-")
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 400)
   extra = []

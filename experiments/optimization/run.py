@@ -19,9 +19,8 @@ import json
 import os
 import random
 import statistics
-import tempfile
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -129,7 +128,7 @@ def main() -> None:
   ap.add_argument("--groups", default=None, help="comma list of: optimizer,weight decay,schedule,learning rate")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   args = ap.parse_args()
-  tmp = tempfile.mkdtemp(prefix="optimization-")
+  tmp = scratch("optimization-")
   out = args.out or (tmp if args.quick else HERE)
   if args.quick:
     toy(tmp)

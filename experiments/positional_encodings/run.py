@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, write_results
+from experiments.common import mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -67,7 +66,7 @@ def main() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
   from nlm_jax.training import trainer
 
-  tmp = tempfile.mkdtemp(prefix="positional_encodings-")
+  tmp = scratch("positional_encodings-")
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 1000)
   eval_chars = args.eval_chars or (2048 if args.quick else 32768)
