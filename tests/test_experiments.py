@@ -53,6 +53,44 @@ def test_long_range_quick(tmp_path):
       assert g.shape == (20,) and np.all(np.isfinite(g)) and np.all(g > 0)
   assert set(results["copy"]) == {"rnn", "lstm", "transformer"}
   assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
+  assert set(results["adding"]) == {"rnn", "lstm", "transformer"} and results["lengths"] == [4, 8]
+  # an untrained answer is worth about the mean sum's error (~0.3), never more than the range
+  assert all(0.0 <= x <= 1.8 for by_len in results["adding"].values() for xs in by_len.values() for x in xs)
+
+
+def test_adding_problem_lines_and_error():
+  """Lines mark one value in each half and end with the marked sum; a model whose distribution
+  puts all mass on the right answer has error 0, on the answer 0.3 away error 0.3."""
+  from experiments.long_range.run import ANSWERS, MARKED, VALUES, adding_error, adding_lines
+
+  for line in adding_lines(50, 10, np.random.default_rng(0)):
+    body, answer = line.split("=")
+    marked = [i for i, c in enumerate(body) if c in MARKED]
+    assert len(body) == 10 and len(marked) == 2 and marked[0] < 5 <= marked[1]
+    assert ANSWERS.index(answer) == sum(MARKED.index(body[i]) for i in marked)
+    assert all(c in VALUES for i, c in enumerate(body) if i not in marked)
+
+  class Tok:
+    def encode(self, text):
+      return np.array([ord(c) for c in text])
+
+  class Model:
+    def __init__(self, shift):
+      self.shift = shift
+
+    def apply(self, variables, ids):
+      import jax.numpy as jnp
+
+      logits = np.full(ids.shape + (128,), -1e9, np.float32)
+      for i, row in enumerate(lines):  # all mass on the answer `shift` classes away from the truth
+        logits[i, -1, ord(ANSWERS[ANSWERS.index(row[-1]) + self.shift])] = 0.0
+      return type("Out", (), {"logits": jnp.asarray(logits)})
+
+  lines = [l for l in adding_lines(200, 6, np.random.default_rng(1)) if ANSWERS.index(l[-1]) <= 15][:20]
+  run = type("Run", (), {"tokenizer": Tok()})
+  for shift, expected in ((0, 0.0), (3, 0.3)):
+    run.model = Model(shift)
+    assert adding_error(run, None, lines) == pytest.approx(expected, abs=1e-6)
 
 
 def test_architectures_quick(tmp_path):

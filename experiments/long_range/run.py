@@ -19,6 +19,7 @@ Writes results.json, results.md, gradient_norms.png and copy_task.png beside thi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 
@@ -115,15 +116,20 @@ def recall_accuracy(run, params, lines: list[str]) -> float:
   return float(np.mean(np.all(predicted == ids[:, -K:], axis=1)))
 
 
-def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) -> dict:
-  from nlm_jax.training import trainer
-
+def copy_sizes(quick: bool) -> dict[str, list[str]]:
   sizes = {"rnn": ["model.arch=rnn", "model.n_layers=1", "model.d_embed=32", "model.d_hidden=128"],
            "lstm": ["model.arch=lstm", "model.n_layers=1", "model.d_embed=32", "model.d_hidden=128"],
            "transformer": ["model.arch=transformer", "model.n_layers=2", "model.n_heads=4", "model.d_model=64"]}
   if quick:
     sizes = {a: s[:2] + ["model.d_embed=8", "model.d_hidden=16"] if a != "transformer"
              else s[:2] + ["model.n_heads=2", "model.d_model=16"] for a, s in sizes.items()}
+  return sizes
+
+
+def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) -> dict:
+  from nlm_jax.training import trainer
+
+  sizes = copy_sizes(quick)
   results = {arch: {str(g): [] for g in gaps} for arch in sizes}
   for gap in gaps:
     rng = np.random.default_rng(gap)
@@ -153,6 +159,76 @@ def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) ->
   return results
 
 
+# ----------------------------------------------------------------------------- 3. adding problem
+
+# The adding problem (Hochreiter & Schmidhuber 1997, experiment 4) posed as language modelling:
+# a line holds L values v ∈ {0.0, 0.1, ..., 0.9}, each one character ('a'..'j' = 0.0..0.9, or
+# 'A'..'J' for the two marked ones: one in each half), then '=' and one character for the sum of
+# the two marked values (ANSWERS[k] = k/10, k = 0..18). The model's answer is the expected value
+# of its distribution over ANSWERS at that position; solved when the mean absolute error over
+# held-out lines is below 0.04 (H&S's criterion). Always answering the mean sum (0.9) gives ~0.3.
+VALUES, MARKED, ANSWERS = "abcdefghij", "ABCDEFGHIJ", "0123456789KLMNOPQRS"
+ADDING_SOLVED = 0.04
+
+
+def adding_lines(n: int, length: int, rng) -> list[str]:
+  out = []
+  for _ in range(n):
+    v = rng.integers(0, 10, length)
+    i, j = rng.integers(0, length // 2), rng.integers(length // 2, length)
+    chars = [VALUES[x] for x in v]
+    chars[i], chars[j] = MARKED[v[i]], MARKED[v[j]]
+    out.append("".join(chars) + "=" + ANSWERS[v[i] + v[j]])
+  return out
+
+
+def adding_error(run, params, lines: list[str]) -> float:
+  """Mean |E[answer] − sum| over `lines` (teacher forcing; each line after a newline, as in training)."""
+  import jax
+  import jax.numpy as jnp
+
+  ids = np.stack([run.tokenizer.encode("\n" + line)[:len(line) + 1] for line in lines])
+  logits = run.model.apply({"params": params}, jnp.asarray(ids[:, :-1])).logits[:, -1]
+  answer_ids = np.array([run.tokenizer.encode(c)[0] for c in ANSWERS])
+  p = np.asarray(jax.nn.softmax(logits[:, answer_ids].astype(jnp.float32), axis=-1))  # renormalized on answers
+  expected = p @ (np.arange(len(ANSWERS)) / 10)
+  truth = np.array([ANSWERS.index(line[-1]) / 10 for line in lines])
+  return float(np.mean(np.abs(expected - truth)))
+
+
+def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: int) -> dict:
+  from nlm_jax.training import trainer
+
+  sizes = copy_sizes(quick)
+  results = {arch: {str(n): [] for n in lengths} for arch in sizes}
+  for length in lengths:
+    rng = np.random.default_rng(1000 + length)
+    files = {}
+    for split, n in (("train", 40_000 if not quick else 300), ("validation", 300 if not quick else 50)):
+      files[split] = os.path.join(tmp, f"adding_{length}_{split}.txt")
+      with open(files[split], "w") as f:
+        # every symbol in the training text, so that the character vocabulary is complete
+        f.write("\n".join(adding_lines(n, length, rng) + ([VALUES + MARKED + "=" + ANSWERS] if split == "train"
+                                                         else [])) + "\n")
+    heldout = adding_lines(200 if not quick else 20, length, np.random.default_rng(20_000 + length))
+    seq_len = 2 * (length + 3)
+    for arch, size in sizes.items():
+      batching = "windows" if arch == "transformer" else "streams"
+      for seed in range(1, seeds + 1):
+        workdir = os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}")
+        extra = [f"model.context={seq_len}"] if arch == "transformer" else []
+        nlm_jax_train(workdir, [*size, *extra, "data.source=text", f"data.files.train={files['train']}",
+                                f"data.files.validation={files['validation']}", "tokenizer.kind=char",
+                                f"data.batching={batching}", "data.batch_size=32", f"data.seq_len={seq_len}",
+                                "optim.name=adam", "optim.lr=3e-3", "optim.clip_norm=1.0", f"train.steps={steps}",
+                                f"train.eval_every={steps}", "train.eval_batches=5", f"seed={seed}"])
+        run, params, _ = trainer.load_run(workdir)
+        results[arch][str(length)].append(adding_error(run, params, heldout))
+        print(f"adding L={length} {arch} seed {seed}: mean absolute error {results[arch][str(length)][-1]:.3f}",
+              flush=True)
+  return results
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -161,6 +237,8 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="tiny settings (seconds; what CI runs)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
+  ap.add_argument("--parts", default="gradients,copy,adding", help="comma list of: gradients, copy, adding")
+  ap.add_argument("--merge", action="store_true", help="keep the other parts' results from the existing results.json")
   args = ap.parse_args()
   from absl import logging as absl_logging
 
@@ -169,20 +247,41 @@ def main() -> None:
   out = args.out or (tmp if args.quick else HERE)
   if not args.quick and not os.path.exists(TEXT):
     raise SystemExit(f"{TEXT} not found (the gradient part needs ../shared/data/tiny_shakespeare)")
-  gaps = [2, 8] if args.quick else [5, 20, 50]
+  parts = set(args.parts.split(","))
+  results = {}
+  if args.merge and os.path.exists(os.path.join(out, "results.json")):
+    with open(os.path.join(out, "results.json")) as f:
+      results = json.load(f)
+  results.update(quick=args.quick, seeds=args.seeds)
   # An LSTM took ~1,500 steps to leave the no-recall plateau (loss 1.22 nats/char) at gap 5.
-  steps = 10 if args.quick else 2000
-  grads = gradient_flow(tmp, args.quick, seed=1)
-  copy = copy_task(tmp, args.quick, args.seeds, gaps, steps)
+  results.setdefault("steps", 10 if args.quick else 2000)
+  if "gradients" in parts:
+    results["gradients"] = gradient_flow(tmp, args.quick, seed=1)
+  if "copy" in parts:
+    results["gaps"] = [2, 8] if args.quick else [5, 20, 50]
+    results["copy"] = copy_task(tmp, args.quick, args.seeds, results["gaps"], results["steps"])
+  if "adding" in parts:
+    results["lengths"] = [4, 8] if args.quick else [10, 40]
+    results["adding"] = adding_task(tmp, args.quick, args.seeds, results["lengths"], results["steps"])
+  table = report(results)
+  print(table)
+  write_results(out, table, results, update_readme=not args.quick)
+  plot(results, out)
 
-  lines = ["| ‖∂L_T/∂x_t‖ relative to t = T | T−t = 10 | T−t = 50 | T−t = 90 |", "|---|---:|---:|---:|"]
+
+def report(results: dict) -> str:
+  seeds, steps = results["seeds"], results["steps"]
+  grads, copy, gaps = results.get("gradients", {}), results.get("copy", {}), results.get("gaps", [])
+
+  lines = ["| ‖∂L_T/∂x_t‖ relative to t = T | T−t = 10 | T−t = 50 | T−t = 90 |", "|---|---:|---:|---:|"] if grads else []
   for arch, states in grads.items():
     for state, g in states.items():
       g = np.asarray(g)
       cells = [f"{g[-1 - d] / g[-1]:.1e}" if d < len(g) else "—" for d in (10, 50, 90)]
       lines.append(f"| {arch.upper()}, {state} | " + " | ".join(cells) + " |")
-  lines += ["", f"| copy task: lines with all {K} letters recalled (mean ± std over {args.seeds} seeds) | "
-            + " | ".join(f"gap {g}" for g in gaps) + " |", "|---|" + "---:|" * len(gaps)]
+  if copy:
+    lines += ["", f"| copy task: lines with all {K} letters recalled (mean ± std over {seeds} seeds) | "
+              + " | ".join(f"gap {g}" for g in gaps) + " |", "|---|" + "---:|" * len(gaps)]
   for arch, by_gap in copy.items():
     cells = []
     for g in gaps:
@@ -190,19 +289,38 @@ def main() -> None:
       cell = mean_std(xs, 2)
       cells.append(f"**{cell}**" if statistics.mean(xs) >= SOLVED else cell)
     lines.append(f"| {arch} | " + " | ".join(cells) + " |")
-  lines += ["", f"Bold: solved (≥ {SOLVED:.0%} of held-out lines). {steps} steps of batch 32 per copy-task run."
-            + (" QUICK MODE, not a result." if args.quick else "")]
-  table = "\n".join(lines)
-  print(table)
-  write_results(out, table, {"quick": args.quick, "seeds": args.seeds, "gradients": grads, "copy": copy,
-                             "gaps": gaps, "steps": steps}, update_readme=not args.quick)
-  plot(grads, copy, gaps, out)
+  lengths, adding = results.get("lengths", []), results.get("adding", {})
+  if adding:
+    lines += ["", f"| adding problem: mean absolute error of the sum (mean ± std over {seeds} seeds) | "
+              + " | ".join(f"L = {n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for arch, by_len in adding.items():
+      cells = []
+      for n in lengths:
+        xs = by_len[str(n)]
+        cell = mean_std(xs, 3)
+        cells.append(f"**{cell}**" if statistics.mean(xs) < ADDING_SOLVED else cell)
+      lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+  lines += ["", f"Bold: solved (copy: ≥ {SOLVED:.0%} of held-out lines; adding: error < {ADDING_SOLVED}). "
+            f"{steps} steps of batch 32 per copy-task and adding run."
+            + (" QUICK MODE, not a result." if results["quick"] else "")]
+  return "\n".join(lines)
 
 
-def plot(grads: dict, copy: dict, gaps: list[int], out: str) -> None:
+def plot(results: dict, out: str) -> None:
+  grads, copy, gaps = results.get("gradients", {}), results.get("copy", {}), results.get("gaps", [])
   import matplotlib
 
   matplotlib.use("Agg")
+  if grads:
+    plot_gradients(grads, out)
+  if copy:
+    plot_copy(copy, gaps, out)
+  lengths, adding = results.get("lengths", []), results.get("adding", {})
+  if adding:
+    plot_adding(adding, lengths, out)
+
+
+def plot_gradients(grads: dict, out: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -219,6 +337,10 @@ def plot(grads: dict, copy: dict, gaps: list[int], out: str) -> None:
   fig.savefig(os.path.join(out, "gradient_norms.png"), dpi=120)
   plt.close(fig)
 
+
+def plot_copy(copy: dict, gaps: list[int], out: str) -> None:
+  import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for arch, by_gap in copy.items():
     means = [statistics.mean(by_gap[str(g)]) for g in gaps]
@@ -231,6 +353,25 @@ def plot(grads: dict, copy: dict, gaps: list[int], out: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "copy_task.png"), dpi=120)
+  plt.close(fig)
+
+
+
+def plot_adding(adding: dict, lengths: list[int], out: str) -> None:
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for arch, by_len in adding.items():
+    means = [statistics.mean(by_len[str(n)]) for n in lengths]
+    ax.plot(lengths, means, marker="o", label=arch)
+  ax.axhline(ADDING_SOLVED, color="grey", linestyle=":", label="solved (H&S: < 0.04)")
+  ax.set_xlabel("sequence length L")
+  ax.set_ylabel("mean absolute error of the sum (held-out lines)")
+  ax.set_yscale("log")
+  ax.set_title("Adding problem")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "adding_problem.png"), dpi=120)
   plt.close(fig)
 
 
