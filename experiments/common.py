@@ -27,10 +27,19 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None)
   return time.perf_counter() - t
 
 
-def scratch(prefix: str) -> str:
-  """A temporary folder for an experiment's runs; the run directories in it (checkpoints: up to
-  hundreds of MB each) are removed when the experiment exits, files at its top (a quick run's
-  results) are kept."""
+def add_runs_argument(ap) -> None:
+  ap.add_argument("--runs", default=None,
+                  help="keep the runs' directories in this folder: rerunning the same command resumes them "
+                       "(finished runs are not trained again) instead of starting over")
+
+
+def scratch(prefix: str, runs: str | None = None) -> str:
+  """The folder for an experiment's runs: `runs` (kept: `nlm-jax train` resumes what is there),
+  else a temporary one whose run directories (checkpoints: up to hundreds of MB each) are removed
+  when the experiment exits; files at its top (a quick run's results) are kept."""
+  if runs:
+    os.makedirs(runs, exist_ok=True)
+    return os.path.abspath(runs)
   tmp = tempfile.mkdtemp(prefix=prefix)
 
   def remove_runs() -> None:

@@ -87,10 +87,10 @@ def test_adding_problem_lines_and_error():
       return type("Out", (), {"logits": jnp.asarray(logits)})
 
   lines = [l for l in adding_lines(200, 6, np.random.default_rng(1)) if ANSWERS.index(l[-1]) <= 15][:20]
-  run = type("Run", (), {"tokenizer": Tok()})
+  run = type("Run", (), {"tokenizer": Tok(), "model_cfg": type("Cfg", (), {"arch": "lstm"})})
   for shift, expected in ((0, 0.0), (3, 0.3)):
     run.model = Model(shift)
-    assert adding_error(run, None, lines) == pytest.approx(expected, abs=1e-6)
+    assert adding_error(run, None, lines, lambda n: ["a" * 6 + "=0"] * n) == pytest.approx(expected, abs=1e-6)
 
 
 def test_architectures_quick(tmp_path):

@@ -21,7 +21,7 @@ import os
 import random
 import statistics
 
-from experiments.common import mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -122,8 +122,9 @@ def main() -> None:
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--corpora", default="shakespeare,wikitext2")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
+  add_runs_argument(ap)
   args = ap.parse_args()
-  tmp = scratch("architectures-")
+  tmp = scratch("architectures-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
   if args.quick:
     toy_corpora(tmp)

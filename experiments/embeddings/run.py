@@ -27,7 +27,7 @@ import statistics
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -131,6 +131,7 @@ def main() -> None:
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=None, help="training steps (default 1500; quick: 10)")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
+  add_runs_argument(ap)
   args = ap.parse_args()
   from absl import logging as absl_logging
 
@@ -141,7 +142,7 @@ def main() -> None:
   from nlm_jax import models
   from nlm_jax.training import trainer
 
-  tmp = scratch("embeddings-")
+  tmp = scratch("embeddings-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 1500)
   if args.quick:

@@ -20,7 +20,7 @@ import os
 import random
 import statistics
 
-from experiments.common import mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -127,8 +127,9 @@ def main() -> None:
   ap.add_argument("--workloads", default=",".join(WORKLOADS))
   ap.add_argument("--groups", default=None, help="comma list of: optimizer,weight decay,schedule,learning rate")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
+  add_runs_argument(ap)
   args = ap.parse_args()
-  tmp = scratch("optimization-")
+  tmp = scratch("optimization-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
   if args.quick:
     toy(tmp)

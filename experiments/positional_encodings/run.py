@@ -22,7 +22,7 @@ import statistics
 
 import numpy as np
 
-from experiments.common import mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -59,6 +59,7 @@ def main() -> None:
   ap.add_argument("--eval-chars", type=int, default=None,
                   help="validation characters scored per length (default 32,768; quick: 2,048)")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
+  add_runs_argument(ap)
   args = ap.parse_args()
 
   from absl import logging as absl_logging
@@ -66,7 +67,7 @@ def main() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
   from nlm_jax.training import trainer
 
-  tmp = scratch("positional_encodings-")
+  tmp = scratch("positional_encodings-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 1000)
   eval_chars = args.eval_chars or (2048 if args.quick else 32768)
