@@ -129,7 +129,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="a toy corpus and a few steps (seconds; what CI runs)")
   ap.add_argument("--seeds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=None, help="training steps (default 1500; quick: 10)")
+  ap.add_argument("--steps", type=int, default=None, help="training steps (default 800; quick: 10)")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
   args = ap.parse_args()
@@ -144,7 +144,7 @@ def main() -> None:
 
   tmp = scratch("embeddings-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
-  steps = args.steps or (10 if args.quick else 1500)
+  steps = args.steps or (10 if args.quick else 800)
   if args.quick:
     train_f, valid_f = toy(tmp)
     data = [f"data.files.train={train_f}", f"data.files.validation={valid_f}", "data.batch_size=4",
