@@ -237,7 +237,7 @@ def model_config(cfg: Config, vocab_size: int) -> models.ModelConfig:
   """The typed model config of the run, with the tokenizer's vocabulary size filled in."""
   fields = dict(cfg.model)
   arch = fields.pop("arch", None)
-  if arch not in models.CONFIGS:
+  if not isinstance(arch, str) or arch not in models.CONFIGS:  # a list or a mapping is not hashable
     raise UserError(f"config: model.arch={arch!r}; allowed: {', '.join(models.CONFIGS)}")
   given = fields.get("vocab_size")
   if given is not None and given < vocab_size:
@@ -391,8 +391,9 @@ def _plain(node: DictConfig, name: str):
 
 def _model_rows(node: DictConfig, rows: list) -> None:
   arch = node.get("arch")
-  archs = [arch] if arch in models.CONFIGS else list(models.CONFIGS)
-  if arch is not None and arch not in models.CONFIGS:
+  known = isinstance(arch, str) and arch in models.CONFIGS
+  archs = [arch] if known else list(models.CONFIGS)
+  if arch is not None and not known:
     raise UserError(f"config: model.arch={arch!r}; allowed: {', '.join(models.CONFIGS)}")
   arch_value = arch if arch is not None else "???"
   rows.append(("model.arch", arch_value, arch_value, "(required) " + MODEL_FIELD_HELP["arch"]))

@@ -8,7 +8,7 @@ import typing
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nlm_jax import config as config_lib
 from nlm_jax import models
@@ -16,7 +16,10 @@ from nlm_jax.data import tokenizers
 from nlm_jax.errors import UserError
 from nlm_jax.training import optim
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (a CI run of 2026-11-26 drew model.arch=[],
+# a TypeError since fixed, that earlier runs had not drawn); the explicit cases below keep it.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def _keys(cls, prefix: str = "") -> list[str]:
@@ -47,6 +50,8 @@ BASE = ["workdir=/tmp/never-created", "data.file=/tmp/corpus.txt", "model.arch=t
 
 @SETTINGS
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
+@example([("model.arch", "[]")])
+@example([("model.arch", "{a: 1}"), ("model.d_model", "[1, 2]")])
 def test_any_override_gives_a_valid_config_or_one_user_error(pairs):
   overrides = BASE + [f"{k}={v}" for k, v in pairs]
   try:

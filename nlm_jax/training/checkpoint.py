@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from typing import Any, Optional
 
 import grain
@@ -100,6 +101,7 @@ class Checkpoints:
     self._saving: Optional[int] = None
     self.set_aside: list[str] = []  # damaged steps `newest_intact` moved away
     self.vanished = False  # `newest_intact` saw a listed step disappear (a trainer pruning it)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
         read_only=read_only, async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
@@ -131,6 +133,9 @@ class Checkpoints:
     moved, found = False, None
     for step in sorted(self.manager.all_steps(), reverse=True):
       problem = self.problem(step)
+      if problem not in (None, "it is gone") and self.read_only:
+        time.sleep(0.2)  # a reader may have caught a running trainer deleting this step: look again
+        problem = self.problem(step)
       if problem is None:
         found = step
         if not os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS)):
@@ -238,6 +243,7 @@ def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: b
   """(parameters, step) of a run's checkpoint laid out as `abstract_params`: `step`, else the best
   (`best`, or a run dir given to `init_from`) or the latest intact one. Safe while a trainer saves
   and prunes: a step that vanishes while it is read is passed over for the next pick."""
+  last_listed = None
   for _ in range(attempts):
     chosen, ckpts = step, None
     try:
@@ -249,8 +255,13 @@ def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: b
           chosen = None
       if chosen is None:
         chosen = ckpts.newest_intact()
-        if chosen is None and ckpts.vanished:
-          continue  # every listed step was pruned while we looked (keep_checkpoints=1): list again
+        listed = tuple(ckpts.manager.all_steps())
+        changed, last_listed = listed != last_listed, listed
+        if chosen is None and (ckpts.vanished or changed):
+          # every listed step was pruned, or caught mid-deletion, while we looked (a trainer with
+          # keep_checkpoints=1): list again, until two listings agree
+          time.sleep(0.1)
+          continue
         if chosen is None:
           raise UserError(f"no complete checkpoint in {ckpts.directory}")
       problem = ckpts.problem(chosen)
