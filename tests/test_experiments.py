@@ -107,6 +107,7 @@ def test_architectures_quick(tmp_path):
   assert "QUICK MODE" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow  # ~30 s of three `nlm-jax train` processes; the suite keeps under ~10 minutes
 def test_optimization_quick(tmp_path):
   res = run_quick("optimization", tmp_path, 1, "--workloads", "wikitext2_lstm", "--groups", "schedule")
   rows = res["results"]["wikitext2_lstm"]["rows"]
