@@ -137,9 +137,23 @@ def copy_sizes(quick: bool) -> dict[str, list[str]]:
   return sizes
 
 
-def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) -> dict:
+def train_line_task(workdir: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int):
+  """`nlm-jax train` of one model on a line task's train/validation files (copy, adding): the
+  Transformer on random windows, the recurrent models on carried streams; (run, parameters)."""
   from nlm_jax.training import trainer
 
+  batching = "windows" if arch == "transformer" else "streams"
+  extra = [f"model.context={seq_len}"] if arch == "transformer" else []
+  nlm_jax_train(workdir, [*size, *extra, "data.source=text", f"data.files.train={files['train']}",
+                          f"data.files.validation={files['validation']}", "tokenizer.kind=char",
+                          f"data.batching={batching}", "data.batch_size=32", f"data.seq_len={seq_len}",
+                          "optim.name=adam", "optim.lr=3e-3", "optim.clip_norm=1.0", f"train.steps={steps}",
+                          f"train.eval_every={steps}", "train.eval_batches=5", f"seed={seed}"])
+  run, params, _ = trainer.load_run(workdir)
+  return run, params
+
+
+def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) -> dict:
   sizes = copy_sizes(quick)
   results = {arch: {str(g): [] for g in gaps} for arch in sizes}
   for gap in gaps:
@@ -155,16 +169,9 @@ def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) ->
     heldout = copy_lines(200 if not quick else 20, gap, np.random.default_rng(10_000 + gap))
     seq_len = 2 * line_len  # every window holds at least one whole line
     for arch, size in sizes.items():
-      batching = "windows" if arch == "transformer" else "streams"
       for seed in range(1, seeds + 1):
-        workdir = os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}")
-        extra = [f"model.context={seq_len}"] if arch == "transformer" else []
-        nlm_jax_train(workdir, [*size, *extra, "data.source=text", f"data.files.train={files['train']}",
-                                f"data.files.validation={files['validation']}", "tokenizer.kind=char",
-                                f"data.batching={batching}", "data.batch_size=32", f"data.seq_len={seq_len}",
-                                "optim.name=adam", "optim.lr=3e-3", "optim.clip_norm=1.0", f"train.steps={steps}",
-                                f"train.eval_every={steps}", "train.eval_batches=5", f"seed={seed}"])
-        run, params, _ = trainer.load_run(workdir)
+        run, params = train_line_task(os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}"), arch, size, files,
+                                      seq_len, steps, seed)
         context_rng = np.random.default_rng(30_000 + gap)
         results[arch][str(gap)].append(recall_accuracy(run, params, heldout,
                                                        lambda n: copy_lines(n, gap, context_rng)))
@@ -210,8 +217,6 @@ def adding_error(run, params, lines: list[str], make_lines) -> float:
 
 
 def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: int) -> dict:
-  from nlm_jax.training import trainer
-
   sizes = copy_sizes(quick)
   results = {arch: {str(n): [] for n in lengths} for arch in sizes}
   for length in lengths:
@@ -226,16 +231,9 @@ def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: in
     heldout = adding_lines(200 if not quick else 20, length, np.random.default_rng(20_000 + length))
     seq_len = 2 * (length + 3)
     for arch, size in sizes.items():
-      batching = "windows" if arch == "transformer" else "streams"
       for seed in range(1, seeds + 1):
-        workdir = os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}")
-        extra = [f"model.context={seq_len}"] if arch == "transformer" else []
-        nlm_jax_train(workdir, [*size, *extra, "data.source=text", f"data.files.train={files['train']}",
-                                f"data.files.validation={files['validation']}", "tokenizer.kind=char",
-                                f"data.batching={batching}", "data.batch_size=32", f"data.seq_len={seq_len}",
-                                "optim.name=adam", "optim.lr=3e-3", "optim.clip_norm=1.0", f"train.steps={steps}",
-                                f"train.eval_every={steps}", "train.eval_batches=5", f"seed={seed}"])
-        run, params, _ = trainer.load_run(workdir)
+        run, params = train_line_task(os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}"), arch, size, files,
+                                      seq_len, steps, seed)
         context_rng = np.random.default_rng(40_000 + length)
         results[arch][str(length)].append(adding_error(run, params, heldout,
                                                        lambda n: adding_lines(n, length, context_rng)))
