@@ -17,14 +17,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None) -> float:
   """`nlm-jax train [--config CONFIG] workdir=WORKDIR ...` from the repository root, quietly;
-  returns its wall time. A failure stops the experiment with the command's last error lines."""
+  returns its wall time. A failure stops the experiment with the command's last error lines.
+  A run this function finished before (a kept `--runs` folder) is not started again: its first
+  wall time, stored beside its summary.json, is returned, so a rerun reports the same times."""
+  stored = os.path.join(workdir, "experiment_wall_s.json")
+  if os.path.exists(stored) and os.path.exists(os.path.join(workdir, "summary.json")):
+    with open(stored) as f:
+      return json.load(f)["wall_s"]
   argv = [sys.executable, "-m", "nlm_jax", "train", *(["--config", config] if config else []),
           f"workdir={workdir}", "train.progress=false", *overrides]
   t = time.perf_counter()
   proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
-  return time.perf_counter() - t
+  wall = time.perf_counter() - t
+  with open(stored, "w") as f:
+    json.dump({"wall_s": wall}, f)
+  return wall
 
 
 def add_runs_argument(ap) -> None:
