@@ -5,6 +5,7 @@
     nlm-jax eval --workdir DIR [--split NAME] [--json]
     nlm-jax generate --workdir DIR --prompt TEXT [--num-samples N] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    nlm-jax predict --workdir DIR --text TEXT [--text TEXT ...] [--json]     (a classifier)
     nlm-jax data prepare NAME [--manual-dir DIR] [--data-dir DIR]
     nlm-jax plot --workdir DIR
 
@@ -62,6 +63,9 @@ def _generate(args) -> int:
   from nlm_jax.training import trainer
 
   run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
+  if run.cfg.task.kind != "lm":
+    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; generate needs a language model"
+                    + (" (use predict)" if run.cfg.task.kind == "classify" else ""))
 
   def stream(piece: str):
     sys.stdout.write(piece)
@@ -76,6 +80,24 @@ def _generate(args) -> int:
   for i, text in enumerate(texts):
     print(f"--- sample {i + 1} of {len(texts)} ---")
     print(text)
+  return 0
+
+
+def _predict(args) -> int:
+  from nlm_jax.training import trainer
+
+  run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
+  if not hasattr(run, "predict"):
+    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; predict needs a classifier "
+                    "(task.kind=classify); for a language model use generate")
+  probs_NxC = run.predict(params, args.text)
+  for text, probs in zip(args.text, probs_NxC):
+    best = int(probs.argmax())
+    if args.json:
+      print(json.dumps({"text": text, "label": run.labels[best], "probability": float(probs[best]),
+                        "probabilities": dict(zip(run.labels, map(float, probs)))}))
+    else:
+      print(f"{run.labels[best]}\t{probs[best]:.4f}\t{text}")
   return 0
 
 
@@ -155,8 +177,11 @@ def parser() -> argparse.ArgumentParser:
   show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
   show.set_defaults(fn=_config_show)
 
-  for name, fn, help_text in (("eval", _eval, "loss and perplexity of a trained run on a whole split"),
-                              ("generate", _generate, "sample text from a trained run")):
+  for name, fn, help_text in (("eval", _eval, "loss and perplexity (a classifier: accuracy) of a trained run on "
+                                             "a whole split"),
+                              ("generate", _generate, "sample text from a trained run"),
+                              ("predict", _predict, "the class and its probability of each text, from a "
+                                                    "trained classifier")):
     e = add(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
     e.add_argument("--workdir", required=True, help="the run directory")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -166,6 +191,11 @@ def parser() -> argparse.ArgumentParser:
     if name == "eval":
       e.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
       e.add_argument("--json", action="store_true", help="print one JSON object (default: one line per number)")
+    elif name == "predict":
+      e.add_argument("--text", action="append", required=True,
+                     help="a text to classify (repeat for several; one line each: label, probability, text)")
+      e.add_argument("--json", action="store_true",
+                     help="one JSON object per text, with every class's probability (default: a line of text each)")
     else:
       e.add_argument("--prompt", default="",
                      help="text to continue, encoded by the run's tokenizer (default: '', the tokenizer's "

@@ -92,6 +92,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class TaskConfig:
+  kind: str = "lm"  # 'lm' (next-token prediction) | 'classify' (a label per text)
+  text_field: str = "sentence"  # classify: the column (TSV header) or TFDS feature holding the text
+  label_field: str = "label"  # classify: the column or TFDS feature holding the label
+  pooling: str = "last"  # classify: the head reads 'last' (last non-pad token) or 'mean' (over tokens)
+  max_len: int = 128  # classify: tokens per example, longer texts are cut (at most model.context)
+  label_smoothing: float = 0.0  # classify: ε, the targets are (1 − ε)·one-hot + ε/C
+  head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+  freeze_body_steps: int = 0  # with train.init_from: the body is not updated for the first k steps
+  body_lr_scale: float = 1.0  # the body's learning rate is optim.lr × this; the new head's is optim.lr
+  layer_lr_decay: Optional[float] = None  # ULMFiT: each body layer gets the one above's rate ÷ this (2.6)
+
+
+@dataclasses.dataclass
 class MeshConfig:
   data: int = -1  # data parallelism; −1 takes the devices the other axes leave
   fsdp: int = 1  # fully sharded data parallelism: batch and parameters split over it
@@ -111,6 +129,7 @@ class DistributedConfig:
 class Config:
   workdir: str = MISSING  # the run directory (required)
   seed: int = 0  # initialization, data order, dropout
+  task: TaskConfig = dataclasses.field(default_factory=TaskConfig)  # what is learned: lm | classify
   model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # model.arch and the fields of its config
   data: DataConfig = dataclasses.field(default_factory=DataConfig)  # text source and batching
   tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)  # text -> ids
@@ -118,9 +137,12 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # the loop
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)  # several processes
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)  # from train.init_from
 
 
 CHOICES = {
+    "task.kind": ("lm", "classify"),
+    "task.pooling": ("last", "mean"),
     "data.source": ("tfds", "text"),
     "data.batching": ("windows", "streams"),
     "tokenizer.kind": ("char", "byte", "word", "sentencepiece"),
@@ -155,6 +177,12 @@ RANGES = {
     "tokenizer.vocab_size": (1, None, "≥ 1"),
     "tokenizer.min_count": (1, None, "≥ 1"),
     "tokenizer.character_coverage": (0, 1, "in (0, 1]", "open-low"),
+    "task.max_len": (1, None, "≥ 1"),
+    "task.label_smoothing": (0, 1, "in [0, 1)", "open-high"),
+    "task.head_dropout": (0, 1, "in [0, 1)", "open-high"),
+    "finetune.freeze_body_steps": (0, None, "≥ 0"),
+    "finetune.body_lr_scale": (0, None, "≥ 0"),
+    "finetune.layer_lr_decay": (1, None, "≥ 1 (or null: off)"),
     "distributed.num_processes": (1, None, "≥ 1"),
     "distributed.process_id": (0, None, "≥ 0"),
 }

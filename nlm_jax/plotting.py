@@ -61,10 +61,12 @@ def curves(records: list[dict], summary: dict | None = None) -> dict[str, list[t
     validation          val_loss: the periodic estimate (train.eval_batches batches)
     final               final_<split>_loss (summary.json): the whole evaluation split, final parameters
   """
-  points = lambda key: [(r["step"], r["tokens"], r[key]) for r in records if key in r]
+  # a classification run counts examples where a language model counts tokens
+  points = lambda key: [(r["step"], r.get("tokens", r.get("examples")), r[key]) for r in records if key in r]
   summary = summary or {}
   final_key = next((k for k in summary if k.startswith("final_") and k.endswith("_loss")), None)
-  final = [(summary["steps"], summary["tokens_seen"], summary[final_key])] if final_key else []
+  seen = summary.get("tokens_seen", summary.get("examples_seen"))
+  final = [(summary["steps"], seen, summary[final_key])] if final_key else []
   return {"train": points("train_loss"), "train (eval mode)": points("eval_train_loss"),
           "validation": points("val_loss"), "final": final}
 

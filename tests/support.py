@@ -93,3 +93,29 @@ def assert_trees_equal(a, b):
   assert len(la) == len(lb) > 0
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def write_sentiment(directory, n_train: int = 400, n_dev: int = 100, seed: int = 0) -> dict[str, str]:
+  """GLUE-style TSV files (train.tsv, dev.tsv: a header, then sentence<TAB>label) whose label is
+  set by the one sentiment word in each sentence, and lm.txt: the training sentences as raw text
+  (for pretraining on the same vocabulary)."""
+  rng = random.Random(seed)
+  pos, neg = "good great fine lovely superb".split(), "bad awful poor dull terrible".split()
+  filler = "the movie was a film plot acting very quite and it".split()
+  paths = {}
+  for split, n in (("train", n_train), ("dev", n_dev)):
+    rows, sentences = ["sentence\tlabel"], []
+    for _ in range(n):
+      label = rng.randint(0, 1)
+      words = [rng.choice(filler) for _ in range(rng.randint(2, 20))]
+      words.insert(rng.randrange(len(words) + 1), rng.choice(pos if label else neg))
+      sentences.append(" ".join(words))
+      rows.append(f"{sentences[-1]}\t{label}")
+    paths[split] = os.path.join(directory, f"{split}.tsv")
+    with open(paths[split], "w") as f:
+      f.write("\n".join(rows) + "\n")
+    if split == "train":
+      paths["lm"] = os.path.join(directory, "lm.txt")
+      with open(paths["lm"], "w") as f:
+        f.write("\n".join(sentences) + "\n")
+  return paths

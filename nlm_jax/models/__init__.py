@@ -27,13 +27,14 @@ CONFIGS: dict[str, type] = {c.arch: c for c in (FNNConfig, RNNConfig, LSTMConfig
 _BUILDERS = {"fnn": FNN, "rnn": RNN, "lstm": LSTM, "transformer": Transformer}
 
 
-def build(config: ModelConfig):
-  """The Flax module for an architecture config."""
+def build(config: ModelConfig, name: str | None = None):
+  """The Flax module for an architecture config (`name`: as a submodule of another, e.g. the
+  body of a classifier)."""
   arch = getattr(config, "arch", None)
   if arch not in _BUILDERS:
     raise ValueError(f"unknown model config {type(config).__name__}; expected one of "
                      f"{', '.join(c.__name__ for c in CONFIGS.values())}")
-  return _BUILDERS[arch](config)
+  return _BUILDERS[arch](config, name=name)
 
 
 def config_from_dict(fields: dict[str, Any]) -> ModelConfig:

@@ -101,6 +101,6 @@ def zero_state(cfg: LSTMConfig, batch_size: int):
   return (zeros, zeros)
 
 
-def LSTM(cfg: LSTMConfig) -> RecurrentLM:
+def LSTM(cfg: LSTMConfig, name: str | None = None) -> RecurrentLM:
   """LSTM LM: tokens (B, T) → `LMOutput`; carry = tuple of L states (c, h), each (B, H)."""
-  return RecurrentLM(cfg, LSTMLayer, zero_state)
+  return RecurrentLM(cfg, LSTMLayer, zero_state, name=name)

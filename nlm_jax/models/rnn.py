@@ -84,6 +84,6 @@ def zero_state(cfg: RNNConfig, batch_size: int) -> Array:
   return jnp.zeros((batch_size, cfg.d_hidden), jnp.dtype(cfg.dtype))
 
 
-def RNN(cfg: RNNConfig) -> RecurrentLM:
+def RNN(cfg: RNNConfig, name: str | None = None) -> RecurrentLM:
   """Elman RNN LM: tokens (B, T) → `LMOutput`; carry = tuple of L states h (B, H)."""
-  return RecurrentLM(cfg, ElmanLayer, zero_state)
+  return RecurrentLM(cfg, ElmanLayer, zero_state, name=name)

@@ -50,8 +50,13 @@ def decay_mask(exclude: list[str]):
   return lambda params: jax.tree_util.tree_map_with_path(lambda p, x: not excluded(p, x), params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """The Optax chain for `cfg`; with `grad_accum` > 1 wrapped in `optax.MultiSteps`."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, lr_groups=None) -> optax.GradientTransformation:
+  """The Optax chain for `cfg`; with `grad_accum` > 1 wrapped in `optax.MultiSteps`.
+
+  `lr_groups`: (labels, {label: factor}) — `labels(params)` names each parameter's group, whose
+  learning rate is η_t × factor (`optax.multi_transform` of `optax.scale` after the schedule:
+  clipping and the optimizer's statistics stay those of the whole network). Fine-tuning uses it
+  for the body's and the head's rates and ULMFiT's per-layer ones."""
   mode = cfg.weight_decay_mode or ("decoupled" if cfg.name == "adamw" else "l2")
   mask = decay_mask(list(cfg.decay_exclude))
   parts = []
@@ -68,6 +73,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   if cfg.weight_decay and mode == "decoupled":
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(schedule(cfg, total_steps)))
+  if lr_groups is not None:
+    labels, factors = lr_groups
+    parts.append(optax.multi_transform({name: optax.scale(f) for name, f in factors.items()}, labels))
   tx = optax.chain(*parts)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)

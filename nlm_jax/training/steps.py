@@ -45,13 +45,24 @@ def reset_carry(carry, initial, reset_B: Array):
 
 
 class LMTask:
-  """Next-token prediction with any of the four models, on a mesh."""
+  """Next-token prediction with any of the four models, on a mesh.
+
+  Other tasks (nlm_jax.tasks) subclass it: they change `batch_keys` and `_objective` (and the
+  evaluation metrics), and keep the state, its sharding, the update and the finiteness check.
+
+  `freeze`: (steps, mask_fn) — the parameters where `mask_fn(params)` (a pytree of bools) is
+  True get no gradient and stay bit-identical for the first `steps` optimizer steps (fine-tuning
+  a pretrained body under a new head).
+  """
+
+  batch_keys: tuple[str, ...] = ("inputs", "targets", "mask", "reset")
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
-               carry_state: bool, example_len: int):
+               carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None):
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
+    self.grad_accum, self.freeze = grad_accum, freeze
     self.example = jnp.zeros((1, example_len), jnp.int32)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.replicated = NamedSharding(mesh, P())
@@ -60,7 +71,7 @@ class LMTask:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
         self.state_sharding)
-    batch_sh = {k: self.batch_sharding for k in ("inputs", "targets", "mask", "reset")}
+    batch_sh = {k: self.batch_sharding for k in self.batch_keys}
     self.init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
@@ -91,12 +102,18 @@ class LMTask:
 
   # ------------------------------------------------------------------------- steps
 
-  def _forward(self, params, batch, carry, key, deterministic: bool):
+  def _objective(self, params, batch, carry, key, deterministic: bool):
+    """(summed loss, count, new carry, other summed metrics) of a batch: here the next-token NLL."""
     rngs = None if deterministic else {"dropout": key}
     out = self.model.apply({"params": params}, batch["inputs"], carry, deterministic=deterministic,
                            rngs=rngs)
     nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
-    return nll_sum, count, out.carry
+    return nll_sum, count, out.carry, {}
+
+  def _eval_metrics(self, params, carry, batch):
+    """(new carry, summed metrics) of an evaluation batch, in eval mode."""
+    nll_sum, count, new_carry, extra = self._objective(params, batch, carry, None, deterministic=True)
+    return new_carry, {"nll_sum": nll_sum, "count": count, **extra}
 
   def _train_step(self, state: TrainState, batch: dict[str, Array]):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -105,26 +122,37 @@ class LMTask:
       carry = reset_carry(state.carry, self.initial_carry(self.batch_size), batch["reset"])
 
     def loss_fn(params):
-      nll_sum, count, new_carry = self._forward(params, batch, carry, key, deterministic=False)
-      return nll_sum / count, (nll_sum, count, new_carry)
+      loss_sum, count, new_carry, extra = self._objective(params, batch, carry, key, deterministic=False)
+      return loss_sum / count, (loss_sum, count, new_carry, extra)
 
-    (_, (nll_sum, count, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (nll_sum, count, new_carry, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    frozen = None
+    if self.freeze is not None and self.freeze[0] > 0:
+      # Optimizer step state.step // grad_accum is still in the frozen phase: no gradient reaches
+      # the frozen parameters (their optimizer moments stay zero) and they are kept exactly.
+      steps, mask_fn = self.freeze
+      mask = mask_fn(grads)  # Python bools: which leaves are frozen
+      frozen = state.step // self.grad_accum < steps
+      grads = jax.tree.map(lambda g, m: jnp.where(frozen, jnp.zeros_like(g), g) if m else g, grads, mask)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
+    if frozen is not None:
+      params = jax.tree.map(lambda new, old, m: jnp.where(frozen, old, new) if m else new, params,
+                            state.params, mask)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               carry=jax.lax.stop_gradient(new_carry) if self.carry_state else None)
     # Whether the updated parameters are all finite (their global norm is): checked before a save.
     metrics = {"nll_sum": nll_sum, "count": count, "grad_norm": optax.global_norm(grads),
-               "params_finite": jnp.isfinite(optax.global_norm(params))}
+               "params_finite": jnp.isfinite(optax.global_norm(params)), **extra}
     return new_state, metrics
 
   def _eval_step(self, params, carry, batch: dict[str, Array]):
     if carry is not None:
       carry = reset_carry(carry, self.initial_carry(batch["inputs"].shape[0]), batch["reset"])
-    nll_sum, count, new_carry = self._forward(params, batch, carry, None, deterministic=True)
-    return (new_carry if carry is not None else None), {"nll_sum": nll_sum, "count": count}
+    new_carry, metrics = self._eval_metrics(params, carry, batch)
+    return (new_carry if carry is not None else None), metrics
 
   def _update_plateau(self, state: TrainState, val_loss: Array) -> TrainState:
     _, plateau = self.plateau.update({}, state.plateau, value=val_loss)

@@ -38,6 +38,7 @@ from nlm_jax.data import pipeline, tokenizers
 from nlm_jax import progress as progress_lib
 from nlm_jax.data.corpus import Corpus
 from nlm_jax.errors import UserError
+from nlm_jax.tasks import finetune
 from nlm_jax.training import checkpoint as ckpt_lib
 from nlm_jax.training import optim, runlock
 from nlm_jax.training.steps import LMTask
@@ -47,7 +48,7 @@ FINGERPRINT_FILE = "data_fingerprint.json"
 TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 # Config sections a resumed run must share with the checkpoint it resumes.
-RESUME_MUST_MATCH = ("model", "tokenizer", "data.source", "data.name", "data.files", "data.file",
+RESUME_MUST_MATCH = ("task", "model", "tokenizer", "data.source", "data.name", "data.files", "data.file",
                      "data.split_fractions", "data.batching", "data.batch_size", "data.seq_len",
                      "optim.name", "optim.grad_accum", "seed")
 
@@ -76,7 +77,12 @@ def _first_difference(old: Any, new: Any, prefix: str) -> Optional[str]:
 
 
 class Run:
-  """Everything a run needs, built from its config: corpus, tokenizer, model, mesh, steps."""
+  """Everything a language-modelling run needs, built from its config: corpus, tokenizer, model,
+  mesh, steps. Other tasks (`nlm_jax.tasks`) give the trainer the same interface: `task`,
+  `tokenizer`, `lr_schedule`, `train_iterator`, `global_batch`, `periodic_evaluation`,
+  `final_evaluation`, `check_data`, `data_fingerprint`, `units_per_step`, `load_pretrained`."""
+
+  unit = "tokens"  # what metrics.jsonl counts: tokens (LM), examples (classification)
 
   def __init__(self, cfg: config_lib.Config, tokenizer: Optional[tokenizers.Tokenizer] = None,
                mesh=None):
@@ -94,11 +100,40 @@ class Run:
       raise UserError("config: train.eval_estimator=random_windows needs train.eval_batches (nanoGPT: 200)")
     if (cfg.train.eval_train_batches or 0) < 0:
       raise UserError(f"config: train.eval_train_batches={cfg.train.eval_train_batches}; must be ≥ 0 or null")
-    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    finetune.freeze(cfg, head=None)  # a language model has no new head: refused if asked for
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
-                       self.uses_carry, example_len=min(cfg.data.seq_len, 8))
+                       self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum)
     self.rows = parallel.process_rows(cfg.data.batch_size)
+
+  def units_per_step(self) -> int:
+    """Training tokens per optimizer step."""
+    return self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.optim.grad_accum
+
+  def check_data(self) -> None:
+    _check_split_lengths(self)
+
+  def data_fingerprint(self) -> dict[str, str]:
+    return data_fingerprint(self)
+
+  def save_files(self, workdir: str) -> None:
+    """Files the run directory needs beside the config and the tokenizer (none for LM)."""
+
+  def load_pretrained(self, state, run_dir: str, step: Optional[int]):
+    """`state` with the parameters of a pretrained run (`train.init_from`): all of them."""
+    params, _ = ckpt_lib.read_params(run_dir, step, self.task.abstract_state.params, best=True)
+    return state.replace(params=params)
+
+  def final_evaluation(self, params, step: int, last_eval) -> dict:
+    """The whole evaluation split with the final parameters: `{name: value}` for summary.json
+    (as final_<split>_<name>). When the evaluation at this step already scored the whole split
+    (train.eval_batches: null, estimator 'fixed'), its numbers are these ones and are reused."""
+    cfg = self.cfg
+    whole = cfg.train.eval_estimator == "fixed" and self.eval_plan(cfg.data.eval_split, cfg.train.eval_batches)[1]
+    if last_eval is not None and last_eval[0] == step and whole:
+      return last_eval[1]
+    return self.evaluate(params, cfg.data.eval_split, None)
 
   def train_iterator(self):
     tokens = self.corpus.tokens(self.cfg.data.train_split)
@@ -359,14 +394,27 @@ def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
 
 
 def _init_from_source(cfg: config_lib.Config):
-  """(run dir, step, tokenizer) of the run `train.init_from` names; its tokenizer config must be
-  this run's, so that the new phase keeps the vocabulary the parameters were trained with."""
+  """(run dir, step, tokenizer) of the run `train.init_from` names: a language model whose
+  tokenizer config and model (but for settings like dropout) are this run's, so that the new
+  phase keeps the vocabulary and the network the parameters were trained with."""
   run_dir, step = ckpt_lib.resolve(cfg.train.init_from)  # step None: its best, else latest
+  if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+    raise UserError(f"init_from {run_dir}: no nlm-jax run there (no {CONFIG_FILE})")
   source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
-  if dataclasses.asdict(source.tokenizer) != dataclasses.asdict(cfg.tokenizer):
-    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer "
-                    f"{dataclasses.asdict(source.tokenizer)} vs {dataclasses.asdict(cfg.tokenizer)})")
-  return run_dir, step, tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
+  if source.task.kind != "lm":
+    raise UserError(f"init_from {run_dir} is a task.kind={source.task.kind} run; start from a language "
+                    "model (task.kind=lm)")
+  old_tok, new_tok = dataclasses.asdict(source.tokenizer), dataclasses.asdict(cfg.tokenizer)
+  if old_tok != new_tok:
+    key = next(k for k in sorted(old_tok) if old_tok[k] != new_tok[k])
+    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer.{key}: {old_tok[key]!r} "
+                    f"(pretrained) vs {new_tok[key]!r} (now))")
+  tokenizer = tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
+  diff = finetune.model_difference(config_lib.model_config(source, tokenizer.vocab_size),
+                                   config_lib.model_config(cfg, tokenizer.vocab_size))
+  if diff:
+    raise UserError(f"init_from {run_dir} has a different architecture ({diff})")
+  return run_dir, step, tokenizer
 
 
 @contextlib.contextmanager
@@ -427,20 +475,15 @@ def configure_runtime(cfg: config_lib.Config) -> None:
     raise UserError(f"{e} (or train.deterministic=false)") from None
 
 
-def _final_evaluation(run: Run, params, step: int, last_eval, workdir: str) -> dict:
-  """`final_<split>_loss` etc.: the whole evaluation split scored with the final parameters, also
-  written to TensorBoard. When the evaluation at this step already scored the whole split
-  (train.eval_batches: null, estimator 'fixed'), its numbers are these ones and are reused."""
-  cfg, t0 = run.cfg, time.time()
-  split = cfg.data.eval_split
-  whole = cfg.train.eval_estimator == "fixed" and run.eval_plan(split, cfg.train.eval_batches)[1]
-  if last_eval is not None and last_eval[0] == step and whole:
-    final = last_eval[1]
-  else:
-    final = run.evaluate(params, split, None)
+def _final_evaluation(run, params, step: int, last_eval, workdir: str) -> dict:
+  """`final_<split>_loss` etc.: the whole evaluation split scored with the final parameters
+  (`run.final_evaluation`), also written to TensorBoard."""
+  t0, split = time.time(), run.cfg.data.eval_split
+  final = run.final_evaluation(params, step, last_eval)
   out = {f"final_{split}_{name}": v for name, v in final.items()}
   log = MetricsLog(workdir, step)
-  log.write({"step": step, **{key: value for key, value in out.items() if not key.endswith("_tokens")}},
+  log.write({"step": step, **{key: value for key, value in out.items()
+                              if not key.endswith(("_tokens", "_examples"))}},
             jsonl=False)  # metrics.jsonl keeps one kind of line: a training step's record
   log.close()
   return {**out, "final_eval_s": round(time.time() - t0, 2)}
@@ -468,15 +511,16 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
   if resume_step is None and cfg.train.init_from:
     *init_from, tokenizer = _init_from_source(cfg)
 
-  run = Run(cfg, tokenizer)
-  _check_split_lengths(run)
+  run = make_run(cfg, tokenizer)
+  run.check_data()
   if resume_step is not None:
     _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
-  _check_data(workdir, data_fingerprint(run), resume_step is not None, cfg.train.allow_data_change)
+  _check_data(workdir, run.data_fingerprint(), resume_step is not None, cfg.train.allow_data_change)
   if is_main_process():
     os.makedirs(workdir, exist_ok=True)
     _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
     tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
+    run.save_files(workdir)
   ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
 
   data_iter = run.train_iterator()
@@ -488,14 +532,13 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
   else:
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
     if init_from is not None:
-      params, _ = ckpt_lib.read_params(init_from[0], init_from[1], run.task.abstract_state.params, best=True)
-      state = state.replace(params=params)
+      state = run.load_pretrained(state, *init_from)
 
   k = cfg.optim.grad_accum
   start = int(state.step) // k
   stop = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
   log = MetricsLog(workdir, start)
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * k
+  tokens_per_step = run.units_per_step()  # tokens (LM) or examples (classification) per optimizer step
   every_ckpt = cfg.train.checkpoint_every or cfg.train.eval_every
 
   progress = None
@@ -533,11 +576,11 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
           pending = []
           loss = _finite_mean_loss(fetched, step, last_saved, ckpts.directory)
           elapsed = time.time() - window_start
-          record = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss,
+          record = {"step": step, run.unit: step * tokens_per_step, "train_loss": loss,
                     "train_perplexity": math.exp(min(loss, 700.0)),
                     "grad_norm": float(fetched[-1]["grad_norm"]),
                     "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
-                    "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    f"{run.unit}_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                     "elapsed_s": round(time.time() - t_loop, 3)}  # this process's loop so far (evals included)
           window_start, window_steps = time.time(), 0
           if is_eval:
@@ -555,7 +598,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
               progress.last_print_t += window_start - t_eval
           log.write(record)
           if progress is not None:
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record[f'{run.unit}_per_s']:.0f}",
                                  **({"val": f"{last_val:.4f}"} if is_eval else {}))
         if progress is not None:
           progress.update(1)
@@ -575,7 +618,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
 
   if stopped:  # (a request during the last step lets the run finish)
     raise UserError(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
-  summary: dict[str, Any] = {"workdir": workdir, "steps": step, "tokens_seen": step * tokens_per_step,
+  summary: dict[str, Any] = {"workdir": workdir, "steps": step, f"{run.unit}_seen": step * tokens_per_step,
                              "wall_time_s": None,  # below: the whole command, final evaluation included
                              "loop_time_s": round(loop_time, 2),  # the steps, their compilation, evals, saves
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
@@ -589,6 +632,17 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
       json.dump(summary, f, indent=2)
   ckpts.close()
   return summary
+
+
+def make_run(cfg: config_lib.Config, tokenizer: Optional[tokenizers.Tokenizer] = None, mesh=None,
+             workdir: Optional[str] = None):
+  """The run object of `cfg.task.kind`: `Run` for language modelling, `nlm_jax.tasks`' others.
+  `workdir`: a trained run's directory, whose saved files (e.g. the label set) it reads."""
+  if cfg.task.kind == "lm":
+    return Run(cfg, tokenizer, mesh)
+  from nlm_jax import tasks
+
+  return tasks.make_run(cfg, tokenizer, mesh, workdir)
 
 
 # ----------------------------------------------------------------------------- load a run
@@ -610,6 +664,6 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
   cfg.data.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
   n = jax.device_count()
   cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
-  run = Run(cfg, tokenizer, mesh)
+  run = make_run(cfg, tokenizer, mesh, workdir=workdir)
   params, step = ckpt_lib.read_params(workdir, step, run.task.abstract_state.params, best=best)
   return run, params, step

@@ -1,0 +1,403 @@
+"""Text classification (sentiment: SST-2) with a head on any of the four language models.
+
+    cfg = load_config(None, ["task.kind=classify", "model.arch=lstm", "data.files.train=train.tsv",
+                             "data.files.validation=dev.tsv", "tokenizer.kind=word", "workdir=runs/sst2"])
+
+The network is the language model (the *body*, unchanged, so a pretrained LM's parameters load
+into it: `train.init_from`) and a linear head on its final hidden states h_t:
+
+    pooled = h_{last}                 (pooling 'last': the last non-pad token; a causal model has
+                                       read the whole text there)
+           | Σ_t m_t h_t / Σ_t m_t    (pooling 'mean': over the text's tokens)
+    logits = W · dropout(pooled) + b  (C classes)
+
+Each text is tokenized as [start] + tokenizer.encode(text) (the word tokenizer ends it with
+<eos>), cut to task.max_len tokens. Training batches hold texts of similar length (each epoch:
+shuffle, sort chunks of 32 batches by length, shuffle the batches) padded to a multiple of 16
+tokens, so a handful of shapes is compiled; the mask marks the padding. Evaluation reads a split
+in order; rows that pad the last batch have weight 0.
+
+Data: a GLUE-style TSV per split (`data.files`: a header, then `sentence<TAB>label`; the columns
+are task.text_field / task.label_field), or a TFDS dataset (`data.source=tfds`, e.g.
+`data.name=glue/sst2`) with those features. The classes are the training split's labels, sorted
+(numerically when they are all integers); a run directory keeps them in labels.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import math
+import os
+from typing import Optional
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nlm_jax import config as config_lib
+from nlm_jax import models, parallel
+from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data.corpus import _read_text, tfds_builder
+from nlm_jax.errors import UserError
+from nlm_jax.models.layers import param_init
+from nlm_jax.tasks import finetune
+from nlm_jax.training import optim
+from nlm_jax.training.steps import LMTask
+
+Array = jax.Array
+LABELS_FILE = "labels.json"
+BUCKET = 16  # padded lengths are multiples of this (fewer shapes to compile)
+SORT_CHUNK = 32  # batches whose examples are sorted by length together
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+  """(texts, labels) of a TSV file with a header row naming its columns."""
+  text = _read_text(path)
+  if not text.strip():
+    raise UserError(f"data file {path} is empty")
+  reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+  header = next(reader)
+  for field, key in ((text_field, "task.text_field"), (label_field, "task.label_field")):
+    if field not in header:
+      raise UserError(f"{path}: no column {field!r} in its header ({', '.join(map(repr, header))}); set {key}")
+  i_text, i_label = header.index(text_field), header.index(label_field)
+  texts, labels = [], []
+  for line_no, row in enumerate(reader, start=2):
+    if not row:
+      continue
+    if len(row) != len(header):
+      raise UserError(f"{path}:{line_no}: {len(row)} tab-separated fields, the header has {len(header)}")
+    texts.append(row[i_text])
+    labels.append(row[i_label].strip())
+  if not texts:
+    raise UserError(f"data file {path} has a header but no examples")
+  return texts, labels
+
+
+def read_tfds(data_cfg, split: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+  import tensorflow_datasets as tfds
+
+  builder = tfds_builder(data_cfg.name, data_cfg.data_dir)
+  if not builder.is_prepared():
+    raise UserError(f"TFDS dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run "
+                    f"`nlm-jax data prepare {data_cfg.name}` first")
+  if split not in builder.info.splits:
+    raise UserError(f"TFDS dataset {data_cfg.name!r} has no split {split!r}; available: "
+                    f"{', '.join(builder.info.splits.keys())}")
+  source = tfds.data_source(data_cfg.name, split=split, data_dir=data_cfg.data_dir)
+  n = len(source) if data_cfg.max_examples is None else min(len(source), data_cfg.max_examples)
+  texts, labels = [], []
+  for i in range(n):
+    example = source[i]
+    for field in (text_field, label_field):
+      if field not in example:
+        raise UserError(f"TFDS dataset {data_cfg.name!r} has no feature {field!r}; features: {', '.join(example)}")
+    value = example[text_field]
+    texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    labels.append(str(int(example[label_field])))
+  if labels and all(label == "-1" for label in labels):
+    raise UserError(f"the {split!r} split of {data_cfg.name!r} has no labels (-1: a hidden test split)")
+  return texts, labels
+
+
+def sort_labels(labels) -> list[str]:
+  """The class names in order: numerically when all are integers, else as strings."""
+  distinct = set(labels)
+  try:
+    return sorted(distinct, key=int)
+  except ValueError:
+    return sorted(distinct)
+
+
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
+  """[start] + tokenizer.encode(text), cut to max_len tokens, for each text."""
+  start = np.asarray([tokenizer.start_id], np.int32)
+  return [np.concatenate([start, tokenizer.encode(t.replace("\n", " "))])[:max_len].astype(np.int32)
+          for t in texts]
+
+
+def padded_length(n: int, max_len: int) -> int:
+  return min(max_len, -(-n // BUCKET) * BUCKET)
+
+
+def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) -> dict[str, np.ndarray]:
+  """A batch of `rows` examples: the given ones (right-padded to a multiple of BUCKET tokens, at
+  most max_len), then weight-0 rows of one token."""
+  T = padded_length(max((len(x) for x in ids), default=1), max_len)
+  inputs = np.zeros((rows, T), np.int32)
+  mask = np.zeros((rows, T), np.float32)
+  for b, x in enumerate(ids):
+    inputs[b, :len(x)] = x
+    mask[b, :len(x)] = 1.0
+  mask[len(ids):, 0] = 1.0  # padding rows: one (ignored) token, so that every pooling is defined
+  out_labels = np.zeros((rows,), np.int32)
+  out_labels[:len(ids)] = labels
+  weights = (np.arange(rows) < len(ids)).astype(np.float32)
+  return {"inputs": inputs, "mask": mask, "labels": out_labels, "weights": weights}
+
+
+def train_batches(ids: list[np.ndarray], labels: np.ndarray, batch_size: int, seed: int, max_len: int,
+                  rows: slice = slice(None)) -> grain.IterDataset:
+  """Infinite training batches of texts of similar length (see the module's docstring); a Grain
+  iterator, so that its position is checkpointed and a resumed run reads the same batches."""
+  n = len(ids)
+  n_batches = n // batch_size
+  if n_batches < 1:
+    raise UserError(f"the training split has {n} examples: too few for data.batch_size={batch_size}")
+  lengths = np.asarray([len(x) for x in ids])
+
+  @functools.lru_cache(maxsize=2)
+  def plan(epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    chunk = batch_size * SORT_CHUNK
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                            for c in np.split(perm, range(chunk, n, chunk))])
+    batches = order[:n_batches * batch_size].reshape(n_batches, batch_size)
+    return batches[rng.permutation(n_batches)]
+
+  def batch(index: int, _):
+    chosen = plan(index // n_batches)[index % n_batches][rows]
+    return collate([ids[i] for i in chosen], labels[chosen], len(chosen), max_len)
+
+  return grain.MapDataset.range(n_batches).repeat().map_with_index(batch).to_iter_dataset(pipeline.READ_OPTIONS)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Classifier(nn.Module):
+  """A language model (`body`) with a linear head (`head`) on its pooled final hidden states."""
+
+  body_cfg: models.ModelConfig
+  num_classes: int
+  pooling: str = "last"
+  head_dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array, mask_BxT: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    body = models.build(self.body_cfg, name="body")
+    h_BxTxD = body(tokens_BxT, None, deterministic=deterministic).hidden.astype(jnp.float32)
+    if mask_BxT is None:
+      mask_BxT = jnp.ones(tokens_BxT.shape, jnp.float32)
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    if self.pooling == "mean":
+      pooled_BxD = (h_BxTxD * mask_BxT[..., None]).sum(1) / jnp.maximum(mask_BxT.sum(1), 1.0)[:, None]
+    else:  # the last token of each row's text (right padding)
+      last_B = jnp.maximum(mask_BxT.sum(1).astype(jnp.int32) - 1, 0)
+      pooled_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    pooled_BxD = nn.Dropout(self.head_dropout)(pooled_BxD, deterministic=deterministic)
+    return nn.Dense(self.num_classes, kernel_init=param_init(nn.initializers.xavier_uniform(), (None, None)),
+                    bias_init=param_init(nn.initializers.zeros, (None,)), name="head")(pooled_BxD)
+
+
+def classification_loss(logits_BxC: Array, labels_B: Array, weights_B: Array, smoothing: float = 0.0
+                        ) -> tuple[Array, Array]:
+  """Σ_b w_b · CE(smoothed one-hot(y_b), softmax(logits_b)), and Σ_b w_b. With ε = smoothing the
+  target is (1 − ε)·one-hot + ε/C (`optax.smooth_labels`); ε = 0 is the negative log-likelihood."""
+  logits_BxC = logits_BxC.astype(jnp.promote_types(logits_BxC.dtype, jnp.float32))
+  targets_BxC = jax.nn.one_hot(labels_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype)
+  if smoothing:
+    targets_BxC = optax.smooth_labels(targets_BxC, smoothing)
+  loss_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
+  weights_B = weights_B.astype(loss_B.dtype)
+  return (loss_B * weights_B).sum(), weights_B.sum()
+
+
+class ClassifyTask(LMTask):
+  """The train / eval steps of classification (the state, update and checks are LMTask's)."""
+
+  batch_keys = ("inputs", "mask", "labels", "weights")
+
+  def __init__(self, *args, smoothing: float = 0.0, **kwargs):
+    self.smoothing = smoothing
+    super().__init__(*args, **kwargs)
+
+  def _logits(self, params, batch, key, deterministic: bool):
+    rngs = None if deterministic else {"dropout": key}
+    return self.model.apply({"params": params}, batch["inputs"], batch["mask"], deterministic=deterministic,
+                            rngs=rngs)
+
+  def _objective(self, params, batch, carry, key, deterministic: bool):
+    logits_BxC = self._logits(params, batch, key, deterministic)
+    loss_sum, count = classification_loss(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
+    correct = ((jnp.argmax(logits_BxC, -1) == batch["labels"]) * batch["weights"]).sum()
+    return loss_sum, count, None, {"correct": correct}
+
+  def _eval_metrics(self, params, carry, batch):
+    logits_BxC = self._logits(params, batch, None, deterministic=True)
+    nll_sum, count = classification_loss(logits_BxC, batch["labels"], batch["weights"])
+    C = logits_BxC.shape[-1]
+    w_B = batch["weights"]
+    onehot_BxC = jax.nn.one_hot(batch["labels"], C) * w_B[:, None]
+    right_B = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)
+    return None, {"nll_sum": nll_sum, "count": count, "correct": (right_B * w_B).sum(),
+                  "total_C": onehot_BxC.sum(0), "correct_C": (onehot_BxC * right_B[:, None]).sum(0)}
+
+  def predict(self, params, inputs_BxT, mask_BxT) -> Array:
+    return jax.nn.softmax(self.model.apply({"params": params}, inputs_BxT, mask_BxT, deterministic=True), -1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class ClassifyRun:
+  """What the trainer needs for a classification run (the interface of `trainer.Run`)."""
+
+  unit = "examples"
+
+  def __init__(self, cfg: config_lib.Config, tokenizer=None, mesh=None, workdir: Optional[str] = None):
+    self.cfg = cfg
+    t, d = cfg.task, cfg.data
+    self._splits: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+    self._texts: dict[str, tuple[list[str], list[str]]] = {}
+    saved = os.path.join(workdir, LABELS_FILE) if workdir else None
+    if saved and os.path.exists(saved):
+      with open(saved) as f:
+        self.labels = json.load(f)["labels"]
+    else:
+      self.labels = sort_labels(self._read(d.train_split)[1])
+    if len(self.labels) < 2:
+      raise UserError(f"the {d.train_split!r} split has one label ({self.labels[0]!r}); classification "
+                      "needs at least two")
+    self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self._read(d.train_split)[0]))
+    self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
+    if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
+      raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
+    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    parallel.check_batch(d.batch_size, self.mesh)
+    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
+    self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
+                             example_len=8, grad_accum=cfg.optim.grad_accum,
+                             freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing)
+    self.rows = parallel.process_rows(d.batch_size)
+
+  # ------------------------------------------------------------------------- data
+
+  def _read(self, split: str) -> tuple[list[str], list[str]]:
+    if split not in self._texts:
+      d, t = self.cfg.data, self.cfg.task
+      if d.source == "tfds":
+        self._texts[split] = read_tfds(d, split, t.text_field, t.label_field)
+      else:
+        if split not in d.files:
+          raise UserError(f"no split {split!r} in data.files; available: {', '.join(d.files)}")
+        self._texts[split] = read_tsv(os.path.abspath(os.path.expanduser(d.files[split])), t.text_field,
+                                      t.label_field)
+    return self._texts[split]
+
+  def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """(token ids of each text, class index of each label) of a split."""
+    if split not in self._splits:
+      texts, labels = self._read(split)
+      index = {label: i for i, label in enumerate(self.labels)}
+      unknown = sorted(set(labels) - set(index))
+      if unknown:
+        raise UserError(f"the {split!r} split has label {unknown[0]!r}, which the training split does not "
+                        f"have (classes: {', '.join(self.labels)})")
+      ids = encode_texts(self.tokenizer, texts, self.cfg.task.max_len)
+      self._splits[split] = ids, np.asarray([index[label] for label in labels], np.int32)
+    return self._splits[split]
+
+  def units_per_step(self) -> int:
+    return self.cfg.data.batch_size * self.cfg.optim.grad_accum
+
+  def check_data(self) -> None:
+    d = self.cfg.data
+    n = len(self.examples(d.train_split)[0])
+    if n < d.batch_size:
+      raise UserError(f"the {d.train_split!r} split has {n} examples: too few for data.batch_size={d.batch_size}")
+    self.examples(d.eval_split)
+
+  def data_fingerprint(self) -> dict[str, str]:
+    out = {}
+    for split in dict.fromkeys([self.cfg.data.train_split, self.cfg.data.eval_split]):
+      ids, labels = self.examples(split)
+      h = hashlib.sha256(labels.tobytes())
+      for x in ids:
+        h.update(np.int32(len(x)).tobytes() + x.tobytes())
+      out[split] = h.hexdigest()[:16]
+    return out
+
+  def save_files(self, workdir: str) -> None:
+    with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+      json.dump({"labels": self.labels}, f)
+
+  def load_pretrained(self, state, run_dir: str, step: Optional[int]):
+    """The pretrained language model's parameters become the body's; the head stays new."""
+    from nlm_jax.training import checkpoint as ckpt_lib
+
+    body, _ = ckpt_lib.read_params(run_dir, step, self.task.abstract_state.params["body"], best=True)
+    return state.replace(params={**state.params, "body": body})
+
+  def train_iterator(self):
+    ids, labels = self.examples(self.cfg.data.train_split)
+    return iter(train_batches(ids, labels, self.cfg.data.batch_size, self.cfg.seed, self.cfg.task.max_len,
+                              self.rows))
+
+  def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    return parallel.global_batch(local, self.task.batch_sharding, batch_size)
+
+  # ------------------------------------------------------------------------- evaluation
+
+  def eval_batch_size(self) -> int:
+    d = self.cfg.data
+    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
+    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards
+
+  def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None) -> dict:
+    """Loss (mean NLL), accuracy, and per class the examples and the correct ones, over a split
+    (all of it, or its first `max_batches` batches)."""
+    ids, labels = self.examples(split)
+    B = self.eval_batch_size()
+    rows = parallel.process_rows(B)
+    n_batches = -(-len(ids) // B)
+    if max_batches is not None:
+      n_batches = min(n_batches, max_batches)
+    sums = None
+    for k in range(n_batches):
+      chosen = range(k * B, min((k + 1) * B, len(ids)))
+      local = collate([ids[i] for i in chosen], labels[list(chosen)], B, self.cfg.task.max_len)
+      local = {key: value[rows] for key, value in local.items()}
+      _, m = self.task.eval_step(params, None, self.global_batch(local, B))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    sums = jax.device_get(sums)
+    count = float(sums["count"])
+    if count == 0:
+      raise UserError(f"the {split!r} split has no examples to evaluate")
+    loss = float(sums["nll_sum"]) / count
+    per_class = {label: {"examples": int(t), "correct": int(c)}
+                 for label, t, c in zip(self.labels, sums["total_C"], sums["correct_C"])}
+    return {"loss": loss, "accuracy": float(sums["correct"]) / count, "examples": int(count),
+            "per_class": per_class}
+
+  def periodic_evaluation(self, params, step: int) -> tuple[dict, dict]:
+    t, d = self.cfg.train, self.cfg.data
+    val = self.evaluate(params, d.eval_split, t.eval_batches)
+    scores = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
+    if n_train is None or n_train > 0:
+      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
+    return scores, val
+
+  def final_evaluation(self, params, step: int, last_eval) -> dict:
+    if last_eval is not None and last_eval[0] == step and self.cfg.train.eval_batches is None:
+      return last_eval[1]
+    return self.evaluate(params, self.cfg.data.eval_split, None)
+
+  def predict(self, params, texts: list[str]) -> np.ndarray:
+    """Class probabilities (N, C) of texts."""
+    ids = encode_texts(self.tokenizer, texts, self.cfg.task.max_len)
+    batch = collate(ids, np.zeros(len(ids), np.int32), len(ids), self.cfg.task.max_len)
+    return np.asarray(jax.jit(self.task.predict)(params, batch["inputs"], batch["mask"]))
