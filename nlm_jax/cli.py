@@ -6,6 +6,7 @@
     nlm-jax generate --workdir DIR --prompt TEXT [--num-samples N] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S]
     nlm-jax predict --workdir DIR --text TEXT [--text TEXT ...] [--json]     (a classifier)
+    nlm-jax translate --workdir DIR --text TEXT [--text ...] [--beam-size K] [--length-penalty A]
     nlm-jax data prepare NAME [--manual-dir DIR] [--data-dir DIR]
     nlm-jax plot --workdir DIR
 
@@ -48,7 +49,11 @@ def _eval(args) -> int:
 
   run, params, step = trainer.load_run(args.workdir, args.step, args.best)
   split = args.split or run.cfg.data.eval_split
-  result = run.evaluate(params, split, None)
+  if run.cfg.task.kind == "translate":  # and BLEU of beam-search translations
+    result = run.evaluate(params, split, None, bleu=True)
+    result.pop("hypotheses")
+  else:
+    result = run.evaluate(params, split, None)
   result = {"split": split, "step": step, **result}
   if args.json:
     print(json.dumps(json_safe(result), allow_nan=False))
@@ -98,6 +103,18 @@ def _predict(args) -> int:
                         "probabilities": dict(zip(run.labels, map(float, probs)))}))
     else:
       print(f"{run.labels[best]}\t{probs[best]:.4f}\t{text}")
+  return 0
+
+
+def _translate(args) -> int:
+  from nlm_jax.training import trainer
+
+  run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
+  if not hasattr(run, "translate"):
+    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; translate needs a "
+                    "task.kind=translate run")
+  for line in run.translate(params, args.text, args.beam_size, args.length_penalty, args.max_len):
+    print(line)
   return 0
 
 
@@ -181,7 +198,9 @@ def parser() -> argparse.ArgumentParser:
                                              "a whole split"),
                               ("generate", _generate, "sample text from a trained run"),
                               ("predict", _predict, "the class and its probability of each text, from a "
-                                                    "trained classifier")):
+                                                    "trained classifier"),
+                              ("translate", _translate, "translations of source sentences by a trained "
+                                                        "translation run (beam search)")):
     e = add(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
     e.add_argument("--workdir", required=True, help="the run directory")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -191,6 +210,14 @@ def parser() -> argparse.ArgumentParser:
     if name == "eval":
       e.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
       e.add_argument("--json", action="store_true", help="print one JSON object (default: one line per number)")
+    elif name == "translate":
+      e.add_argument("--text", action="append", required=True,
+                     help="a source sentence (repeat for several; one translation per line)")
+      e.add_argument("--beam-size", type=int, default=None, help="beams (1: greedy) (default: the run's task.beam_size)")
+      e.add_argument("--length-penalty", type=float, default=None,
+                     help="α of ((5 + n)/6)^α (default: the run's task.length_penalty)")
+      e.add_argument("--max-len", type=int, default=None,
+                     help="most tokens per translation (default: the run's task.max_decode_len)")
     elif name == "predict":
       e.add_argument("--text", action="append", required=True,
                      help="a text to classify (repeat for several; one line each: label, probability, text)")
@@ -237,6 +264,12 @@ def check_options(args) -> None:
     raise bad("--step", args.step, "≥ 0")
   if getattr(args, "max_new_tokens", 0) < 0:
     raise bad("--max-new-tokens", args.max_new_tokens, "≥ 0")
+  for option in ("beam_size", "max_len"):
+    if getattr(args, option, None) is not None and getattr(args, option) < 1:
+      raise bad("--" + option.replace("_", "-"), getattr(args, option), "≥ 1")
+  if getattr(args, "length_penalty", None) is not None and not (math.isfinite(args.length_penalty)
+                                                                 and args.length_penalty >= 0):
+    raise bad("--length-penalty", args.length_penalty, "a finite number ≥ 0")
   if getattr(args, "num_samples", 1) < 1:
     raise bad("--num-samples", args.num_samples, "≥ 1")
   temperature = getattr(args, "temperature", 1.0)

@@ -93,13 +93,19 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-  kind: str = "lm"  # 'lm' (next-token prediction) | 'classify' (a label per text)
+  kind: str = "lm"  # 'lm' (next-token prediction) | 'classify' (a label per text) | 'translate'
+  source_lang: str = "en"  # translate: the files' suffix (data.files.<split>.en) or TFDS feature of the source
+  target_lang: str = "de"  # translate: ... of the target
   text_field: str = "sentence"  # classify: the column (TSV header) or TFDS feature holding the text
   label_field: str = "label"  # classify: the column or TFDS feature holding the label
   pooling: str = "last"  # classify: the head reads 'last' (last non-pad token) or 'mean' (over tokens)
-  max_len: int = 128  # classify: tokens per example, longer texts are cut (at most model.context)
-  label_smoothing: float = 0.0  # classify: ε, the targets are (1 − ε)·one-hot + ε/C
+  max_len: int = 128  # classify, translate: tokens per example, longer ones are cut (at most model.context)
+  label_smoothing: float = 0.0  # classify, translate: ε, the targets are (1 − ε)·one-hot + ε/C
   head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
+  beam_size: int = 4  # translate: beams of the search (1 = greedy)
+  length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
+  max_decode_len: int = 64  # translate: most tokens a translation may have
+  decode_batch_size: int = 64  # translate: sentences decoded at once
 
 
 @dataclasses.dataclass
@@ -129,7 +135,7 @@ class DistributedConfig:
 class Config:
   workdir: str = MISSING  # the run directory (required)
   seed: int = 0  # initialization, data order, dropout
-  task: TaskConfig = dataclasses.field(default_factory=TaskConfig)  # what is learned: lm | classify
+  task: TaskConfig = dataclasses.field(default_factory=TaskConfig)  # what is learned: lm | classify | translate
   model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # model.arch and the fields of its config
   data: DataConfig = dataclasses.field(default_factory=DataConfig)  # text source and batching
   tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)  # text -> ids
@@ -141,7 +147,7 @@ class Config:
 
 
 CHOICES = {
-    "task.kind": ("lm", "classify"),
+    "task.kind": ("lm", "classify", "translate"),
     "task.pooling": ("last", "mean"),
     "data.source": ("tfds", "text"),
     "data.batching": ("windows", "streams"),
@@ -180,6 +186,10 @@ RANGES = {
     "task.max_len": (1, None, "≥ 1"),
     "task.label_smoothing": (0, 1, "in [0, 1)", "open-high"),
     "task.head_dropout": (0, 1, "in [0, 1)", "open-high"),
+    "task.beam_size": (1, None, "≥ 1"),
+    "task.length_penalty": (0, None, "≥ 0"),
+    "task.max_decode_len": (1, None, "≥ 1"),
+    "task.decode_batch_size": (1, None, "≥ 1"),
     "finetune.freeze_body_steps": (0, None, "≥ 0"),
     "finetune.body_lr_scale": (0, None, "≥ 0"),
     "finetune.layer_lr_decay": (1, None, "≥ 1 (or null: off)"),

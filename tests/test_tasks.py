@@ -105,9 +105,11 @@ def test_finetune_from_a_mismatched_run_is_one_line_error(tmp_path, sst):
     assert not (tmp_path / name).exists() or set(p.name for p in (tmp_path / name).iterdir()) == {".lock"}
 
 
-def test_classify_resume_is_bitwise_exact(tmp_path, sst):
+def test_finetune_resume_is_bitwise_exact(tmp_path, sst):
+  pretrain(tmp_path / "pre", sst)
   extra = dict(model__dropout=0.1, task__head_dropout=0.2, task__label_smoothing=0.1, train__eval_every=3,
-               steps=6)
+               steps=6, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=2,
+               finetune__body_lr_scale=0.3)
   straight = train(*classify(tmp_path / "a", sst, **extra))
   train(*classify(tmp_path / "b", sst, **extra, train__stop_after=3))
   resumed = train(*classify(tmp_path / "b", sst, **extra))
@@ -189,3 +191,129 @@ def test_language_modelling_is_bitwise_what_it_was(tmp_path):
   train(*overrides(tmp_path / "r", corpus, "lstm", "streams", steps=10, model__dropout=0.1, optim__grad_accum=2))
   records = [[r[k] for k in ("train_loss", "grad_norm", "val_loss") if k in r] for r in metrics(tmp_path / "r")]
   assert records == LM_GOLDEN["records"]
+
+
+# ----------------------------------------------------------------------------- translation
+
+
+def write_parallel(directory, n_train: int = 400, n_val: int = 50, seed: int = 0) -> str:
+  """prefix.{en,de} per split of a word-for-word 'translation' (ending in an empty line, as
+  Multi30k's files do); returns the directory."""
+  import random
+
+  rng = random.Random(seed)
+  lexicon = {"the": "die", "cat": "katze", "dog": "hund", "sees": "sieht", "a": "eine", "bird": "vogel",
+             "big": "grosse", "small": "kleine", "red": "rote", "house": "haus", "tree": "baum"}
+  for split, n in (("train", n_train), ("val", n_val)):
+    en = [" ".join(["the", rng.choice(["big", "small", "red"]), rng.choice(["cat", "dog", "bird"]), "sees", "a",
+                    rng.choice(["house", "tree", "bird"])]) for _ in range(n)]
+    for lang, lines in (("en", en), ("de", [" ".join(lexicon[w] for w in line.split()) for line in en])):
+      with open(f"{directory}/{split}.{lang}", "w") as f:
+        f.write("\n".join(lines) + "\n\n")
+  return str(directory)
+
+
+def translation(workdir, data, steps=150, **extra) -> list[str]:
+  out = [f"workdir={workdir}", "task.kind=translate", f"data.files.train={data}/train",
+         f"data.files.validation={data}/val", "tokenizer.kind=word", "task.max_len=32", "task.max_decode_len=16",
+         "data.batch_size=16", f"train.steps={steps}", "train.eval_every=50", "train.log_every=10",
+         "train.progress=false", "optim.lr=3e-3", "seed=1", *BODIES["transformer"], "model.d_model=32"]
+  return out + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+
+
+def test_translate_end_to_end_through_the_cli(tmp_path):
+  data = write_parallel(tmp_path)
+  summary = train(*translation(tmp_path / "r", data))
+  assert summary["final_validation_bleu"] > 90, summary  # a word-for-word mapping: learnt
+  code, out, err = run_cli("translate", "--workdir", tmp_path / "r", "--text", "the red dog sees a tree",
+                           "--beam-size", "1")
+  assert code == 0, err
+  assert out.strip() == "die rote hund sieht eine baum"
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "r", "--json")
+  assert code == 0, err
+  assert json.loads(out)["bleu"] == pytest.approx(summary["final_validation_bleu"])
+
+
+def test_translation_loss_counts_the_target_only():
+  from nlm_jax.data.tokenizers import WordTokenizer
+  from nlm_jax.tasks.translate import collate, encode_pairs
+
+  tok = WordTokenizer.train("a b c\nx y\n")
+  seqs, starts, cut = encode_pairs(tok, ["a b c"], ["x y"], max_len=32)
+  eos = tok.eos_id
+  ids = lambda words: [tok.index[w] for w in words.split()]
+  assert seqs[0].tolist() == [eos, *ids("a b c"), eos, *ids("x y"), eos] and starts[0] == 5 and cut == 0
+  batch = collate(seqs, starts, rows=2, max_len=32)
+  scored = batch["targets"][0][batch["mask"][0] == 1].tolist()
+  assert scored == [*ids("x y"), eos]  # the target's words and its end, not the source
+  assert batch["mask"][1].sum() == 0  # a padding row
+  seqs, starts, cut = encode_pairs(tok, ["a b c"], ["x y x y x y"], max_len=8)
+  assert len(seqs[0]) == 9 and cut == 1  # the target is cut to max_len predictions
+
+
+def test_parallel_files_of_different_lengths_are_one_line_error(tmp_path):
+  from test_errors import expect_error
+
+  data = write_parallel(tmp_path)
+  with open(f"{data}/val.de", "a") as f:
+    f.write("noch eine zeile\n")
+  expect_error("train", *translation(tmp_path / "r", data, steps=2), must_mention="line-aligned")
+
+
+def sharp_lstm():
+  """A tiny LSTM whose random next-token distributions are peaked and rarely end (id 3)."""
+  import flax.linen as nn
+
+  from nlm_jax.models import LSTMConfig, build
+
+  model = build(LSTMConfig(vocab_size=4, d_embed=8, d_hidden=8, n_layers=1))
+  params = nn.unbox(model.init(jax.random.key(7), jnp.zeros((1, 3), jnp.int32))["params"])
+  params = jax.tree.map(lambda x: 4 * x, params)
+  params["out"]["bias"] = params["out"]["bias"].at[3].add(-1.5)
+  return model, params
+
+
+def test_beam_search_is_exhaustive_when_the_beam_holds_every_hypothesis():
+  import itertools
+
+  from nlm_jax.decoding import beam_search, length_penalty
+
+  model, params = sharp_lstm()
+  eos, max_len, alpha = 3, 4, 1.5
+  prompts = [[1, 2, 0], [2]]
+  found, scores = beam_search(model, params, prompts, eos, beam_size=64, max_len=max_len, length_penalty=alpha,
+                              batch_size=2, return_scores=True)
+  for prompt, out, score in zip(prompts, found, scores):
+    best = None  # every continuation that ends in eos within max_len tokens, or has max_len tokens
+    for n in range(1, max_len + 1):
+      for cont in itertools.product(range(4), repeat=n):
+        if eos in cont[:-1] or (n < max_len and cont[-1] != eos):
+          continue
+        logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray([prompt + list(cont)])).logits[0], -1)
+        total = sum(float(logp[len(prompt) - 1 + j, cont[j]]) for j in range(n))
+        candidate = (total / float(length_penalty(n, alpha)), list(cont))
+        best = max(best or candidate, candidate)
+    assert out == (best[1][:-1] if best[1][-1] == eos else best[1])
+    assert score == pytest.approx(best[0], abs=1e-5)
+  assert any(len(out) > 0 for out in found)  # not only the trivial immediate end
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer", "fnn"])
+def test_beam_search_with_one_beam_is_greedy(arch, request):
+  from nlm_jax.decoding import beam_search, greedy
+  from nlm_jax.models import build
+
+  cfg = request.getfixturevalue(f"{arch}_config")
+  model = build(cfg)
+  params = model.init(jax.random.key(3), jnp.zeros((1, 3), jnp.int32))["params"]
+  prompts = [[1, 2, 3, 4, 5], [2], [4, 4, 4]]  # different lengths decode in one batch
+  found = beam_search(model, params, prompts, 0, beam_size=1, max_len=8, batch_size=2)  # 5 + 8 − 1 ≤ context 12
+  assert found == greedy(model, params, prompts, 0, max_len=8)
+  assert any(len(out) > 1 for out in found)
+
+
+def test_sacrebleu_of_the_references_against_themselves_is_100():
+  import sacrebleu
+
+  refs = ["Zwei junge Männer sind im Freien.", "Ein kleines Mädchen klettert in ein Spielhaus."]
+  assert sacrebleu.corpus_bleu(refs, [refs]).score == pytest.approx(100.0)

@@ -77,6 +77,36 @@ def contiguous_streams(tokens: np.ndarray, batch_size: int, seq_len: int,
   return grain.MapDataset.range(n_chunks).repeat().map(chunk).to_iter_dataset(READ_OPTIONS)
 
 
+def length_bucketed(lengths, batch_size: int, seed: int, rows: slice, collate,
+                    sort_chunk: int = 32) -> grain.IterDataset:
+  """Infinite batches of examples of similar length (texts of a classification or translation
+  task): each epoch shuffles the examples (seed, epoch), sorts each chunk of `sort_chunk` batches'
+  worth by length, cuts it into batches and shuffles the batches; the last incomplete batch of an
+  epoch is dropped. `collate(indices)` makes a batch of the examples at `indices` (this process's
+  `rows` of them). A Grain iterator: its position is checkpointed, a resumed run reads on exactly."""
+  import functools
+
+  lengths = np.asarray(lengths)
+  n = len(lengths)
+  n_batches = n // batch_size
+  if n_batches < 1:
+    raise ValueError(f"{n} examples: too few for batch_size={batch_size}")
+
+  @functools.lru_cache(maxsize=2)
+  def plan(epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    chunk = batch_size * sort_chunk
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(perm, range(chunk, n, chunk))])
+    batches = order[:n_batches * batch_size].reshape(n_batches, batch_size)
+    return batches[rng.permutation(n_batches)]
+
+  def batch(index: int, _):
+    return collate(plan(index // n_batches)[index % n_batches][rows])
+
+  return grain.MapDataset.range(n_batches).repeat().map_with_index(batch).to_iter_dataset(READ_OPTIONS)
+
+
 def _padded(x: np.ndarray, length: int, axis: int) -> np.ndarray:
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, length - x.shape[axis])

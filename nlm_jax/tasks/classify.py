@@ -26,10 +26,7 @@ are task.text_field / task.label_field), or a TFDS dataset (`data.source=tfds`, 
 from __future__ import annotations
 
 import csv
-import functools
-import hashlib
 import json
-import math
 import os
 from typing import Optional
 
@@ -47,13 +44,13 @@ from nlm_jax.data.corpus import _read_text, tfds_builder
 from nlm_jax.errors import UserError
 from nlm_jax.models.layers import param_init
 from nlm_jax.tasks import finetune
+from nlm_jax.tasks.common import ExamplesRun, padded_length
 from nlm_jax.training import optim
 from nlm_jax.training.steps import LMTask
 
 Array = jax.Array
 LABELS_FILE = "labels.json"
-BUCKET = 16  # padded lengths are multiples of this (fewer shapes to compile)
-SORT_CHUNK = 32  # batches whose examples are sorted by length together
+
 
 
 # ----------------------------------------------------------------------------- data
@@ -125,10 +122,6 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
           for t in texts]
 
 
-def padded_length(n: int, max_len: int) -> int:
-  return min(max_len, -(-n // BUCKET) * BUCKET)
-
-
 def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) -> dict[str, np.ndarray]:
   """A batch of `rows` examples: the given ones (right-padded to a multiple of BUCKET tokens, at
   most max_len), then weight-0 rows of one token."""
@@ -147,29 +140,11 @@ def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) 
 
 def train_batches(ids: list[np.ndarray], labels: np.ndarray, batch_size: int, seed: int, max_len: int,
                   rows: slice = slice(None)) -> grain.IterDataset:
-  """Infinite training batches of texts of similar length (see the module's docstring); a Grain
-  iterator, so that its position is checkpointed and a resumed run reads the same batches."""
-  n = len(ids)
-  n_batches = n // batch_size
-  if n_batches < 1:
-    raise UserError(f"the training split has {n} examples: too few for data.batch_size={batch_size}")
-  lengths = np.asarray([len(x) for x in ids])
-
-  @functools.lru_cache(maxsize=2)
-  def plan(epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)
-    chunk = batch_size * SORT_CHUNK
-    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
-                            for c in np.split(perm, range(chunk, n, chunk))])
-    batches = order[:n_batches * batch_size].reshape(n_batches, batch_size)
-    return batches[rng.permutation(n_batches)]
-
-  def batch(index: int, _):
-    chosen = plan(index // n_batches)[index % n_batches][rows]
-    return collate([ids[i] for i in chosen], labels[chosen], len(chosen), max_len)
-
-  return grain.MapDataset.range(n_batches).repeat().map_with_index(batch).to_iter_dataset(pipeline.READ_OPTIONS)
+  """Infinite training batches of texts of similar length (`pipeline.length_bucketed`)."""
+  if len(ids) < batch_size:
+    raise UserError(f"the training split has {len(ids)} examples: too few for data.batch_size={batch_size}")
+  return pipeline.length_bucketed([len(x) for x in ids], batch_size, seed, rows,
+                                  lambda chosen: collate([ids[i] for i in chosen], labels[chosen], len(chosen), max_len))
 
 
 # ----------------------------------------------------------------------------- model
@@ -250,13 +225,13 @@ class ClassifyTask(LMTask):
 # ----------------------------------------------------------------------------- the run
 
 
-class ClassifyRun:
+class ClassifyRun(ExamplesRun):
   """What the trainer needs for a classification run (the interface of `trainer.Run`)."""
 
-  unit = "examples"
+  body = "body"
 
   def __init__(self, cfg: config_lib.Config, tokenizer=None, mesh=None, workdir: Optional[str] = None):
-    self.cfg = cfg
+    self._setup(cfg, mesh)
     t, d = cfg.task, cfg.data
     self._splits: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
     self._texts: dict[str, tuple[list[str], list[str]]] = {}
@@ -274,14 +249,10 @@ class ClassifyRun:
     if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
       raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
     self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout)
-    self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    parallel.check_batch(d.batch_size, self.mesh)
-    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=8, grad_accum=cfg.optim.grad_accum,
                              freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing)
-    self.rows = parallel.process_rows(d.batch_size)
 
   # ------------------------------------------------------------------------- data
 
@@ -310,51 +281,14 @@ class ClassifyRun:
       self._splits[split] = ids, np.asarray([index[label] for label in labels], np.int32)
     return self._splits[split]
 
-  def units_per_step(self) -> int:
-    return self.cfg.data.batch_size * self.cfg.optim.grad_accum
-
-  def check_data(self) -> None:
-    d = self.cfg.data
-    n = len(self.examples(d.train_split)[0])
-    if n < d.batch_size:
-      raise UserError(f"the {d.train_split!r} split has {n} examples: too few for data.batch_size={d.batch_size}")
-    self.examples(d.eval_split)
-
-  def data_fingerprint(self) -> dict[str, str]:
-    out = {}
-    for split in dict.fromkeys([self.cfg.data.train_split, self.cfg.data.eval_split]):
-      ids, labels = self.examples(split)
-      h = hashlib.sha256(labels.tobytes())
-      for x in ids:
-        h.update(np.int32(len(x)).tobytes() + x.tobytes())
-      out[split] = h.hexdigest()[:16]
-    return out
-
   def save_files(self, workdir: str) -> None:
     with open(os.path.join(workdir, LABELS_FILE), "w") as f:
       json.dump({"labels": self.labels}, f)
-
-  def load_pretrained(self, state, run_dir: str, step: Optional[int]):
-    """The pretrained language model's parameters become the body's; the head stays new."""
-    from nlm_jax.training import checkpoint as ckpt_lib
-
-    body, _ = ckpt_lib.read_params(run_dir, step, self.task.abstract_state.params["body"], best=True)
-    return state.replace(params={**state.params, "body": body})
 
   def train_iterator(self):
     ids, labels = self.examples(self.cfg.data.train_split)
     return iter(train_batches(ids, labels, self.cfg.data.batch_size, self.cfg.seed, self.cfg.task.max_len,
                               self.rows))
-
-  def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
-    return parallel.global_batch(local, self.task.batch_sharding, batch_size)
-
-  # ------------------------------------------------------------------------- evaluation
-
-  def eval_batch_size(self) -> int:
-    d = self.cfg.data
-    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
-    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards
 
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None) -> dict:
     """Loss (mean NLL), accuracy, and per class the examples and the correct ones, over a split

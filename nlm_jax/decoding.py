@@ -1,0 +1,166 @@
+"""Conditional decoding with a language model: given each row's prompt, the most probable
+continuation up to an end token, by greedy search or beam search.
+
+    outputs = beam_search(model, params, prompts, eos_id, beam_size=5, max_len=64, length_penalty=0.6)
+    outputs = greedy(model, params, prompts, eos_id, max_len=64)      # one prompt at a time
+
+Rows of different prompt lengths decode together in one compiled loop: at step t every row feeds
+one token into the model's carry (the KV cache, the recurrent state or the FNN window) — its own
+prompt token while t is inside its prompt, else its newest generated token — so no row is padded
+and positions stay exact. A row's first generated token comes from the logits after its last
+prompt token.
+
+Beam search keeps, per row, up to K alive hypotheses and the K best finished ones: each step
+scores the K·V extensions of the alive beams by their summed log-probability and takes the best
+K; those that end in `eos_id` join the finished set, scored by log P / lp(length) with GNMT's
+lp(n) = ((5 + n) / 6)^α (Wu et al. 2016), and leave the beam; the others stay alive (their
+carries reordered by parent). A hypothesis still alive after `max_len` tokens is finished there.
+The result per row is the finished hypothesis with the best score (the end token removed).
+K = 1 is exactly greedy search (batched); a K as large as the number of possible hypotheses
+makes the search exhaustive.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NEG = -1e9  # the score of an impossible hypothesis (finite: -inf - -inf would be NaN)
+
+
+def length_penalty(n: Array, alpha: float) -> Array:
+  """GNMT's lp(n) = ((5 + n) / 6)^α."""
+  return ((5.0 + n) / 6.0) ** alpha
+
+
+def _batch_axes(model, size: int):
+  """For each leaf of the model's carry, the axis that holds the batch (where the shapes of the
+  initial carry for `size` and for `size + 1` rows differ), or None (a scalar such as the KV
+  cache's index)."""
+  a = jax.eval_shape(lambda: model.initial_carry(size))
+  b = jax.eval_shape(lambda: model.initial_carry(size + 1))
+
+  def axis(x, y):
+    diff = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
+    return diff[0] if diff else None
+
+  return jax.tree.map(axis, a, b)
+
+
+def _reorder(carry, axes, index_N: Array):
+  """The carry's rows taken at `index_N` (beams following their parents)."""
+  return jax.tree.map(lambda c, ax: c if ax is None else jnp.take(c, index_N, axis=ax), carry, axes)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id"))
+def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id: int, beam_size: int,
+                 max_len: int, alpha: float):
+  B, P = prompts_BxP.shape
+  K = beam_size
+  N = B * K
+  axes = _batch_axes(model, N)
+  carry = model.initial_carry(N)
+  steps = P + max_len - 1  # tokens fed: the longest prompt, then up to max_len − 1 generated ones
+  V = model.cfg.vocab_size
+  alive_seq = jnp.zeros((B, K, max_len), jnp.int32)
+  alive_logp = jnp.tile(jnp.asarray([0.0] + [NEG] * (K - 1), jnp.float32), (B, 1))
+  finished_seq = jnp.zeros((B, K, max_len), jnp.int32)
+  finished_score = jnp.full((B, K), NEG, jnp.float32)
+  finished_len = jnp.zeros((B, K), jnp.int32)
+  prompts_NxP = jnp.repeat(prompts_BxP, K, axis=0)
+
+  def step(t, loop):
+    carry, alive_seq, alive_logp, finished_seq, finished_score, finished_len = loop
+    i = t + 1 - lengths_B  # (B,) the index of the token this step's logits choose, per row
+    # The token fed at step t: the prompt's while inside it, else the beam's newest token.
+    last_gen = jnp.take_along_axis(alive_seq, jnp.clip(i - 1, 0, max_len - 1)[:, None, None], axis=2)[..., 0]
+    prompt_tok = jax.lax.dynamic_index_in_dim(prompts_NxP, jnp.minimum(t, P - 1), axis=1, keepdims=False)
+    fed_N = jnp.where(jnp.repeat(t < lengths_B, K), prompt_tok, last_gen.reshape(N))
+    out = model.apply({"params": params}, fed_N[:, None], carry)
+    logp_BxKxV = jax.nn.log_softmax(out.logits[:, -1].astype(jnp.float32)).reshape(B, K, V)
+
+    # Extend every alive beam by every token; the best K of the K·V candidates.
+    cand_BxKV = (alive_logp[:, :, None] + logp_BxKxV).reshape(B, K * V)
+    top_logp, top_idx = jax.lax.top_k(cand_BxKV, K)
+    parent, token = top_idx // V, top_idx % V
+    seq = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
+    seq = jnp.where(jnp.arange(max_len)[None, None] == i[:, None, None], token[:, :, None], seq)
+    ends = token == eos_id
+    last = (i == max_len - 1)[:, None]  # this row's last token: every candidate finishes
+    length = (i + 1)[:, None].astype(jnp.float32)
+    possible = top_logp > NEG / 2
+    done_score = jnp.where((ends | last) & possible, top_logp / length_penalty(length, alpha), NEG)
+    # Finished: the best K of the old finished and the new ones.
+    all_score = jnp.concatenate([finished_score, done_score], axis=1)
+    all_seq = jnp.concatenate([finished_seq, seq], axis=1)
+    all_len = jnp.concatenate([finished_len, jnp.broadcast_to(i[:, None] + 1, done_score.shape)], axis=1)
+    new_fin_score, fin_idx = jax.lax.top_k(all_score, K)
+    new_fin_seq = jnp.take_along_axis(all_seq, fin_idx[:, :, None], axis=1)
+    new_fin_len = jnp.take_along_axis(all_len, fin_idx, axis=1)
+    # Alive: those of them that did not end (an ended one leaves its slot empty: NEG).
+    new_alive_logp, new_alive_seq, new_parent = jnp.where(ends, NEG, top_logp), seq, parent
+
+    # Rows still reading their prompt (i < 0) or already done (i ≥ max_len) keep their beams.
+    active = ((i >= 0) & (i < max_len))[:, None]
+    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 2)), new, old)
+    parent_N = (jnp.where(active, new_parent, jnp.arange(K)[None]) + K * jnp.arange(B)[:, None]).reshape(N)
+    carry = _reorder(out.carry, axes, parent_N)
+    return (carry, keep(new_alive_seq, alive_seq), keep(new_alive_logp, alive_logp),
+            keep(new_fin_seq, finished_seq), keep(new_fin_score, finished_score), keep(new_fin_len, finished_len))
+
+  loop = jax.lax.fori_loop(0, steps, step, (carry, alive_seq, alive_logp, finished_seq, finished_score,
+                                            finished_len))
+  _, _, _, finished_seq, finished_score, finished_len = loop
+  return finished_seq[:, 0], finished_len[:, 0], finished_score[:, 0]
+
+
+def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, beam_size: int = 4,
+                max_len: int = 64, length_penalty: float = 0.0, batch_size: int = 64,
+                return_scores: bool = False):
+  """The best continuation of each prompt (a list of ids, without the end token), `batch_size`
+  prompts per compiled call. `length_penalty` is α of lp(n) = ((5 + n)/6)^α (0: none).
+  With `return_scores`, also each continuation's score (log P / lp(n), the end token counted)."""
+  if beam_size < 1 or max_len < 1:
+    raise ValueError("beam_size and max_len must be ≥ 1")
+  context = getattr(model.cfg, "context", None) if model.cfg.arch == "transformer" else None
+  outputs, scores = [], []
+  for start in range(0, len(prompts), batch_size):
+    chunk = [list(p) for p in prompts[start:start + batch_size]]
+    if any(not p for p in chunk):
+      raise ValueError("every prompt must hold at least one token")
+    P = max(len(p) for p in chunk)
+    if context is not None and P + max_len - 1 > context:
+      raise ValueError(f"a prompt of {P} tokens and max_len={max_len} exceed the model's context ({context})")
+    rows = len(chunk)
+    padded = np.zeros((batch_size, P), np.int32)
+    lengths = np.ones((batch_size,), np.int32)  # rows that fill the last call: one token each
+    for b, p in enumerate(chunk):
+      padded[b, :len(p)] = p
+      lengths[b] = len(p)
+    seq, length, score = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                                     eos_id=int(eos_id), beam_size=beam_size, max_len=max_len,
+                                                     alpha=float(length_penalty)))
+    for b in range(rows):
+      ids = [int(x) for x in seq[b, :length[b]]]
+      outputs.append(ids[:-1] if ids and ids[-1] == eos_id else ids)
+      scores.append(float(score[b]))
+  return (outputs, scores) if return_scores else outputs
+
+
+def greedy(model, params, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int = 64) -> list[list[int]]:
+  """Greedy search, one prompt at a time through `generate.Sampler` at temperature 0: the most
+  probable token at each step, until `eos_id` or `max_len` tokens (what beam search with one beam
+  computes, batched; this is the reference it is tested against)."""
+  from nlm_jax.generate import Sampler
+
+  sampler = Sampler(model, params, temperature=0.0)
+  outputs = []
+  for prompt in prompts:
+    new = sampler.generate(list(prompt), max_len, jax.random.key(0))[len(prompt):]
+    outputs.append(new[:new.index(eos_id)] if eos_id in new else new)
+  return outputs

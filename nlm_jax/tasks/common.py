@@ -1,0 +1,84 @@
+"""What the runs of example-based tasks (classification, translation) share: the mesh, the
+evaluation batch, the data fingerprint and loading a pretrained body. A subclass sets `task`,
+`tokenizer`, `model_cfg`, `body` (the parameters' subtree a pretrained LM fills; None: all of
+them) and `examples(split)` (a tuple of per-example arrays, first the token ids)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import jax
+import numpy as np
+
+from nlm_jax import parallel
+from nlm_jax.errors import UserError
+from nlm_jax.training import optim
+
+BUCKET = 16  # padded lengths are multiples of this (fewer shapes to compile)
+
+
+def padded_length(n: int, max_len: int) -> int:
+  """n rounded up to a multiple of BUCKET, at most max_len."""
+  return min(max_len, -(-n // BUCKET) * BUCKET)
+
+
+class ExamplesRun:
+  """The trainer's interface (see `trainer.Run`) for tasks whose data are separate examples."""
+
+  unit = "examples"
+  body: Optional[str] = None
+
+  def _setup(self, cfg, mesh) -> None:
+    self.cfg = cfg
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    parallel.check_batch(cfg.data.batch_size, self.mesh)
+    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    self.rows = parallel.process_rows(cfg.data.batch_size)
+
+  def examples(self, split: str) -> tuple:
+    raise NotImplementedError
+
+  def units_per_step(self) -> int:
+    return self.cfg.data.batch_size * self.cfg.optim.grad_accum
+
+  def check_data(self) -> None:
+    d = self.cfg.data
+    n = len(self.examples(d.train_split)[0])
+    if n < d.batch_size:
+      raise UserError(f"the {d.train_split!r} split has {n} examples: too few for data.batch_size={d.batch_size}")
+    if not len(self.examples(d.eval_split)[0]):
+      raise UserError(f"the {d.eval_split!r} split has no examples")
+
+  def data_fingerprint(self) -> dict[str, str]:
+    """SHA-256 (16 hex digits) of each split's examples, as the model sees them."""
+    out = {}
+    for split in dict.fromkeys([self.cfg.data.train_split, self.cfg.data.eval_split]):
+      h = hashlib.sha256()
+      for part in self.examples(split):
+        for x in (part if isinstance(part, list) else [part]):
+          x = np.ascontiguousarray(x)
+          h.update(np.int64(x.size).tobytes() + x.tobytes())
+      out[split] = h.hexdigest()[:16]
+    return out
+
+  def save_files(self, workdir: str) -> None:
+    """Files the run directory needs besides config and tokenizer (none by default)."""
+
+  def load_pretrained(self, state, run_dir: str, step: Optional[int]):
+    """The pretrained language model's parameters fill the body (a new head stays as initialized)."""
+    from nlm_jax.training import checkpoint as ckpt_lib
+
+    abstract = self.task.abstract_state.params
+    loaded, _ = ckpt_lib.read_params(run_dir, step, abstract[self.body] if self.body else abstract, best=True)
+    return state.replace(params={**state.params, self.body: loaded} if self.body else loaded)
+
+  def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    return parallel.global_batch(local, self.task.batch_sharding, batch_size)
+
+  def eval_batch_size(self) -> int:
+    """data.eval_batch_size (or batch_size) rows, padded to a multiple of the batch's shards."""
+    d = self.cfg.data
+    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
+    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards

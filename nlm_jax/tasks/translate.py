@@ -1,0 +1,285 @@
+"""Translation as conditional generation with the same decoder-only language model.
+
+Each sentence pair becomes one sequence that the LM reads left to right,
+
+    [start] source-line <eol> target-line <eol>
+
+(<eol>: the tokenizer's end of a line: `</s>` for SentencePiece, `<eos>` for words, '\\n' for
+characters), and the loss is the next-token cross-entropy on the target tokens and the final
+<eol> only; the source is context. So a language model pretrained on lines of text of both
+languages already knows the format, and translation is: given "[start] source <eol>", decode to
+the next <eol> (`nlm_jax.decoding`: greedy or beam search, batched, with the KV cache / carried
+state). Quality is corpus BLEU (`sacrebleu`) of the decoded, detokenized targets against the
+reference lines.
+
+Data: line-aligned files `data.files.<split>` + '.' + task.source_lang / task.target_lang (e.g.
+`data.files.train=../shared/data/multi30k/train` → train.en, train.de; empty lines at the end are
+dropped), or a TFDS translation dataset (`data.source=tfds`, `data.name=wmt14_translate/de-en`)
+whose features are the language codes. The tokenizer of a run trained from scratch is fitted to
+the training split's source and target lines together (a joint vocabulary: with
+`tokenizer.kind=sentencepiece`, a joint BPE). Training pairs longer than task.max_len tokens are
+cut (the target's end); their count is reported once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nlm_jax import config as config_lib
+from nlm_jax import decoding, models, parallel
+from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data.corpus import _read_text, tfds_builder
+from nlm_jax.errors import UserError
+from nlm_jax.tasks import finetune
+from nlm_jax.tasks.common import ExamplesRun, padded_length
+from nlm_jax.training import checkpoint as ckpt_lib
+from nlm_jax.training import optim
+from nlm_jax.training.steps import LMTask
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_parallel(prefix: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
+  """Aligned lines of PREFIX.SOURCE and PREFIX.TARGET (trailing empty lines dropped)."""
+  sides = []
+  for lang in (source_lang, target_lang):
+    path = f"{prefix}.{lang}"
+    text = _read_text(path)
+    lines = text.split("\n")
+    while lines and not lines[-1].strip():
+      lines.pop()
+    if not lines:
+      raise UserError(f"data file {path} is empty")
+    sides.append((path, lines))
+  (src_path, src), (tgt_path, tgt) = sides
+  if len(src) != len(tgt):
+    raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; the files must be line-aligned")
+  return src, tgt
+
+
+def read_tfds_pairs(data_cfg, split: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
+  import tensorflow_datasets as tfds
+
+  builder = tfds_builder(data_cfg.name, data_cfg.data_dir)
+  if not builder.is_prepared():
+    raise UserError(f"TFDS dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run "
+                    f"`nlm-jax data prepare {data_cfg.name}` first")
+  if split not in builder.info.splits:
+    raise UserError(f"TFDS dataset {data_cfg.name!r} has no split {split!r}; available: "
+                    f"{', '.join(builder.info.splits.keys())}")
+  source = tfds.data_source(data_cfg.name, split=split, data_dir=data_cfg.data_dir)
+  n = len(source) if data_cfg.max_examples is None else min(len(source), data_cfg.max_examples)
+  pairs = ([], [])
+  for i in range(n):
+    example = source[i]
+    for side, lang in zip(pairs, (source_lang, target_lang)):
+      if lang not in example:
+        raise UserError(f"TFDS dataset {data_cfg.name!r} has no feature {lang!r} (task.source_lang / "
+                        f"task.target_lang); features: {', '.join(example)}")
+      value = example[lang]
+      side.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+  return pairs
+
+
+def end_of_line(tokenizer) -> int:
+  """The id that ends a line for this tokenizer (`</s>`, `<eos>`, '\\n', byte 10)."""
+  return int(tokenizer.encode("\n")[-1])
+
+
+def encode_line(tokenizer, line: str) -> np.ndarray:
+  """The ids of one line, ending with the end-of-line id."""
+  return np.asarray(tokenizer.encode(line.replace("\n", " ") + "\n"), np.int32)
+
+
+def encode_pairs(tokenizer, sources: list[str], targets: list[str], max_len: int):
+  """(sequence ids, where the target starts) of each pair: [start] + source + target, the
+  target cut so that the whole is at most max_len + 1 ids (max_len predictions)."""
+  start = np.asarray([tokenizer.start_id], np.int32)
+  seqs, starts, cut = [], [], 0
+  for src, tgt in zip(sources, targets):
+    prefix = np.concatenate([start, encode_line(tokenizer, src)])[:max_len // 2 + 1]
+    target = encode_line(tokenizer, tgt)
+    room = max_len + 1 - len(prefix)
+    cut += len(target) > room
+    seqs.append(np.concatenate([prefix, target[:room]]))
+    starts.append(len(prefix))
+  return seqs, np.asarray(starts, np.int32), cut
+
+
+def collate(seqs: list[np.ndarray], starts: np.ndarray, rows: int, max_len: int) -> dict[str, np.ndarray]:
+  """inputs = seq[:-1], targets = seq[1:], mask = 1 on the target's predictions; rows past the
+  given examples are padding (mask 0)."""
+  T = padded_length(max((len(s) - 1 for s in seqs), default=1), max_len)
+  inputs = np.zeros((rows, T), np.int32)
+  targets = np.zeros((rows, T), np.int32)
+  mask = np.zeros((rows, T), np.float32)
+  for b, (seq, start) in enumerate(zip(seqs, starts)):
+    n = len(seq) - 1
+    inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
+    mask[b, start - 1:n] = 1.0  # position t predicts token t+1: the target's tokens from `start`
+  return {"inputs": inputs, "targets": targets, "mask": mask}
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+class TranslateTask(LMTask):
+  """Next-token loss on the target tokens (optionally with label smoothing)."""
+
+  batch_keys = ("inputs", "targets", "mask")
+
+  def __init__(self, *args, smoothing: float = 0.0, **kwargs):
+    self.smoothing = smoothing
+    super().__init__(*args, **kwargs)
+
+  def _objective(self, params, batch, carry, key, deterministic: bool):
+    if deterministic or not self.smoothing:
+      return super()._objective(params, batch, carry, key, deterministic)
+    out = self.model.apply({"params": params}, batch["inputs"], None, deterministic=False, rngs={"dropout": key})
+    logits = out.logits.astype(jnp.promote_types(out.logits.dtype, jnp.float32))
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1], dtype=logits.dtype),
+                                  self.smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets) * batch["mask"]
+    return loss.sum(), batch["mask"].sum(), None, {}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class TranslateRun(ExamplesRun):
+  """What the trainer needs for a translation run (the interface of `trainer.Run`)."""
+
+  def __init__(self, cfg: config_lib.Config, tokenizer=None, mesh=None, workdir: Optional[str] = None):
+    self._setup(cfg, mesh)
+    t, d = cfg.task, cfg.data
+    self._pairs: dict[str, tuple[list[str], list[str]]] = {}
+    self._encoded: dict[str, tuple] = {}
+    if tokenizer is None:
+      src, tgt = self.pairs(d.train_split)
+      tokenizer = tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(src + tgt) + "\n")
+    self.tokenizer = tokenizer
+    self.eol = end_of_line(tokenizer)
+    self.model_cfg = config_lib.model_config(cfg, tokenizer.vocab_size)
+    if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
+      raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
+    self.model = models.build(self.model_cfg)
+    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
+    finetune.freeze(cfg, head=None)  # no new head: refused if asked for
+    self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
+                              example_len=8, grad_accum=cfg.optim.grad_accum, smoothing=t.label_smoothing)
+
+  # ------------------------------------------------------------------------- data
+
+  def pairs(self, split: str) -> tuple[list[str], list[str]]:
+    """(source lines, target lines) of a split."""
+    if split not in self._pairs:
+      d, t = self.cfg.data, self.cfg.task
+      if d.source == "tfds":
+        self._pairs[split] = read_tfds_pairs(d, split, t.source_lang, t.target_lang)
+      else:
+        if split not in d.files:
+          raise UserError(f"no split {split!r} in data.files; available: {', '.join(d.files)}")
+        self._pairs[split] = read_parallel(os.path.abspath(os.path.expanduser(d.files[split])), t.source_lang,
+                                           t.target_lang)
+    return self._pairs[split]
+
+  def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """(sequence ids of each pair, where its target starts)."""
+    if split not in self._encoded:
+      seqs, starts, cut = encode_pairs(self.tokenizer, *self.pairs(split), self.cfg.task.max_len)
+      if cut and split == self.cfg.data.train_split and jax.process_index() == 0:
+        ckpt_lib.warn(f"{cut} of {len(seqs)} training pairs are longer than task.max_len={self.cfg.task.max_len} "
+                      "tokens: their targets are cut")
+      self._encoded[split] = seqs, starts
+    return self._encoded[split]
+
+  def train_iterator(self):
+    seqs, starts = self.examples(self.cfg.data.train_split)
+    max_len, B = self.cfg.task.max_len, self.cfg.data.batch_size
+    return iter(pipeline.length_bucketed([len(s) for s in seqs], B, self.cfg.seed, self.rows,
+                                         lambda chosen: collate([seqs[i] for i in chosen], starts[chosen],
+                                                                len(chosen), max_len)))
+
+  # ------------------------------------------------------------------------- evaluation
+
+  def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None,
+               bleu: bool = False) -> dict:
+    """Mean NLL per target token and perplexity over a split (all of it, or its first
+    `max_batches` batches); with `bleu`, also corpus BLEU of beam-search translations."""
+    seqs, starts = self.examples(split)
+    B = self.eval_batch_size()
+    rows = parallel.process_rows(B)
+    n_batches = -(-len(seqs) // B)
+    if max_batches is not None:
+      n_batches = min(n_batches, max_batches)
+    nll_sum, count = 0.0, 0.0
+    for k in range(n_batches):
+      chosen = list(range(k * B, min((k + 1) * B, len(seqs))))
+      local = collate([seqs[i] for i in chosen], starts[chosen], B, self.cfg.task.max_len)
+      _, m = self.task.eval_step(params, None, self.global_batch({key: v[rows] for key, v in local.items()}, B))
+      nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
+    nll_sum, count = float(nll_sum), float(count)
+    if count == 0:
+      raise UserError(f"the {split!r} split has no target tokens to evaluate")
+    loss = nll_sum / count
+    out = {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "tokens": int(count)}
+    if bleu:
+      out.update(self.bleu(params, split))
+    return out
+
+  def translate(self, params, sources: list[str], beam_size: Optional[int] = None,
+                length_penalty: Optional[float] = None, max_len: Optional[int] = None) -> list[str]:
+    """Detokenized translations of source lines (beam search; task.* settings by default)."""
+    t = self.cfg.task
+    beam_size = beam_size or t.beam_size
+    alpha = t.length_penalty if length_penalty is None else length_penalty
+    start = np.asarray([self.tokenizer.start_id], np.int32)
+    prompts = [list(np.concatenate([start, encode_line(self.tokenizer, s)])[:t.max_len // 2 + 1]) for s in sources]
+    limit = max_len or t.max_decode_len
+    context = getattr(self.model_cfg, "context", None) if self.model_cfg.arch == "transformer" else None
+    if context is not None:  # the prompt and the translation share the context
+      limit = min(limit, context + 1 - max(len(p) for p in prompts))
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths decode together
+    out = decoding.beam_search(self.model, params, [prompts[i] for i in order], self.eol, beam_size, limit, alpha,
+                               batch_size=t.decode_batch_size)
+    texts = [""] * len(sources)
+    for i, ids in zip(order, out):
+      texts[i] = self.tokenizer.decode(ids).strip()
+    return texts
+
+  def bleu(self, params, split: str) -> dict:
+    """Corpus BLEU (sacrebleu, its default 13a tokenization) of the split's translations."""
+    import sacrebleu
+
+    sources, references = self.pairs(split)
+    hypotheses = self.translate(params, sources)
+    score = sacrebleu.corpus_bleu(hypotheses, [references])
+    return {"bleu": float(score.score), "beam_size": self.cfg.task.beam_size, "hypotheses": hypotheses}
+
+  def periodic_evaluation(self, params, step: int) -> tuple[dict, dict]:
+    t, d = self.cfg.train, self.cfg.data
+    val = self.evaluate(params, d.eval_split, t.eval_batches)
+    scores = {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
+    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
+    if n_train is None or n_train > 0:
+      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
+    return scores, val
+
+  def final_evaluation(self, params, step: int, last_eval) -> dict:
+    """Loss and perplexity of the whole evaluation split, and its BLEU (beam search)."""
+    split = self.cfg.data.eval_split
+    if last_eval is not None and last_eval[0] == step and self.cfg.train.eval_batches is None:
+      out = {**last_eval[1], **self.bleu(params, split)}
+    else:
+      out = self.evaluate(params, split, None, bleu=True)
+    out.pop("hypotheses")
+    return out
