@@ -153,3 +153,14 @@ def test_embedding_probes_on_constructed_embeddings():
       related[index[b]] = related[index[a]] + offset
   assert analogies(related, index, len(words))["all"]["accuracy"] > 0.9
   assert analogies(rng.normal(size=related.shape), index, len(words))["all"]["accuracy"] < 0.1
+
+
+@pytest.mark.slow  # ~10 `nlm-jax` processes (minutes); tests/test_tasks.py covers the tasks in CI
+def test_pretrain_finetune_quick(tmp_path):
+  results = run_quick("pretrain_finetune", tmp_path, seeds=1)["results"]
+  assert set(results) == {"sst2/lstm", "multi30k/transformer"}
+  for rows in results.values():
+    for arm in ("scratch", "pretrained"):
+      assert len(rows[arm]["score"]) == 1 and rows[arm]["curves"][0]
+  assert 0 <= results["sst2/lstm"]["pretrained"]["score"][0] <= 100
+  assert (tmp_path / "sst2_lstm_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
