@@ -158,7 +158,7 @@ def test_embedding_probes_on_constructed_embeddings():
 @pytest.mark.slow  # ~10 `nlm-jax` processes (minutes); tests/test_tasks.py covers the tasks in CI
 def test_pretrain_finetune_quick(tmp_path):
   results = run_quick("pretrain_finetune", tmp_path, seeds=1)["results"]
-  assert set(results) == {"sst2/lstm", "multi30k/transformer"}
+  assert set(results) == {"sst2/lstm", "sst2/transformer", "multi30k/lstm", "multi30k/transformer"}
   for rows in results.values():
     for arm in ("scratch", "pretrained"):
       assert len(rows[arm]["score"]) == 1 and rows[arm]["curves"][0]

@@ -2,6 +2,7 @@
 classification (SST-2) and translation (Multi30k en→de)?
 
     python -m experiments.pretrain_finetune.run --tasks sst2 --archs lstm      # real data (hours on CPU)
+    python -m experiments.pretrain_finetune.run                                # both tasks, LSTM and Transformer
     python -m experiments.pretrain_finetune.run --quick                        # seconds, toy data
 
 For each task and architecture: one language model is pretrained on the task's own unlabelled
@@ -31,7 +32,8 @@ DATA = os.path.join(ROOT, "..", "shared", "data")
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 TASKS = {"sst2": {"metric": "accuracy", "split": "validation", "title": "SST-2 dev accuracy (%)"},
          "multi30k": {"metric": "bleu", "split": "test", "title": "Multi30k en→de test BLEU"}}
-RECIPES = {("sst2", "lstm"): "sst2_lstm", ("multi30k", "transformer"): "multi30k_en_de_transformer"}
+RECIPES = {("sst2", "lstm"): "sst2_lstm", ("sst2", "transformer"): "sst2_transformer",
+           ("multi30k", "lstm"): "multi30k_en_de_lstm", ("multi30k", "transformer"): "multi30k_en_de_transformer"}
 
 
 def unlabelled_text(task: str, directory: str, data: str) -> str:
@@ -78,10 +80,11 @@ def toy_data(directory: str) -> str:
 
 
 QUICK = {  # tiny models and budgets for --quick
-    "lstm": ["model.d_embed=16", "model.d_hidden=16", "model.n_layers=1", "tokenizer.vocab_size=null"],
+    "lstm": ["model.d_embed=16", "model.d_hidden=16", "model.n_layers=1", "tokenizer.kind=word",
+           "tokenizer.vocab_size=null"],
     "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
                     "tokenizer.kind=word", "tokenizer.vocab_size=null"],
-    "budget": ["train.steps=20", "train.eval_every=10", "train.log_every=10", "data.batch_size=8",
+    "budget": ["train.steps=20", "train.eval_every=10", "train.log_every=10", "data.batch_size=8", "task.max_len=32",
                "data.eval_batch_size=16"],
     "translate": ["task.max_len=32", "task.max_decode_len=12", "task.beam_size=2"],
     "pretrain": ["data.seq_len=16", "train.eval_batches=2"],
@@ -136,7 +139,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="toy data, tiny models, a few steps (what CI runs)")
   ap.add_argument("--tasks", default="sst2,multi30k")
-  ap.add_argument("--archs", default=None, help="default: lstm for sst2, transformer for multi30k")
+  ap.add_argument("--archs", default="lstm,transformer")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
@@ -146,8 +149,7 @@ def main() -> None:
   data = toy_data(os.path.join(tmp, "toy")) if args.quick else DATA
   results = {}
   for task in args.tasks.split(","):
-    archs = args.archs.split(",") if args.archs else [a for (t, a) in RECIPES if t == task]
-    for arch in archs:
+    for arch in args.archs.split(","):
       if (task, arch) not in RECIPES:
         raise SystemExit(f"no recipe for {task} with {arch}; have: {', '.join(f'{t}/{a}' for t, a in RECIPES)}")
       results[f"{task}/{arch}"] = run_task(task, arch, args.seeds, tmp, data, args.quick)
