@@ -175,22 +175,35 @@ def test_discriminative_learning_rates_per_layer():
 
 
 # The language-modelling path through the task interface: the same numbers, to the bit, as the
-# trainer gave before tasks existed (recorded with jax 0.10.2 on this project's x86-64 CPU before
-# the change; other versions and backends round differently, so they skip).
-LM_GOLDEN = {"jax": "0.10.2", "backend": "cpu",  # (train_loss, grad_norm[, val_loss]) per record
+# trainer gave before tasks existed (recorded with jax 0.10.2 on this project's 2-core AMD EPYC
+# before the change, and checked there against the old code). XLA's CPU code may round
+# differently on another processor or version: there the numbers must agree to 1e-5.
+LM_GOLDEN = {"jax": "0.10.2", "backend": "cpu", "cpu": "AMD EPYC",  # (train_loss, grad_norm[, val_loss])
              "records": [[3.029689073562622, 0.2761484980583191],
                          [2.911231279373169, 0.408409059047699, 2.8172390460968018]]}
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  except OSError:
+    return ""
 
 
 def test_language_modelling_is_bitwise_what_it_was(tmp_path):
   from support import overrides, write_corpus
 
-  if jax.__version__ != LM_GOLDEN["jax"] or jax.default_backend() != LM_GOLDEN["backend"]:
-    pytest.skip(f"golden numbers recorded with jax {LM_GOLDEN['jax']} on {LM_GOLDEN['backend']}")
+  if jax.default_backend() != LM_GOLDEN["backend"]:
+    pytest.skip(f"golden numbers recorded on {LM_GOLDEN['backend']}")
   corpus = write_corpus(tmp_path / "c.txt")
   train(*overrides(tmp_path / "r", corpus, "lstm", "streams", steps=10, model__dropout=0.1, optim__grad_accum=2))
   records = [[r[k] for k in ("train_loss", "grad_norm", "val_loss") if k in r] for r in metrics(tmp_path / "r")]
-  assert records == LM_GOLDEN["records"]
+  if jax.__version__ == LM_GOLDEN["jax"] and _cpu_model() == LM_GOLDEN["cpu"]:
+    assert records == LM_GOLDEN["records"]
+  else:
+    assert [len(r) for r in records] == [len(r) for r in LM_GOLDEN["records"]]
+    np.testing.assert_allclose(sum(records, []), sum(LM_GOLDEN["records"], []), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- translation
