@@ -57,14 +57,19 @@ def _reorder(carry, axes, index_N: Array):
   return jax.tree.map(lambda c, ax: c if ax is None else jnp.take(c, index_N, axis=ax), carry, axes)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id", "prefix_lm"))
 def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id: int, beam_size: int,
-                 max_len: int, alpha: float):
+                 max_len: int, alpha: float, prefix_lm: bool = False):
   B, P = prompts_BxP.shape
   K = beam_size
   N = B * K
   axes = _batch_axes(model, N)
   carry = model.initial_carry(N)
+  first = 0
+  if prefix_lm:  # every prompt has P tokens: the first P − 1 enter the cache at once, seeing each other
+    prefix = jnp.repeat(prompts_BxP[:, :P - 1], K, axis=0)
+    carry = model.apply({"params": params}, prefix, carry, prefix_B=jnp.full((N,), P - 1, jnp.int32)).carry
+    first = P - 1
   steps = P + max_len - 1  # tokens fed: the longest prompt, then up to max_len − 1 generated ones
   V = model.cfg.vocab_size
   alive_seq = jnp.zeros((B, K, max_len), jnp.int32)
@@ -113,24 +118,34 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
     return (carry, keep(new_alive_seq, alive_seq), keep(new_alive_logp, alive_logp),
             keep(new_fin_seq, finished_seq), keep(new_fin_score, finished_score), keep(new_fin_len, finished_len))
 
-  loop = jax.lax.fori_loop(0, steps, step, (carry, alive_seq, alive_logp, finished_seq, finished_score,
-                                            finished_len))
+  loop = jax.lax.fori_loop(first, steps, step, (carry, alive_seq, alive_logp, finished_seq, finished_score,
+                                                finished_len))
   _, _, _, finished_seq, finished_score, finished_len = loop
   return finished_seq[:, 0], finished_len[:, 0], finished_score[:, 0]
 
 
 def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, beam_size: int = 4,
                 max_len: int = 64, length_penalty: float = 0.0, batch_size: int = 64,
-                return_scores: bool = False):
+                return_scores: bool = False, prefix_lm: bool = False):
   """The best continuation of each prompt (a list of ids, without the end token), `batch_size`
   prompts per compiled call. `length_penalty` is α of lp(n) = ((5 + n)/6)^α (0: none).
-  With `return_scores`, also each continuation's score (log P / lp(n), the end token counted)."""
+  With `return_scores`, also each continuation's score (log P / lp(n), the end token counted).
+  `prefix_lm` (a Transformer trained as a prefix LM): all but the last token of each prompt are
+  its bidirectional prefix; they enter the KV cache in one call, so the prompts of a call must
+  have one length (calls are made per length; each new length compiles once)."""
   if beam_size < 1 or max_len < 1:
     raise ValueError("beam_size and max_len must be ≥ 1")
   context = getattr(model.cfg, "context", None) if model.cfg.arch == "transformer" else None
-  outputs, scores = [], []
-  for start in range(0, len(prompts), batch_size):
-    chunk = [list(p) for p in prompts[start:start + batch_size]]
+  outputs, scores = [None] * len(prompts), [None] * len(prompts)
+  if prefix_lm:  # calls of equal-length prompts
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+      groups.setdefault(len(p), []).append(i)
+    calls = [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+  else:
+    calls = [list(range(j, min(j + batch_size, len(prompts)))) for j in range(0, len(prompts), batch_size)]
+  for call in calls:
+    chunk = [list(prompts[i]) for i in call]
     if any(not p for p in chunk):
       raise ValueError("every prompt must hold at least one token")
     P = max(len(p) for p in chunk)
@@ -142,13 +157,15 @@ def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, be
     for b, p in enumerate(chunk):
       padded[b, :len(p)] = p
       lengths[b] = len(p)
+    if prefix_lm:  # the rows filling the call repeat a real prompt (one length)
+      padded[rows:], lengths[rows:] = padded[0], lengths[0]
     seq, length, score = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
                                                      eos_id=int(eos_id), beam_size=beam_size, max_len=max_len,
-                                                     alpha=float(length_penalty)))
-    for b in range(rows):
+                                                     alpha=float(length_penalty), prefix_lm=prefix_lm))
+    for b, i in enumerate(call):
       ids = [int(x) for x in seq[b, :length[b]]]
-      outputs.append(ids[:-1] if ids and ids[-1] == eos_id else ids)
-      scores.append(float(score[b]))
+      outputs[i] = ids[:-1] if ids and ids[-1] == eos_id else ids
+      scores[i] = float(score[b])
   return (outputs, scores) if return_scores else outputs
 
 

@@ -226,11 +226,12 @@ def write_parallel(directory, n_train: int = 400, n_val: int = 50, seed: int = 0
   return str(directory)
 
 
-def translation(workdir, data, steps=150, **extra) -> list[str]:
+def translation(workdir, data, steps=150, arch="transformer", **extra) -> list[str]:
   out = [f"workdir={workdir}", "task.kind=translate", f"data.files.train={data}/train",
          f"data.files.validation={data}/val", "tokenizer.kind=word", "task.max_len=32", "task.max_decode_len=16",
          "data.batch_size=16", f"train.steps={steps}", "train.eval_every=50", "train.log_every=10",
-         "train.progress=false", "optim.lr=3e-3", "seed=1", *BODIES["transformer"], "model.d_model=32"]
+         "train.progress=false", "optim.lr=3e-3", "seed=1", *BODIES[arch],
+         *(["model.d_model=32"] if arch == "transformer" else [])]
   return out + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
 
 
@@ -330,3 +331,48 @@ def test_sacrebleu_of_the_references_against_themselves_is_100():
 
   refs = ["Zwei junge Männer sind im Freien.", "Ein kleines Mädchen klettert in ein Spielhaus."]
   assert sacrebleu.corpus_bleu(refs, [refs]).score == pytest.approx(100.0)
+
+
+def test_prefix_lm_mask_and_cached_prefix_decoding(transformer_config):
+  from nlm_jax.decoding import beam_search
+  from nlm_jax.models import build
+
+  model = build(transformer_config)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 1, transformer_config.vocab_size)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  prefix = jnp.asarray([4, 0])  # row 0: a prefix of 4 tokens; row 1: plain causal
+  logits = lambda t: model.apply({"params": params}, t, prefix_B=prefix).logits
+  moved = np.abs(np.asarray(logits(tokens.at[:, 3].add(1)) - logits(tokens))).max(-1) > 1e-6
+  assert moved[0].tolist() == [True] * 8  # inside the prefix, earlier positions see token 3 too
+  assert moved[1].tolist() == [False] * 3 + [True] * 5  # causal
+  # The prefix enters the KV cache in one call, the rest a token at a time: the same logits.
+  out = model.apply({"params": params}, tokens[:, :4], model.initial_carry(2), prefix_B=prefix)
+  steps, carry = [out.logits], out.carry
+  for t in range(4, 8):
+    out = model.apply({"params": params}, tokens[:, t:t + 1], carry)
+    steps.append(out.logits)
+    carry = out.carry
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)[0]), np.asarray(logits(tokens)[0]), atol=1e-5)
+
+  # Beam search with one beam on a prefix LM = greedy by full recomputation with the same mask.
+  prompts = [[1, 2, 3, 4], [5, 6, 7, 8], [2, 2]]
+  found = beam_search(model, params, prompts, 0, beam_size=1, max_len=6, batch_size=2, prefix_lm=True)
+  for prompt, out in zip(prompts, found):
+    seq = list(prompt)
+    while len(seq) - len(prompt) < 6:
+      full = model.apply({"params": params}, jnp.asarray([seq]), prefix_B=jnp.asarray([len(prompt) - 1])).logits
+      nxt = int(jnp.argmax(full[0, -1]))
+      if nxt == 0:
+        break
+      seq.append(nxt)
+    assert out == seq[len(prompt):]
+
+
+def test_translate_prefix_lm_end_to_end(tmp_path):
+  data = write_parallel(tmp_path, n_train=200)
+  summary = train(*translation(tmp_path / "r", data, steps=60, task__prefix_lm="true", task__beam_size=2))
+  assert 0 <= summary["final_validation_bleu"] <= 100
+  from test_errors import expect_error
+
+  expect_error("train", *translation(tmp_path / "e", data, steps=2, arch="lstm", task__prefix_lm="true"),
+               must_mention="prefix_lm")

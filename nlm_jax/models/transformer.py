@@ -236,9 +236,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_NxD: Array, batch_size: int, positions_T: Array, cache=None,
-               deterministic: bool = True):
+               deterministic: bool = True, prefix_B: Optional[Array] = None):
     """x: (N, D) with N = B·T tokens, flattened (XLA's CPU backend runs 2-D matmuls and their
-    gradients about twice as fast as 3-D ones); returns (N, D) and the updated layer cache."""
+    gradients about twice as fast as 3-D ones); returns (N, D) and the updated layer cache.
+    `prefix_B`: a prefix-LM mask — positions < prefix_B[b] of row b also see each other (both
+    directions); later positions stay causal."""
     cfg = self.cfg
     B, T = batch_size, positions_T.shape[0]
     std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
@@ -252,7 +254,7 @@ class MultiHeadAttention(nn.Module):
 
     rate = cfg.attn_dropout_rate
     dropout_key = None if deterministic or rate == 0.0 else self.make_rng("dropout")
-    impl = attention_impl(cfg, dropout_key is not None, cache is not None)
+    impl = attention_impl(cfg, dropout_key is not None, cache is not None or prefix_B is not None)
     fused = None
     if cache is None and impl == "cudnn":
       fused = cudnn_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.causal, required=cfg.attention == "cudnn")
@@ -260,6 +262,8 @@ class MultiHeadAttention(nn.Module):
       out_BxTxHxK, new_cache = fused, None
     elif cache is None:
       mask_TxT = jnp.tril(jnp.ones((T, T), bool)) if self.causal else None
+      if prefix_B is not None and mask_TxT is not None:
+        mask_TxT = _with_prefix(mask_TxT, positions_T, positions_T, prefix_B)
       out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_TxT, rate, dropout_key)
       new_cache = None
     else:
@@ -270,6 +274,8 @@ class MultiHeadAttention(nn.Module):
       S = k_cache_BxSxHxK.shape[1]
       # Query at absolute position index+t sees cached keys s ≤ index+t (the causal mask M).
       mask_TxS = jnp.arange(S)[None, :] <= positions_T[:, None]
+      if prefix_B is not None:
+        mask_TxS = _with_prefix(mask_TxS, positions_T, jnp.arange(S), prefix_B)
       out_BxTxHxK = dot_product_attention(
           q_BxTxHxK, k_cache_BxSxHxK.astype(q_BxTxHxK.dtype), v_cache_BxSxHxK.astype(q_BxTxHxK.dtype), mask_TxS,
           rate, dropout_key)
@@ -282,6 +288,14 @@ class MultiHeadAttention(nn.Module):
         kernel_init=param_init(nn.initializers.normal(std_out), ("heads", "kv", "embed")),
         bias_init=param_init(nn.initializers.zeros, ("embed",)), name="out")(out_BxTxHxK.reshape(B * T, *heads))
     return y_NxD, new_cache
+
+
+def _with_prefix(mask_TxS: Array, positions_T: Array, positions_S: Array, prefix_B: Array) -> Array:
+  """The causal mask (T, S) widened per row to a prefix-LM's (B, 1, T, S): query t also sees key s
+  when both lie inside the row's prefix."""
+  inside_BxT = positions_T[None, :] < prefix_B[:, None]
+  inside_BxS = positions_S[None, :] < prefix_B[:, None]
+  return (mask_TxS[None] | (inside_BxT[:, :, None] & inside_BxS[:, None, :]))[:, None]
 
 
 class FeedForward(nn.Module):
@@ -306,12 +320,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, h_NxD: Array, layer_cache, positions_T: Array, index):
+  def __call__(self, h_NxD: Array, layer_cache, positions_T: Array, index, prefix_B=None):
     cfg = self.cfg
     B = h_NxD.shape[0] // positions_T.shape[0]
     cache = None if layer_cache is None else (*layer_cache, index)
     y_NxD, new_cache = MultiHeadAttention(cfg, name="attn")(_layer_norm(cfg, "ln1")(h_NxD), B,
-                                                          positions_T, cache, self.deterministic)
+                                                          positions_T, cache, self.deterministic, prefix_B)
     a_NxD = h_NxD + nn.Dropout(cfg.dropout)(y_NxD, deterministic=self.deterministic).astype(h_NxD.dtype)
     y_NxD = FeedForward(cfg, name="ffn")(_layer_norm(cfg, "ln2")(a_NxD), self.deterministic)
     h_NxD = a_NxD + y_NxD.astype(a_NxD.dtype)
@@ -334,12 +348,15 @@ class Transformer(nn.Module):
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
   def __call__(self, tokens_BxT: Array, carry: Optional[KVCache] = None, *,
-               deterministic: bool = True) -> LMOutput:
+               deterministic: bool = True, prefix_B: Optional[Array] = None) -> LMOutput:
+    """`prefix_B` (B,) int: a prefix LM — the first prefix_B[b] positions of row b attend to each
+    other in both directions (e.g. a translation's source), the rest causally (None: causal)."""
     with layers.matmul_precision(self.cfg.matmul_precision):
-      return self._forward(tokens_BxT, carry, deterministic)
+      return self._forward(tokens_BxT, carry, deterministic, prefix_B)
 
   @nn.compact
-  def _forward(self, tokens_BxT: Array, carry: Optional[KVCache], deterministic: bool) -> LMOutput:
+  def _forward(self, tokens_BxT: Array, carry: Optional[KVCache], deterministic: bool,
+               prefix_B: Optional[Array] = None) -> LMOutput:
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     index = jnp.zeros((), jnp.int32) if carry is None else carry.index
@@ -366,14 +383,15 @@ class Transformer(nn.Module):
     kv = None if carry is None else (carry.k, carry.v)
     if cfg.scan_layers:
       layers_fn = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-      h_NxD, new_kv = layers_fn(cfg, deterministic, name="blocks")(h_NxD, kv, positions_T, index)
+      h_NxD, new_kv = layers_fn(cfg, deterministic, name="blocks")(h_NxD, kv, positions_T, index, prefix_B)
     else:
       new_k, new_v = [], []
       for l in range(cfg.n_layers):
         layer_kv = None if kv is None else (kv[0][l], kv[1][l])
-        h_NxD, layer_kv = block(cfg, deterministic, name=f"block_{l}")(h_NxD, layer_kv, positions_T, index)
+        h_NxD, layer_kv = block(cfg, deterministic, name=f"block_{l}")(h_NxD, layer_kv, positions_T, index,
+                                                                        prefix_B)
         if layer_kv is not None:
           new_k.append(layer_kv[0])
           new_v.append(layer_kv[1])

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from nlm_jax import config as config_lib
-from nlm_jax import decoding, models, parallel
+from nlm_jax import decoding, models, objectives, parallel
 from nlm_jax.data import pipeline, tokenizers
 from nlm_jax.data.corpus import _read_text, tfds_builder
 from nlm_jax.errors import UserError
@@ -117,34 +117,43 @@ def encode_pairs(tokenizer, sources: list[str], targets: list[str], max_len: int
 
 def collate(seqs: list[np.ndarray], starts: np.ndarray, rows: int, max_len: int) -> dict[str, np.ndarray]:
   """inputs = seq[:-1], targets = seq[1:], mask = 1 on the target's predictions; rows past the
-  given examples are padding (mask 0)."""
+  given examples are padding (mask 0). prefix: the inputs a prefix LM reads bidirectionally,
+  [start] and the source (the source's <eol> is the first causal position: it predicts the
+  target's first token, as the last prompt token does in decoding)."""
   T = padded_length(max((len(s) - 1 for s in seqs), default=1), max_len)
   inputs = np.zeros((rows, T), np.int32)
   targets = np.zeros((rows, T), np.int32)
   mask = np.zeros((rows, T), np.float32)
+  prefix = np.zeros((rows,), np.int32)
   for b, (seq, start) in enumerate(zip(seqs, starts)):
     n = len(seq) - 1
     inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
     mask[b, start - 1:n] = 1.0  # position t predicts token t+1: the target's tokens from `start`
-  return {"inputs": inputs, "targets": targets, "mask": mask}
+    prefix[b] = start - 1
+  return {"inputs": inputs, "targets": targets, "mask": mask, "prefix": prefix}
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 class TranslateTask(LMTask):
-  """Next-token loss on the target tokens (optionally with label smoothing)."""
+  """Next-token loss on the target tokens (with label smoothing in training, if asked), read
+  causally or, for a prefix LM, with the source seen in both directions."""
 
-  batch_keys = ("inputs", "targets", "mask")
+  batch_keys = ("inputs", "targets", "mask", "prefix")
 
-  def __init__(self, *args, smoothing: float = 0.0, **kwargs):
-    self.smoothing = smoothing
+  def __init__(self, *args, smoothing: float = 0.0, prefix_lm: bool = False, **kwargs):
+    self.smoothing, self.prefix_lm = smoothing, prefix_lm
     super().__init__(*args, **kwargs)
 
   def _objective(self, params, batch, carry, key, deterministic: bool):
+    rngs = None if deterministic else {"dropout": key}
+    extra = {"prefix_B": batch["prefix"]} if self.prefix_lm else {}
+    out = self.model.apply({"params": params}, batch["inputs"], None, deterministic=deterministic, rngs=rngs,
+                           **extra)
     if deterministic or not self.smoothing:
-      return super()._objective(params, batch, carry, key, deterministic)
-    out = self.model.apply({"params": params}, batch["inputs"], None, deterministic=False, rngs={"dropout": key})
+      nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
+      return nll_sum, count, None, {}
     logits = out.logits.astype(jnp.promote_types(out.logits.dtype, jnp.float32))
     targets = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1], dtype=logits.dtype),
                                   self.smoothing)
@@ -171,11 +180,15 @@ class TranslateRun(ExamplesRun):
     self.model_cfg = config_lib.model_config(cfg, tokenizer.vocab_size)
     if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
       raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
+    if t.prefix_lm and self.model_cfg.arch != "transformer":
+      raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {self.model_cfg.arch} reads "
+                      "left to right)")
     self.model = models.build(self.model_cfg)
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
     finetune.freeze(cfg, head=None)  # no new head: refused if asked for
     self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
-                              example_len=8, grad_accum=cfg.optim.grad_accum, smoothing=t.label_smoothing)
+                              example_len=8, grad_accum=cfg.optim.grad_accum, smoothing=t.label_smoothing,
+                              prefix_lm=t.prefix_lm)
 
   # ------------------------------------------------------------------------- data
 
@@ -250,7 +263,7 @@ class TranslateRun(ExamplesRun):
       limit = min(limit, context + 1 - max(len(p) for p in prompts))
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths decode together
     out = decoding.beam_search(self.model, params, [prompts[i] for i in order], self.eol, beam_size, limit, alpha,
-                               batch_size=t.decode_batch_size)
+                               batch_size=t.decode_batch_size, prefix_lm=t.prefix_lm)
     texts = [""] * len(sources)
     for i, ids in zip(order, out):
       texts[i] = self.tokenizer.decode(ids).strip()
