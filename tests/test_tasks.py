@@ -376,3 +376,38 @@ def test_translate_prefix_lm_end_to_end(tmp_path):
 
   expect_error("train", *translation(tmp_path / "e", data, steps=2, arch="lstm", task__prefix_lm="true"),
                must_mention="prefix_lm")
+
+
+def test_tfds_sources_of_both_tasks(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from nlm_jax.config import DataConfig
+  from nlm_jax.data.corpus import prepare_tfds
+  from nlm_jax.tasks.classify import read_tfds
+  from nlm_jax.tasks.translate import read_tfds_pairs
+
+  class NlmJaxTinyPairs(tfds.core.GeneratorBasedBuilder):
+    """Sentences with a label and a translation, generated in the test (like glue/sst2, multi30k)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(num_classes=2),
+           "en": tfds.features.Text(), "de": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(6), "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"sentence": f"text {i}", "label": i % 2, "en": f"the cat {i}", "de": f"die katze {i}"}
+
+  data_dir = str(tmp_path / "tfds")
+  prepare_tfds(NlmJaxTinyPairs.name, None, data_dir)
+  cfg = DataConfig(source="tfds", name=NlmJaxTinyPairs.name, data_dir=data_dir)
+  texts, labels = read_tfds(cfg, "train", "sentence", "label")
+  assert sorted(zip(texts, labels)) == sorted((f"text {i}", str(i % 2)) for i in range(6))
+  src, tgt = read_tfds_pairs(cfg, "validation", "en", "de")
+  assert sorted(zip(src, tgt)) == [(f"the cat {i}", f"die katze {i}") for i in range(2)]
+  with pytest.raises(Exception, match="no feature 'fr'"):
+    read_tfds_pairs(cfg, "train", "en", "fr")
