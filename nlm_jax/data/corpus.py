@@ -151,6 +151,33 @@ class TFDSSource:
     return "\n".join(parts)
 
 
+def tfds_fields(data_cfg, split: str, fields: list[str], what: dict[str, str]) -> list[list]:
+  """The values of `fields` in every example of a prepared TFDS split (the first
+  `data_cfg.max_examples`), one list per field; text is decoded from UTF-8. `what` names the
+  config key that chose each field, for the error when the dataset has no such feature."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds_builder(data_cfg.name, data_cfg.data_dir)
+  if not builder.is_prepared():
+    raise UserError(f"TFDS dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run "
+                    f"`nlm-jax data prepare {data_cfg.name}` first")
+  if split not in builder.info.splits:
+    raise UserError(f"TFDS dataset {data_cfg.name!r} has no split {split!r}; available: "
+                    f"{', '.join(builder.info.splits.keys())}")
+  source = tfds.data_source(data_cfg.name, split=split, data_dir=data_cfg.data_dir)
+  n = len(source) if data_cfg.max_examples is None else min(len(source), data_cfg.max_examples)
+  columns: list[list] = [[] for _ in fields]
+  for i in range(n):
+    example = source[i]
+    for column, field in zip(columns, fields):
+      if field not in example:
+        raise UserError(f"TFDS dataset {data_cfg.name!r} has no feature {field!r} ({what[field]}); features: "
+                        f"{', '.join(example)}")
+      value = example[field]
+      column.append(value.decode("utf-8") if isinstance(value, bytes) else value)
+  return columns
+
+
 def prepare_tfds(name: str, manual_dir: Optional[str], data_dir: Optional[str]) -> str:
   """Downloads (or reads from `manual_dir`) and prepares a TFDS dataset as ArrayRecord."""
   import tensorflow_datasets as tfds

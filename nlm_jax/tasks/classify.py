@@ -38,9 +38,9 @@ import numpy as np
 import optax
 
 from nlm_jax import config as config_lib
-from nlm_jax import models, parallel
+from nlm_jax import models
 from nlm_jax.data import pipeline, tokenizers
-from nlm_jax.data.corpus import _read_text, tfds_builder
+from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.models.layers import param_init
 from nlm_jax.tasks import finetune
@@ -81,29 +81,13 @@ def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], l
 
 
 def read_tfds(data_cfg, split: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
-  import tensorflow_datasets as tfds
-
-  builder = tfds_builder(data_cfg.name, data_cfg.data_dir)
-  if not builder.is_prepared():
-    raise UserError(f"TFDS dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run "
-                    f"`nlm-jax data prepare {data_cfg.name}` first")
-  if split not in builder.info.splits:
-    raise UserError(f"TFDS dataset {data_cfg.name!r} has no split {split!r}; available: "
-                    f"{', '.join(builder.info.splits.keys())}")
-  source = tfds.data_source(data_cfg.name, split=split, data_dir=data_cfg.data_dir)
-  n = len(source) if data_cfg.max_examples is None else min(len(source), data_cfg.max_examples)
-  texts, labels = [], []
-  for i in range(n):
-    example = source[i]
-    for field in (text_field, label_field):
-      if field not in example:
-        raise UserError(f"TFDS dataset {data_cfg.name!r} has no feature {field!r}; features: {', '.join(example)}")
-    value = example[text_field]
-    texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-    labels.append(str(int(example[label_field])))
+  """(texts, labels) of a TFDS split (e.g. glue/sst2: features 'sentence' and 'label')."""
+  texts, labels = tfds_fields(data_cfg, split, [text_field, label_field],
+                              {text_field: "task.text_field", label_field: "task.label_field"})
+  labels = [str(int(label)) for label in labels]
   if labels and all(label == "-1" for label in labels):
     raise UserError(f"the {split!r} split of {data_cfg.name!r} has no labels (-1: a hidden test split)")
-  return texts, labels
+  return [str(t) for t in texts], labels
 
 
 def sort_labels(labels) -> list[str]:
@@ -234,17 +218,16 @@ class ClassifyRun(ExamplesRun):
     self._setup(cfg, mesh)
     t, d = cfg.task, cfg.data
     self._splits: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
-    self._texts: dict[str, tuple[list[str], list[str]]] = {}
     saved = os.path.join(workdir, LABELS_FILE) if workdir else None
     if saved and os.path.exists(saved):
       with open(saved) as f:
         self.labels = json.load(f)["labels"]
     else:
-      self.labels = sort_labels(self._read(d.train_split)[1])
+      self.labels = sort_labels(self.raw(d.train_split)[1])
     if len(self.labels) < 2:
       raise UserError(f"the {d.train_split!r} split has one label ({self.labels[0]!r}); classification "
                       "needs at least two")
-    self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self._read(d.train_split)[0]))
+    self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self.raw(d.train_split)[0]))
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
       raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
@@ -256,22 +239,16 @@ class ClassifyRun(ExamplesRun):
 
   # ------------------------------------------------------------------------- data
 
-  def _read(self, split: str) -> tuple[list[str], list[str]]:
-    if split not in self._texts:
-      d, t = self.cfg.data, self.cfg.task
-      if d.source == "tfds":
-        self._texts[split] = read_tfds(d, split, t.text_field, t.label_field)
-      else:
-        if split not in d.files:
-          raise UserError(f"no split {split!r} in data.files; available: {', '.join(d.files)}")
-        self._texts[split] = read_tsv(os.path.abspath(os.path.expanduser(d.files[split])), t.text_field,
-                                      t.label_field)
-    return self._texts[split]
+  def read_file(self, path: str) -> tuple[list[str], list[str]]:
+    return read_tsv(path, self.cfg.task.text_field, self.cfg.task.label_field)
+
+  def read_tfds(self, split: str) -> tuple[list[str], list[str]]:
+    return read_tfds(self.cfg.data, split, self.cfg.task.text_field, self.cfg.task.label_field)
 
   def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
     """(token ids of each text, class index of each label) of a split."""
     if split not in self._splits:
-      texts, labels = self._read(split)
+      texts, labels = self.raw(split)
       index = {label: i for i, label in enumerate(self.labels)}
       unknown = sorted(set(labels) - set(index))
       if unknown:
@@ -290,45 +267,22 @@ class ClassifyRun(ExamplesRun):
     return iter(train_batches(ids, labels, self.cfg.data.batch_size, self.cfg.seed, self.cfg.task.max_len,
                               self.rows))
 
+  def collate(self, indices: list[int], split: str, rows: int) -> dict[str, np.ndarray]:
+    ids, labels = self.examples(split)
+    return collate([ids[i] for i in indices], labels[indices], rows, self.cfg.task.max_len)
+
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None) -> dict:
     """Loss (mean NLL), accuracy, and per class the examples and the correct ones, over a split
     (all of it, or its first `max_batches` batches)."""
-    ids, labels = self.examples(split)
-    B = self.eval_batch_size()
-    rows = parallel.process_rows(B)
-    n_batches = -(-len(ids) // B)
-    if max_batches is not None:
-      n_batches = min(n_batches, max_batches)
-    sums = None
-    for k in range(n_batches):
-      chosen = range(k * B, min((k + 1) * B, len(ids)))
-      local = collate([ids[i] for i in chosen], labels[list(chosen)], B, self.cfg.task.max_len)
-      local = {key: value[rows] for key, value in local.items()}
-      _, m = self.task.eval_step(params, None, self.global_batch(local, B))
-      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    sums = jax.device_get(sums)
+    sums = self.eval_sums(params, split, max_batches)
     count = float(sums["count"])
-    if count == 0:
-      raise UserError(f"the {split!r} split has no examples to evaluate")
-    loss = float(sums["nll_sum"]) / count
     per_class = {label: {"examples": int(t), "correct": int(c)}
                  for label, t, c in zip(self.labels, sums["total_C"], sums["correct_C"])}
-    return {"loss": loss, "accuracy": float(sums["correct"]) / count, "examples": int(count),
-            "per_class": per_class}
+    return {"loss": float(sums["nll_sum"]) / count, "accuracy": float(sums["correct"]) / count,
+            "examples": int(count), "per_class": per_class}
 
-  def periodic_evaluation(self, params, step: int) -> tuple[dict, dict]:
-    t, d = self.cfg.train, self.cfg.data
-    val = self.evaluate(params, d.eval_split, t.eval_batches)
-    scores = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
-    if n_train is None or n_train > 0:
-      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
-    return scores, val
-
-  def final_evaluation(self, params, step: int, last_eval) -> dict:
-    if last_eval is not None and last_eval[0] == step and self.cfg.train.eval_batches is None:
-      return last_eval[1]
-    return self.evaluate(params, self.cfg.data.eval_split, None)
+  def val_scores(self, val: dict) -> dict:
+    return {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
 
   def predict(self, params, texts: list[str]) -> np.ndarray:
     """Class probabilities (N, C) of texts."""

@@ -1,15 +1,20 @@
-"""What the runs of example-based tasks (classification, translation) share: the mesh, the
-evaluation batch, the data fingerprint and loading a pretrained body. A subclass sets `task`,
-`tokenizer`, `model_cfg`, `body` (the parameters' subtree a pretrained LM fills; None: all of
-them) and `examples(split)` (a tuple of per-example arrays, first the token ids)."""
+"""What the runs of example-based tasks (classification, translation) share: reading a split,
+the mesh, the evaluation loop and batch, the periodic and final evaluations, the data
+fingerprint and loading a pretrained body. A subclass sets `task`, `tokenizer`, `model_cfg`,
+`body` (the parameters' subtree a pretrained LM fills; None: all of them) and defines
+`read_file(path)` / `read_tfds(split)` (a split's raw examples), `examples(split)` (a tuple of
+per-example arrays, first the token ids), `collate(indices, split, rows)`, `evaluate` and
+`val_scores`."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nlm_jax import parallel
@@ -37,8 +42,55 @@ class ExamplesRun:
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.rows = parallel.process_rows(cfg.data.batch_size)
 
+  def raw(self, split: str) -> tuple:
+    """The split's examples as read (cached): from `data.files[split]` or the TFDS dataset."""
+    cache = self.__dict__.setdefault("_raw", {})
+    if split not in cache:
+      d = self.cfg.data
+      if d.source == "tfds":
+        cache[split] = self.read_tfds(split)
+      else:
+        if split not in d.files:
+          raise UserError(f"no split {split!r} in data.files; available: {', '.join(d.files)}")
+        cache[split] = self.read_file(os.path.abspath(os.path.expanduser(d.files[split])))
+    return cache[split]
+
   def examples(self, split: str) -> tuple:
     raise NotImplementedError
+
+  def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
+    """The task's eval-step metrics summed over a split's batches (all of them, or the first
+    `max_batches`), in order; the last batch is padded with weight-0 rows."""
+    n = len(self.examples(split)[0])
+    B = self.eval_batch_size()
+    rows = parallel.process_rows(B)
+    n_batches = -(-n // B) if max_batches is None else min(-(-n // B), max_batches)
+    sums = None
+    for k in range(n_batches):
+      local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
+      _, m = self.task.eval_step(params, None, self.global_batch({key: v[rows] for key, v in local.items()}, B))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    sums = jax.device_get(sums)
+    if sums is None or float(sums["count"]) == 0:
+      raise UserError(f"the {split!r} split has nothing to evaluate")
+    return sums
+
+  def periodic_evaluation(self, params, step: int) -> tuple[dict, dict]:
+    """val_* of `train.eval_batches` batches of the evaluation split (`val_scores`), and
+    eval_train_loss of as many (or `train.eval_train_batches`) of the training split."""
+    t, d = self.cfg.train, self.cfg.data
+    val = self.evaluate(params, d.eval_split, t.eval_batches)
+    scores = self.val_scores(val)
+    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
+    if n_train is None or n_train > 0:
+      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
+    return scores, val
+
+  def final_evaluation(self, params, step: int, last_eval) -> dict:
+    """The whole evaluation split (the last periodic evaluation's numbers when it scored all of it)."""
+    if last_eval is not None and last_eval[0] == step and self.cfg.train.eval_batches is None:
+      return last_eval[1]
+    return self.evaluate(params, self.cfg.data.eval_split, None)
 
   def units_per_step(self) -> int:
     return self.cfg.data.batch_size * self.cfg.optim.grad_accum

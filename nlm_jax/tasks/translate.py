@@ -23,7 +23,6 @@ cut (the target's end); their count is reported once.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
@@ -32,9 +31,9 @@ import numpy as np
 import optax
 
 from nlm_jax import config as config_lib
-from nlm_jax import decoding, models, objectives, parallel
+from nlm_jax import decoding, models, objectives
 from nlm_jax.data import pipeline, tokenizers
-from nlm_jax.data.corpus import _read_text, tfds_builder
+from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.tasks import finetune
 from nlm_jax.tasks.common import ExamplesRun, padded_length
@@ -67,27 +66,10 @@ def read_parallel(prefix: str, source_lang: str, target_lang: str) -> tuple[list
 
 
 def read_tfds_pairs(data_cfg, split: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
-  import tensorflow_datasets as tfds
-
-  builder = tfds_builder(data_cfg.name, data_cfg.data_dir)
-  if not builder.is_prepared():
-    raise UserError(f"TFDS dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run "
-                    f"`nlm-jax data prepare {data_cfg.name}` first")
-  if split not in builder.info.splits:
-    raise UserError(f"TFDS dataset {data_cfg.name!r} has no split {split!r}; available: "
-                    f"{', '.join(builder.info.splits.keys())}")
-  source = tfds.data_source(data_cfg.name, split=split, data_dir=data_cfg.data_dir)
-  n = len(source) if data_cfg.max_examples is None else min(len(source), data_cfg.max_examples)
-  pairs = ([], [])
-  for i in range(n):
-    example = source[i]
-    for side, lang in zip(pairs, (source_lang, target_lang)):
-      if lang not in example:
-        raise UserError(f"TFDS dataset {data_cfg.name!r} has no feature {lang!r} (task.source_lang / "
-                        f"task.target_lang); features: {', '.join(example)}")
-      value = example[lang]
-      side.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-  return pairs
+  """(sources, targets) of a TFDS translation split, whose features are the language codes."""
+  src, tgt = tfds_fields(data_cfg, split, [source_lang, target_lang],
+                         {source_lang: "task.source_lang", target_lang: "task.target_lang"})
+  return [str(x) for x in src], [str(x) for x in tgt]
 
 
 def end_of_line(tokenizer) -> int:
@@ -170,7 +152,6 @@ class TranslateRun(ExamplesRun):
   def __init__(self, cfg: config_lib.Config, tokenizer=None, mesh=None, workdir: Optional[str] = None):
     self._setup(cfg, mesh)
     t, d = cfg.task, cfg.data
-    self._pairs: dict[str, tuple[list[str], list[str]]] = {}
     self._encoded: dict[str, tuple] = {}
     if tokenizer is None:
       src, tgt = self.pairs(d.train_split)
@@ -192,18 +173,15 @@ class TranslateRun(ExamplesRun):
 
   # ------------------------------------------------------------------------- data
 
+  def read_file(self, prefix: str) -> tuple[list[str], list[str]]:
+    return read_parallel(prefix, self.cfg.task.source_lang, self.cfg.task.target_lang)
+
+  def read_tfds(self, split: str) -> tuple[list[str], list[str]]:
+    return read_tfds_pairs(self.cfg.data, split, self.cfg.task.source_lang, self.cfg.task.target_lang)
+
   def pairs(self, split: str) -> tuple[list[str], list[str]]:
     """(source lines, target lines) of a split."""
-    if split not in self._pairs:
-      d, t = self.cfg.data, self.cfg.task
-      if d.source == "tfds":
-        self._pairs[split] = read_tfds_pairs(d, split, t.source_lang, t.target_lang)
-      else:
-        if split not in d.files:
-          raise UserError(f"no split {split!r} in data.files; available: {', '.join(d.files)}")
-        self._pairs[split] = read_parallel(os.path.abspath(os.path.expanduser(d.files[split])), t.source_lang,
-                                           t.target_lang)
-    return self._pairs[split]
+    return self.raw(split)
 
   def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
     """(sequence ids of each pair, where its target starts)."""
@@ -224,30 +202,23 @@ class TranslateRun(ExamplesRun):
 
   # ------------------------------------------------------------------------- evaluation
 
+  def collate(self, indices: list[int], split: str, rows: int) -> dict[str, np.ndarray]:
+    seqs, starts = self.examples(split)
+    return collate([seqs[i] for i in indices], starts[indices], rows, self.cfg.task.max_len)
+
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None,
                bleu: bool = False) -> dict:
     """Mean NLL per target token and perplexity over a split (all of it, or its first
     `max_batches` batches); with `bleu`, also corpus BLEU of beam-search translations."""
-    seqs, starts = self.examples(split)
-    B = self.eval_batch_size()
-    rows = parallel.process_rows(B)
-    n_batches = -(-len(seqs) // B)
-    if max_batches is not None:
-      n_batches = min(n_batches, max_batches)
-    nll_sum, count = 0.0, 0.0
-    for k in range(n_batches):
-      chosen = list(range(k * B, min((k + 1) * B, len(seqs))))
-      local = collate([seqs[i] for i in chosen], starts[chosen], B, self.cfg.task.max_len)
-      _, m = self.task.eval_step(params, None, self.global_batch({key: v[rows] for key, v in local.items()}, B))
-      nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
-    nll_sum, count = float(nll_sum), float(count)
-    if count == 0:
-      raise UserError(f"the {split!r} split has no target tokens to evaluate")
-    loss = nll_sum / count
-    out = {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "tokens": int(count)}
+    sums = self.eval_sums(params, split, max_batches)
+    loss = float(sums["nll_sum"]) / float(sums["count"])
+    out = {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "tokens": int(sums["count"])}
     if bleu:
       out.update(self.bleu(params, split))
     return out
+
+  def val_scores(self, val: dict) -> dict:
+    return {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
 
   def translate(self, params, sources: list[str], beam_size: Optional[int] = None,
                 length_penalty: Optional[float] = None, max_len: Optional[int] = None) -> list[str]:
@@ -278,21 +249,8 @@ class TranslateRun(ExamplesRun):
     score = sacrebleu.corpus_bleu(hypotheses, [references])
     return {"bleu": float(score.score), "beam_size": self.cfg.task.beam_size, "hypotheses": hypotheses}
 
-  def periodic_evaluation(self, params, step: int) -> tuple[dict, dict]:
-    t, d = self.cfg.train, self.cfg.data
-    val = self.evaluate(params, d.eval_split, t.eval_batches)
-    scores = {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
-    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
-    if n_train is None or n_train > 0:
-      scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
-    return scores, val
-
   def final_evaluation(self, params, step: int, last_eval) -> dict:
     """Loss and perplexity of the whole evaluation split, and its BLEU (beam search)."""
-    split = self.cfg.data.eval_split
-    if last_eval is not None and last_eval[0] == step and self.cfg.train.eval_batches is None:
-      out = {**last_eval[1], **self.bleu(params, split)}
-    else:
-      out = self.evaluate(params, split, None, bleu=True)
+    out = {**super().final_evaluation(params, step, last_eval), **self.bleu(params, self.cfg.data.eval_split)}
     out.pop("hypotheses")
     return out
