@@ -46,7 +46,9 @@ def pretrain(workdir, sst, arch="lstm", steps=10) -> None:
         "seed=1", *BODIES[arch])
 
 
-@pytest.mark.parametrize("arch,pooling", [("lstm", "last"), ("transformer", "last"), ("fnn", "mean")])
+@pytest.mark.parametrize("arch,pooling", [("lstm", "last"),  # the other bodies: slow (the suite keeps ~10 min)
+                                          pytest.param("transformer", "last", marks=pytest.mark.slow),
+                                          pytest.param("fnn", "mean", marks=pytest.mark.slow)])
 def test_classify_end_to_end_through_the_cli(tmp_path, sst, arch, pooling):
   summary = train(*classify(tmp_path / "r", sst, arch, steps=100, task__pooling=pooling))
   # The label is the one sentiment word: learnable in a few dozen steps by every body.
@@ -368,6 +370,7 @@ def test_prefix_lm_mask_and_cached_prefix_decoding(transformer_config):
     assert out == seq[len(prompt):]
 
 
+@pytest.mark.slow  # the prefix mask and its cached decoding are tested above, in CI
 def test_translate_prefix_lm_end_to_end(tmp_path):
   data = write_parallel(tmp_path, n_train=200)
   summary = train(*translation(tmp_path / "r", data, steps=60, task__prefix_lm="true", task__beam_size=2))
