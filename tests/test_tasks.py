@@ -302,11 +302,12 @@ def test_beam_search_is_exhaustive_when_the_beam_holds_every_hypothesis():
   for prompt, out, score in zip(prompts, found, scores):
     best = None  # every continuation that ends in eos within max_len tokens, or has max_len tokens
     for n in range(1, max_len + 1):
-      for cont in itertools.product(range(4), repeat=n):
-        if eos in cont[:-1] or (n < max_len and cont[-1] != eos):
-          continue
-        logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray([prompt + list(cont)])).logits[0], -1)
-        total = sum(float(logp[len(prompt) - 1 + j, cont[j]]) for j in range(n))
+      conts = [c for c in itertools.product(range(4), repeat=n) if eos not in c[:-1] and (n == max_len or c[-1] == eos)]
+      seqs = jnp.asarray([prompt + list(c) for c in conts])  # all of length n in one batch
+      logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, seqs).logits, -1))
+      P = len(prompt)
+      for b, cont in enumerate(conts):
+        total = sum(float(logp[b, P - 1 + j, cont[j]]) for j in range(n))
         candidate = (total / float(length_penalty(n, alpha)), list(cont))
         best = max(best or candidate, candidate)
     assert out == (best[1][:-1] if best[1][-1] == eos else best[1])
@@ -359,11 +360,14 @@ def test_prefix_lm_mask_and_cached_prefix_decoding(transformer_config):
   # Beam search with one beam on a prefix LM = greedy by full recomputation with the same mask.
   prompts = [[1, 2, 3, 4], [5, 6, 7, 8], [2, 2]]
   found = beam_search(model, params, prompts, 0, beam_size=1, max_len=6, batch_size=2, prefix_lm=True)
+  # (a fixed length of 10 = 4 + 6 recomputed each step: causal after the prefix, so what follows
+  # the sequence so far, zeros here, does not change the logits read at its end)
+  full = jax.jit(lambda seq, p: model.apply({"params": params}, seq[None], prefix_B=p[None]).logits[0])
   for prompt, out in zip(prompts, found):
     seq = list(prompt)
     while len(seq) - len(prompt) < 6:
-      full = model.apply({"params": params}, jnp.asarray([seq]), prefix_B=jnp.asarray([len(prompt) - 1])).logits
-      nxt = int(jnp.argmax(full[0, -1]))
+      padded = jnp.asarray(seq + [0] * (10 - len(seq)))
+      nxt = int(jnp.argmax(full(padded, jnp.asarray(len(prompt) - 1))[len(seq) - 1]))
       if nxt == 0:
         break
       seq.append(nxt)
