@@ -18,26 +18,34 @@ import optax
 Array = jax.Array
 
 
-def next_token_nll(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array | None = None
-                   ) -> tuple[Array, Array]:
+def next_token_nll(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array | None = None,
+                   label_smoothing: float = 0.0) -> tuple[Array, Array]:
   """Summed negative log-likelihood (nats) of `targets` under `logits`, and the token count.
 
   The log-softmax runs in float32 or wider whatever the compute dtype of the logits (float64
-  logits stay float64).
+  logits stay float64). With `label_smoothing` ε > 0 the target is (1 − ε)·one-hot + ε/V
+  (`optax.smooth_labels`): the cross-entropy against it, no longer a likelihood.
   """
   dtype = jnp.promote_types(logits_BxTxV.dtype, jnp.float32)
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(dtype), targets_BxT)
+  logits_BxTxV = logits_BxTxV.astype(dtype)
+  if label_smoothing:
+    targets_BxTxV = optax.smooth_labels(jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=dtype),
+                                        label_smoothing)
+    nll_BxT = optax.softmax_cross_entropy(logits_BxTxV, targets_BxTxV)
+  else:
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   if mask_BxT is None:
     return nll_BxT.sum(), jnp.asarray(nll_BxT.size, jnp.float32)
   mask_BxT = mask_BxT.astype(jnp.float32)
   return (nll_BxT * mask_BxT).sum(), mask_BxT.sum()
 
 
-def classification_nll(logits_BxC: Array, labels_B: Array, mask_B: Array | None = None
-                       ) -> tuple[Array, Array]:
-  """Summed cross-entropy (nats) of class `labels` under `logits`, and the example count."""
+def classification_nll(logits_BxC: Array, labels_B: Array, mask_B: Array | None = None,
+                       label_smoothing: float = 0.0) -> tuple[Array, Array]:
+  """Summed cross-entropy (nats) of class `labels` under `logits`, and the example count (the
+  mask's sum: weights 0 drop padding rows); `label_smoothing` as in `next_token_nll`."""
   return next_token_nll(logits_BxC[:, None], labels_B[:, None],
-                        None if mask_B is None else mask_B[:, None])
+                        None if mask_B is None else mask_B[:, None], label_smoothing)
 
 
 def perplexity(nll_sum, count):

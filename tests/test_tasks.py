@@ -120,7 +120,7 @@ def test_finetune_resume_is_bitwise_exact(tmp_path, sst):
 
 
 def test_classification_loss_matches_numpy():
-  from nlm_jax.tasks.classify import classification_loss
+  from nlm_jax.objectives import classification_nll
 
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
@@ -131,7 +131,7 @@ def test_classification_loss_matches_numpy():
     log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
     target = (1 - eps) * np.eye(4)[labels] + eps / 4
     expected = -(weights[:, None] * target * log_p).sum()
-    loss_sum, count = classification_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), eps)
+    loss_sum, count = classification_nll(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), eps)
     np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
     assert float(count) == 4.0
 

@@ -35,10 +35,9 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from nlm_jax import config as config_lib
-from nlm_jax import models
+from nlm_jax import models, objectives
 from nlm_jax.data import pipeline, tokenizers
 from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
@@ -159,19 +158,6 @@ class Classifier(nn.Module):
                     bias_init=param_init(nn.initializers.zeros, (None,)), name="head")(pooled_BxD)
 
 
-def classification_loss(logits_BxC: Array, labels_B: Array, weights_B: Array, smoothing: float = 0.0
-                        ) -> tuple[Array, Array]:
-  """Σ_b w_b · CE(smoothed one-hot(y_b), softmax(logits_b)), and Σ_b w_b. With ε = smoothing the
-  target is (1 − ε)·one-hot + ε/C (`optax.smooth_labels`); ε = 0 is the negative log-likelihood."""
-  logits_BxC = logits_BxC.astype(jnp.promote_types(logits_BxC.dtype, jnp.float32))
-  targets_BxC = jax.nn.one_hot(labels_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype)
-  if smoothing:
-    targets_BxC = optax.smooth_labels(targets_BxC, smoothing)
-  loss_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
-  weights_B = weights_B.astype(loss_B.dtype)
-  return (loss_B * weights_B).sum(), weights_B.sum()
-
-
 class ClassifyTask(LMTask):
   """The train / eval steps of classification (the state, update and checks are LMTask's)."""
 
@@ -188,18 +174,17 @@ class ClassifyTask(LMTask):
 
   def _objective(self, params, batch, carry, key, deterministic: bool):
     logits_BxC = self._logits(params, batch, key, deterministic)
-    loss_sum, count = classification_loss(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
-    correct = ((jnp.argmax(logits_BxC, -1) == batch["labels"]) * batch["weights"]).sum()
+    loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
+    correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     return loss_sum, count, None, {"correct": correct}
 
   def _eval_metrics(self, params, carry, batch):
     logits_BxC = self._logits(params, batch, None, deterministic=True)
-    nll_sum, count = classification_loss(logits_BxC, batch["labels"], batch["weights"])
-    C = logits_BxC.shape[-1]
-    w_B = batch["weights"]
-    onehot_BxC = jax.nn.one_hot(batch["labels"], C) * w_B[:, None]
+    nll_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"])
+    correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
+    onehot_BxC = jax.nn.one_hot(batch["labels"], logits_BxC.shape[-1]) * batch["weights"][:, None]
     right_B = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)
-    return None, {"nll_sum": nll_sum, "count": count, "correct": (right_B * w_B).sum(),
+    return None, {"nll_sum": nll_sum, "count": count, "correct": correct,
                   "total_C": onehot_BxC.sum(0), "correct_C": (onehot_BxC * right_B[:, None]).sum(0)}
 
   def predict(self, params, inputs_BxT, mask_BxT) -> Array:

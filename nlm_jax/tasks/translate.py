@@ -26,9 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from nlm_jax import config as config_lib
 from nlm_jax import decoding, models, objectives
@@ -133,14 +131,9 @@ class TranslateTask(LMTask):
     extra = {"prefix_B": batch["prefix"]} if self.prefix_lm else {}
     out = self.model.apply({"params": params}, batch["inputs"], None, deterministic=deterministic, rngs=rngs,
                            **extra)
-    if deterministic or not self.smoothing:
-      nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
-      return nll_sum, count, None, {}
-    logits = out.logits.astype(jnp.promote_types(out.logits.dtype, jnp.float32))
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1], dtype=logits.dtype),
-                                  self.smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets) * batch["mask"]
-    return loss.sum(), batch["mask"].sum(), None, {}
+    smoothing = 0.0 if deterministic else self.smoothing  # evaluation reports the likelihood
+    loss_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"], smoothing)
+    return loss_sum, count, None, {}
 
 
 # ----------------------------------------------------------------------------- the run
