@@ -31,14 +31,13 @@ import os
 from typing import Optional
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nlm_jax import config as config_lib
 from nlm_jax import models, objectives
-from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.models.layers import param_init
@@ -49,7 +48,6 @@ from nlm_jax.training.steps import LMTask
 
 Array = jax.Array
 LABELS_FILE = "labels.json"
-
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,15 +117,6 @@ def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) 
   out_labels[:len(ids)] = labels
   weights = (np.arange(rows) < len(ids)).astype(np.float32)
   return {"inputs": inputs, "mask": mask, "labels": out_labels, "weights": weights}
-
-
-def train_batches(ids: list[np.ndarray], labels: np.ndarray, batch_size: int, seed: int, max_len: int,
-                  rows: slice = slice(None)) -> grain.IterDataset:
-  """Infinite training batches of texts of similar length (`pipeline.length_bucketed`)."""
-  if len(ids) < batch_size:
-    raise UserError(f"the training split has {len(ids)} examples: too few for data.batch_size={batch_size}")
-  return pipeline.length_bucketed([len(x) for x in ids], batch_size, seed, rows,
-                                  lambda chosen: collate([ids[i] for i in chosen], labels[chosen], len(chosen), max_len))
 
 
 # ----------------------------------------------------------------------------- model
@@ -246,11 +235,6 @@ class ClassifyRun(ExamplesRun):
   def save_files(self, workdir: str) -> None:
     with open(os.path.join(workdir, LABELS_FILE), "w") as f:
       json.dump({"labels": self.labels}, f)
-
-  def train_iterator(self):
-    ids, labels = self.examples(self.cfg.data.train_split)
-    return iter(train_batches(ids, labels, self.cfg.data.batch_size, self.cfg.seed, self.cfg.task.max_len,
-                              self.rows))
 
   def collate(self, indices: list[int], split: str, rows: int) -> dict[str, np.ndarray]:
     ids, labels = self.examples(split)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlm_jax import parallel
+from nlm_jax.data import pipeline
 from nlm_jax.errors import UserError
 from nlm_jax.training import optim
 
@@ -57,6 +58,13 @@ class ExamplesRun:
 
   def examples(self, split: str) -> tuple:
     raise NotImplementedError
+
+  def train_iterator(self):
+    """Infinite training batches of examples of similar length (`pipeline.length_bucketed`)."""
+    split = self.cfg.data.train_split
+    lengths = [len(x) for x in self.examples(split)[0]]
+    return iter(pipeline.length_bucketed(lengths, self.cfg.data.batch_size, self.cfg.seed, self.rows,
+                                         lambda chosen: self.collate(chosen, split, len(chosen))))
 
   def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
     """The task's eval-step metrics summed over a split's batches (all of them, or the first

@@ -30,7 +30,7 @@ import numpy as np
 
 from nlm_jax import config as config_lib
 from nlm_jax import decoding, models, objectives
-from nlm_jax.data import pipeline, tokenizers
+from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.tasks import finetune
@@ -185,13 +185,6 @@ class TranslateRun(ExamplesRun):
                       "tokens: their targets are cut")
       self._encoded[split] = seqs, starts
     return self._encoded[split]
-
-  def train_iterator(self):
-    seqs, starts = self.examples(self.cfg.data.train_split)
-    max_len, B = self.cfg.task.max_len, self.cfg.data.batch_size
-    return iter(pipeline.length_bucketed([len(s) for s in seqs], B, self.cfg.seed, self.rows,
-                                         lambda chosen: collate([seqs[i] for i in chosen], starts[chosen],
-                                                                len(chosen), max_len)))
 
   # ------------------------------------------------------------------------- evaluation
 
