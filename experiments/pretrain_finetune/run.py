@@ -100,8 +100,9 @@ def evaluate(workdir: str, split: str) -> dict:
 
 
 def curve(workdir: str, key: str) -> list[tuple[int, float]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
+  from nlm_jax.plotting import read_metrics
+
+  return [(r["step"], r[key]) for r in read_metrics(workdir) if key in r]
 
 
 def run_task(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool) -> dict:
@@ -125,11 +126,12 @@ def run_task(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool)
       workdir = os.path.join(tmp, f"{task}_{arch}_{arm}_seed{seed}")
       init = [f"train.init_from={pretrained}"] if arm == "pretrained" else []
       nlm_jax_train(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe)
-      result = evaluate(workdir, info["split"])
-      score = 100 * result["accuracy"] if task == "sst2" else result["bleu"]
+      with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)  # the final whole-validation-split numbers (and, translating, its BLEU)
+      score = (100 * summary["final_validation_accuracy"] if task == "sst2"
+               else evaluate(workdir, info["split"])["bleu"])  # Multi30k: BLEU of the test split
       row["score"].append(score)
-      row["val_loss"].append(evaluate(workdir, "validation")["loss"] if info["split"] != "validation"
-                             else result["loss"])
+      row["val_loss"].append(summary["final_validation_loss"])
       row["curves"].append(curve(workdir, "val_accuracy" if task == "sst2" else "val_loss"))
       print(f"{task} {arch} {arm} seed {seed}: {info['title']} {score:.2f}", flush=True)
   return rows
