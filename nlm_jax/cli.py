@@ -63,14 +63,26 @@ def _eval(args) -> int:
   return 0
 
 
-def _generate(args) -> int:
-  from nlm_jax.generate import generate_text
+# The command that uses a trained run of each task.kind.
+COMMAND_FOR_TASK = {"lm": "generate", "classify": "predict", "translate": "translate"}
+
+
+def _load_run_of(args, kind: str):
+  """`trainer.load_run` of args.workdir, which must be a task.kind=`kind` run (else a one-line
+  error naming the command for the run it is)."""
   from nlm_jax.training import trainer
 
-  run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
-  if run.cfg.task.kind != "lm":
-    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; generate needs a language model"
-                    + (" (use predict)" if run.cfg.task.kind == "classify" else ""))
+  run, params, step = trainer.load_run(args.workdir, args.step, args.best)
+  if run.cfg.task.kind != kind:
+    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; {args.command} needs a "
+                    f"task.kind={kind} run (for this one use {COMMAND_FOR_TASK[run.cfg.task.kind]})")
+  return run, params
+
+
+def _generate(args) -> int:
+  from nlm_jax.generate import generate_text
+
+  run, params = _load_run_of(args, "lm")
 
   def stream(piece: str):
     sys.stdout.write(piece)
@@ -89,12 +101,7 @@ def _generate(args) -> int:
 
 
 def _predict(args) -> int:
-  from nlm_jax.training import trainer
-
-  run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
-  if not hasattr(run, "predict"):
-    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; predict needs a classifier "
-                    "(task.kind=classify); for a language model use generate")
+  run, params = _load_run_of(args, "classify")
   probs_NxC = run.predict(params, args.text)
   for text, probs in zip(args.text, probs_NxC):
     best = int(probs.argmax())
@@ -107,12 +114,7 @@ def _predict(args) -> int:
 
 
 def _translate(args) -> int:
-  from nlm_jax.training import trainer
-
-  run, params, _ = trainer.load_run(args.workdir, args.step, args.best)
-  if not hasattr(run, "translate"):
-    raise UserError(f"{args.workdir} is a task.kind={run.cfg.task.kind} run; translate needs a "
-                    "task.kind=translate run")
+  run, params = _load_run_of(args, "translate")
   for line in run.translate(params, args.text, args.beam_size, args.length_penalty, args.max_len):
     print(line)
   return 0
