@@ -15,11 +15,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None) -> float:
+def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
+                  timeout: float | None = None) -> float:
   """`nlm-jax train [--config CONFIG] workdir=WORKDIR ...` from the repository root, quietly;
   returns its wall time. A failure stops the experiment with the command's last error lines.
   A run this function finished before (a kept `--runs` folder) is not started again: its first
-  wall time, stored beside its summary.json, is returned, so a rerun reports the same times."""
+  wall time, stored beside its summary.json, is returned, so a rerun reports the same times.
+  `timeout` (seconds): a run still going then is stopped (its last checkpoint stays: resumable)."""
   stored = os.path.join(workdir, "experiment_wall_s.json")
   if os.path.exists(stored) and os.path.exists(os.path.join(workdir, "summary.json")):
     with open(stored) as f:
@@ -27,7 +29,10 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None)
   argv = [sys.executable, "-m", "nlm_jax", "train", *(["--config", config] if config else []),
           f"workdir={workdir}", "train.progress=false", *overrides]
   t = time.perf_counter()
-  proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+  try:
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise SystemExit(f"nlm-jax train of {workdir} stopped after {timeout:.0f} s (the time limit)") from None
   if proc.returncode:
     raise SystemExit(f"nlm-jax train failed for {workdir}:\n{proc.stderr[-2000:]}")
   wall = time.perf_counter() - t

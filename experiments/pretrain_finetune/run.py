@@ -19,11 +19,16 @@ into README.md between its markers.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
+import time
+from typing import Callable, NamedTuple
 
 from experiments.common import ROOT, add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
 
@@ -37,12 +42,19 @@ RECIPES = {("sst2", "lstm"): "sst2_lstm", ("sst2", "transformer"): "sst2_transfo
 
 
 def unlabelled_text(task: str, directory: str, data: str) -> str:
-  """The pretraining text of a task, one sentence per line: SST-2's training sentences, or
-  Multi30k's English and German training lines shuffled together."""
+  """The pretraining text of a task, one sentence or paragraph per line. SST-2: WikiText-2's
+  training text, lowercased and without its headings (SST-2 is lowercased), when `data` holds
+  wikitext-2/train.txt, then SST-2's training sentences; Multi30k: its English and German training
+  lines shuffled together (no alignment: the only German text there is)."""
   if task == "sst2":
-    path = os.path.join(directory, "sst2_sentences.txt")
+    path = os.path.join(directory, "sst2_pretraining_text.txt")
+    lines = []
+    wiki = os.path.join(data, "wikitext-2", "train.txt")
+    if os.path.exists(wiki):
+      with open(wiki, encoding="utf-8") as f:
+        lines += [line.strip().lower() for line in f if line.strip() and not line.strip().startswith("=")]
     with open(os.path.join(data, "sst2", "train.tsv"), encoding="utf-8") as f:
-      lines = [row.split("\t")[0] for row in f.read().splitlines()[1:] if row.strip()]
+      lines += [row.split("\t")[0] for row in f.read().splitlines()[1:] if row.strip()]
   else:
     path = os.path.join(directory, "multi30k_monolingual.txt")
     lines = []
@@ -69,6 +81,10 @@ def toy_data(directory: str) -> str:
       rows.append(" ".join(words) + f"\t{label}")
     with open(os.path.join(directory, "sst2", f"{split}.tsv"), "w") as f:
       f.write("\n".join(rows) + "\n")
+  os.makedirs(os.path.join(directory, "wikitext-2"), exist_ok=True)
+  with open(os.path.join(directory, "wikitext-2", "train.txt"), "w") as f:
+    f.write(" = Heading = \n" + "".join(" ".join(rng.choice(filler + pos + neg) for _ in range(12)) + " \n"
+                                        for _ in range(100)))
   lexicon = {"the": "die", "cat": "katze", "dog": "hund", "sees": "sieht", "a": "eine", "tree": "baum",
              "red": "rote", "big": "grosse"}
   for split, n in (("train", 300), ("val", 30), ("test", 30)):
@@ -91,9 +107,26 @@ QUICK = {  # tiny models and budgets for --quick
 }
 
 
-def evaluate(workdir: str, split: str) -> dict:
-  proc = subprocess.run([sys.executable, "-m", "nlm_jax", "eval", "--workdir", workdir, "--split", split, "--json"],
-                        cwd=ROOT, capture_output=True, text=True)
+class Clock:
+  """The experiment's time limits: no run starts after `start_by` seconds, and runs still going at
+  `kill_at` seconds are stopped (None: no limit)."""
+
+  def __init__(self, start_by: float | None, kill_at: float | None):
+    self.t0, self.start_by, self.kill_at = time.monotonic(), start_by, kill_at
+
+  def may_start(self) -> bool:
+    return self.start_by is None or time.monotonic() - self.t0 < self.start_by
+
+  def left(self) -> float | None:
+    return None if self.kill_at is None else max(1.0, self.kill_at - (time.monotonic() - self.t0))
+
+
+def evaluate(workdir: str, split: str, timeout: float | None = None) -> dict:
+  try:
+    proc = subprocess.run([sys.executable, "-m", "nlm_jax", "eval", "--workdir", workdir, "--split", split, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise SystemExit(f"nlm-jax eval of {workdir} stopped: past --kill-at") from None
   if proc.returncode:
     raise SystemExit(f"nlm-jax eval failed for {workdir}:\n{proc.stderr[-2000:]}")
   return json.loads(proc.stdout)
@@ -105,7 +138,14 @@ def curve(workdir: str, key: str) -> list[tuple[int, float]]:
   return [(r["step"], r[key]) for r in read_metrics(workdir) if key in r]
 
 
-def run_task(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool) -> dict:
+class Job(NamedTuple):
+  name: str
+  run: Callable[[], dict]
+  needs: tuple[str, ...] = ()
+
+
+def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock) -> list[Job]:
+  """One pretraining run, then `seeds` fine-tuning runs per arm (the scratch arm needs nothing)."""
   recipe = os.path.join(CONFIGS, RECIPES[(task, arch)] + ".yaml")
   pre_recipe = os.path.join(CONFIGS, f"pretrain_{task}_{arch}.yaml")
   model = QUICK[arch] if quick else []
@@ -116,25 +156,88 @@ def run_task(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool)
                                                                 ("test", "test"))])
   extra = QUICK["translate"] if quick and task == "multi30k" else []
   pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}")
-  nlm_jax_train(pretrained, [f"data.file={unlabelled_text(task, tmp, data)}", *model, *budget,
-                             *(QUICK["pretrain"] if quick else [])], config=pre_recipe)
-  info = TASKS[task]
+  text = unlabelled_text(task, tmp, data)
+
+  def pretrain() -> dict:
+    wall = nlm_jax_train(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else [])],
+                         config=pre_recipe, timeout=clock.left())
+    with open(os.path.join(pretrained, "summary.json")) as f:
+      return {"wall_s": wall, "val_loss": json.load(f)["final_validation_loss"]}
+
+  def finetune(arm: str, seed: int) -> dict:
+    workdir = os.path.join(tmp, f"{task}_{arch}_{arm}_seed{seed}")
+    init = [f"train.init_from={pretrained}"] if arm == "pretrained" else []
+    wall = nlm_jax_train(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe,
+                         timeout=clock.left())
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)  # the final whole-validation-split numbers (and, translating, its BLEU)
+    score = (100 * summary["final_validation_accuracy"] if task == "sst2"
+             else evaluate(workdir, TASKS[task]["split"], timeout=clock.left())["bleu"])  # Multi30k: test BLEU
+    return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": wall,
+            "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss")}
+
+  pre = f"{task}/{arch}/pretrain"
+  jobs = [Job(pre, pretrain)]
+  for seed in range(1, seeds + 1):
+    for arm in ("pretrained", "scratch"):
+      jobs.append(Job(f"{task}/{arch}/{arm}/{seed}", functools.partial(finetune, arm, seed),
+                      (pre,) if arm == "pretrained" else ()))
+  return jobs
+
+
+def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dict], None]) -> tuple[dict, dict]:
+  """Runs `jobs` (each after the jobs it needs), `n` at a time, in the order given; a failed job
+  is reported and fails the jobs that need it, the others go on. Returns (results, errors)."""
+  results, errors, pending, running = {}, {}, list(jobs), {}
+  with concurrent.futures.ThreadPoolExecutor(max(1, n)) as pool:
+    while pending or running:
+      for job in list(pending):
+        if len(running) >= n:
+          break
+        failed = [d for d in job.needs if d in errors]
+        if failed or not clock.may_start():
+          errors[job.name] = f"needs {failed[0]}, which failed" if failed else "not started: past --start-by"
+          pending.remove(job)
+        elif all(d in results for d in job.needs):
+          running[pool.submit(job.run)] = job
+          pending.remove(job)
+      if not running:
+        continue
+      done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        job = running.pop(future)
+        try:
+          results[job.name] = future.result()
+          print(f"{job.name}: {json.dumps({k: v for k, v in results[job.name].items() if k != 'curve'})}",
+                flush=True)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - one run's failure is reported, the rest go on
+          errors[job.name] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+          print(f"{job.name} FAILED: {str(e)[-3000:]}", flush=True)
+        on_done(results, errors)
+  return results, errors
+
+
+def table(results: dict, errors: dict, pairs: list[tuple[str, str]], seeds: int, quick: bool) -> tuple[str, dict]:
+  """The markdown table of the finished runs, and the per-pair rows behind it."""
+  lines = ["| task | model | metric | from scratch | pretrained, then fine-tuned | gain | seeds' spread (max std) "
+           "| runs done |", "|---|---|---|---:|---:|---:|---:|---:|"]
   rows = {}
-  for arm in ("scratch", "pretrained"):
-    row = rows[arm] = {"score": [], "val_loss": [], "curves": []}
-    for seed in range(1, seeds + 1):
-      workdir = os.path.join(tmp, f"{task}_{arch}_{arm}_seed{seed}")
-      init = [f"train.init_from={pretrained}"] if arm == "pretrained" else []
-      nlm_jax_train(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe)
-      with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)  # the final whole-validation-split numbers (and, translating, its BLEU)
-      score = (100 * summary["final_validation_accuracy"] if task == "sst2"
-               else evaluate(workdir, info["split"])["bleu"])  # Multi30k: BLEU of the test split
-      row["score"].append(score)
-      row["val_loss"].append(summary["final_validation_loss"])
-      row["curves"].append(curve(workdir, "val_accuracy" if task == "sst2" else "val_loss"))
-      print(f"{task} {arch} {arm} seed {seed}: {info['title']} {score:.2f}", flush=True)
-  return rows
+  for task, arch in pairs:
+    arms = {arm: [results[f"{task}/{arch}/{arm}/{s}"] for s in range(1, seeds + 1)
+                  if f"{task}/{arch}/{arm}/{s}" in results] for arm in ("scratch", "pretrained")}
+    rows[f"{task}/{arch}"] = {arm: {k: [r[k] for r in rs] for k in ("score", "val_loss", "wall_s", "curve")}
+                              for arm, rs in arms.items()}
+    rows[f"{task}/{arch}"]["pretrain"] = results.get(f"{task}/{arch}/pretrain")
+    s, p = (rows[f"{task}/{arch}"][arm]["score"] for arm in ("scratch", "pretrained"))
+    spread = max((statistics.stdev(x) for x in (s, p) if len(x) > 1), default=float("nan"))
+    gain = f"{statistics.mean(p) - statistics.mean(s):+.2f}" if s and p else "—"
+    lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {mean_std(s, 2)} | {mean_std(p, 2)} | {gain} | "
+                 f"{spread:.2f} | {len(s)} + {len(p)} of {2 * seeds} |")
+  if errors:
+    lines += ["", "Not finished: " + "; ".join(f"{k} ({v})" for k, v in sorted(errors.items()))]
+  if quick:
+    lines += ["", "QUICK MODE on toy data, not a result."]
+  return "\n".join(lines), rows
 
 
 def main() -> None:
@@ -142,37 +245,40 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="toy data, tiny models, a few steps (what CI runs)")
   ap.add_argument("--tasks", default="sst2,multi30k")
   ap.add_argument("--archs", default="lstm,transformer")
+  ap.add_argument("--pairs", default=None, help="task/arch pairs, in order (instead of --tasks × --archs): "
+                                                 "e.g. multi30k/transformer,sst2/lstm")
   ap.add_argument("--seeds", type=int, default=3)
+  ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
+  ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
+                                                       "hold several of these small models)")
+  ap.add_argument("--start-by", type=float, default=None, help="seconds: no run starts later")
+  ap.add_argument("--kill-at", type=float, default=None, help="seconds: runs still going are stopped")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
   args = ap.parse_args()
   tmp = scratch("pretrain_finetune-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
-  data = toy_data(os.path.join(tmp, "toy")) if args.quick else DATA
-  results = {}
-  for task in args.tasks.split(","):
-    for arch in args.archs.split(","):
-      if (task, arch) not in RECIPES:
-        raise SystemExit(f"no recipe for {task} with {arch}; have: {', '.join(f'{t}/{a}' for t, a in RECIPES)}")
-      results[f"{task}/{arch}"] = run_task(task, arch, args.seeds, tmp, data, args.quick)
+  data = toy_data(os.path.join(tmp, "toy")) if args.quick else os.path.abspath(args.data)
+  clock = Clock(args.start_by, args.kill_at)
+  pairs = ([tuple(p.split("/", 1)) for p in args.pairs.split(",")] if args.pairs else
+           [(task, arch) for task in args.tasks.split(",") for arch in args.archs.split(",")])
+  for pair in pairs:
+    if pair not in RECIPES:
+      raise SystemExit(f"no recipe for {'/'.join(pair)}; have: {', '.join(f'{t}/{a}' for t, a in RECIPES)}")
+  jobs = [job for task, arch in pairs for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock)]
+  jobs.sort(key=lambda job: not job.name.endswith("/pretrain"))  # pretraining first: the longest chains
 
-  lines = ["| task | model | metric | from scratch | pretrained, then fine-tuned | gain | seeds' spread (max std) |",
-           "|---|---|---|---:|---:|---:|---:|"]
-  import statistics
+  def report(results: dict, errors: dict) -> None:
+    text, rows = table(results, errors, pairs, args.seeds, args.quick)
+    write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "results": rows, "errors": errors},
+                  update_readme=not args.quick)
 
-  for key, rows in results.items():
-    task, arch = key.split("/")
-    s, p = rows["scratch"]["score"], rows["pretrained"]["score"]
-    spread = max((statistics.stdev(x) for x in (s, p) if len(x) > 1), default=0.0)
-    lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {mean_std(s, 2)} | {mean_std(p, 2)} | "
-                 f"{statistics.mean(p) - statistics.mean(s):+.2f} | {spread:.2f} |")
-  if args.quick:
-    lines += ["", "QUICK MODE on toy data, not a result."]
-  table = "\n".join(lines)
-  print(table)
-  write_results(out, table, {"quick": args.quick, "seeds": args.seeds, "results": results},
-                update_readme=not args.quick)
-  plot(results, out)
+  results, errors = run_jobs(jobs, args.jobs, clock, report)
+  text, rows = table(results, errors, pairs, args.seeds, args.quick)
+  print(text)
+  plot(rows, out)
+  if errors:
+    raise SystemExit(f"{len(errors)} of {len(jobs)} runs did not finish (see above)")
 
 
 def plot(results: dict, out: str) -> None:
@@ -185,7 +291,7 @@ def plot(results: dict, out: str) -> None:
     task, arch = key.split("/")
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, color in (("scratch", "tab:blue"), ("pretrained", "tab:orange")):
-      for j, c in enumerate(rows[arm]["curves"]):
+      for j, c in enumerate(rows[arm]["curve"]):
         ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.8, label=arm if j == 0 else None)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation accuracy" if task == "sst2" else "validation loss (nats/target token)")
