@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -144,8 +145,14 @@ class Job(NamedTuple):
   needs: tuple[str, ...] = ()
 
 
-def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock) -> list[Job]:
-  """One pretraining run, then `seeds` fine-tuning runs per arm (the scratch arm needs nothing)."""
+def slug(arm: str) -> str:
+  return re.sub(r"[^A-Za-z0-9.]+", "_", arm).strip("_")
+
+
+def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock,
+            arms: dict[str, list[str] | None]) -> list[Job]:
+  """One pretraining run, then `seeds` fine-tuning runs per arm. `arms`: name → None (from
+  scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run."""
   recipe = os.path.join(CONFIGS, RECIPES[(task, arch)] + ".yaml")
   pre_recipe = os.path.join(CONFIGS, f"pretrain_{task}_{arch}.yaml")
   model = QUICK[arch] if quick else []
@@ -165,23 +172,31 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
       return {"wall_s": wall, "val_loss": json.load(f)["final_validation_loss"]}
 
   def finetune(arm: str, seed: int) -> dict:
-    workdir = os.path.join(tmp, f"{task}_{arch}_{arm}_seed{seed}")
-    init = [f"train.init_from={pretrained}"] if arm == "pretrained" else []
+    workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}")
+    init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *arms[arm]]
     wall = nlm_jax_train(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe,
                          timeout=clock.left())
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)  # the final whole-validation-split numbers (and, translating, its BLEU)
-    score = (100 * summary["final_validation_accuracy"] if task == "sst2"
-             else evaluate(workdir, TASKS[task]["split"], timeout=clock.left())["bleu"])  # Multi30k: test BLEU
+    if task == "sst2":
+      score = 100 * summary["final_validation_accuracy"]
+    else:  # Multi30k: BLEU of the test split, kept beside the run (a rerun over kept runs reads it)
+      stored = os.path.join(workdir, f"eval_{TASKS[task]['split']}.json")
+      if not os.path.exists(stored):
+        numbers = evaluate(workdir, TASKS[task]["split"], timeout=clock.left())
+        with open(stored, "w") as f:
+          json.dump(numbers, f)
+      with open(stored) as f:
+        score = json.load(f)["bleu"]
     return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": wall,
             "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss")}
 
   pre = f"{task}/{arch}/pretrain"
   jobs = [Job(pre, pretrain)]
   for seed in range(1, seeds + 1):
-    for arm in ("pretrained", "scratch"):
+    for arm, overrides in arms.items():
       jobs.append(Job(f"{task}/{arch}/{arm}/{seed}", functools.partial(finetune, arm, seed),
-                      (pre,) if arm == "pretrained" else ()))
+                      () if overrides is None else (pre,)))
   return jobs
 
 
@@ -217,22 +232,25 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
   return results, errors
 
 
-def table(results: dict, errors: dict, pairs: list[tuple[str, str]], seeds: int, quick: bool) -> tuple[str, dict]:
-  """The markdown table of the finished runs, and the per-pair rows behind it."""
-  lines = ["| task | model | metric | from scratch | pretrained, then fine-tuned | gain | seeds' spread (max std) "
-           "| runs done |", "|---|---|---|---:|---:|---:|---:|---:|"]
+def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms: list[str], seeds: int,
+          quick: bool) -> tuple[str, dict]:
+  """The markdown table of the finished runs (one row per task, model and arm; the gain and the
+  spread against the first arm, from scratch), and the per-pair rows behind it."""
+  lines = ["| task | model | metric | arm | mean ± std over seeds | gain over scratch | seeds' spread (max std) "
+           "| runs done |", "|---|---|---|---|---:|---:|---:|---:|"]
   rows = {}
   for task, arch in pairs:
-    arms = {arm: [results[f"{task}/{arch}/{arm}/{s}"] for s in range(1, seeds + 1)
-                  if f"{task}/{arch}/{arm}/{s}" in results] for arm in ("scratch", "pretrained")}
-    rows[f"{task}/{arch}"] = {arm: {k: [r[k] for r in rs] for k in ("score", "val_loss", "wall_s", "curve")}
-                              for arm, rs in arms.items()}
-    rows[f"{task}/{arch}"]["pretrain"] = results.get(f"{task}/{arch}/pretrain")
-    s, p = (rows[f"{task}/{arch}"][arm]["score"] for arm in ("scratch", "pretrained"))
-    spread = max((statistics.stdev(x) for x in (s, p) if len(x) > 1), default=float("nan"))
-    gain = f"{statistics.mean(p) - statistics.mean(s):+.2f}" if s and p else "—"
-    lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {mean_std(s, 2)} | {mean_std(p, 2)} | {gain} | "
-                 f"{spread:.2f} | {len(s)} + {len(p)} of {2 * seeds} |")
+    pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
+    for arm in arms:
+      done = [results[f"{task}/{arch}/{arm}/{s}"] for s in range(1, seeds + 1) if f"{task}/{arch}/{arm}/{s}" in results]
+      pair[arm] = {k: [r[k] for r in done] for k in ("score", "val_loss", "wall_s", "curve")}
+    base = pair[arms[0]]["score"]
+    for arm in arms:
+      x = pair[arm]["score"]
+      gain = f"{statistics.mean(x) - statistics.mean(base):+.2f}" if x and base and arm != arms[0] else ""
+      spread = max((statistics.stdev(v) for v in (x, base) if len(v) > 1), default=float("nan"))
+      lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {arm} | {mean_std(x, 2)} | {gain} | "
+                   f"{spread:.2f} | {len(x)} of {seeds} |")
   if errors:
     lines += ["", "Not finished: " + "; ".join(f"{k} ({v})" for k, v in sorted(errors.items()))]
   if quick:
@@ -247,6 +265,10 @@ def main() -> None:
   ap.add_argument("--archs", default="lstm,transformer")
   ap.add_argument("--pairs", default=None, help="task/arch pairs, in order (instead of --tasks × --archs): "
                                                  "e.g. multi30k/transformer,sst2/lstm")
+  ap.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                  help="another fine-tuned arm beside 'scratch' and 'pretrained': its name, '=', and the "
+                       "overrides it adds to the recipe (space-separated), e.g. "
+                       "'body lr x0.25=finetune.body_lr_scale=0.25' (repeatable)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
@@ -265,23 +287,30 @@ def main() -> None:
   for pair in pairs:
     if pair not in RECIPES:
       raise SystemExit(f"no recipe for {'/'.join(pair)}; have: {', '.join(f'{t}/{a}' for t, a in RECIPES)}")
-  jobs = [job for task, arch in pairs for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock)]
+  arms: dict[str, list[str] | None] = {"scratch": None, "pretrained": []}
+  for spec in args.arm:
+    name, _, overrides = spec.partition("=")
+    if not name.strip() or not overrides.strip() or name.strip() in arms:
+      raise SystemExit(f"--arm {spec!r}: expected a new NAME=OVERRIDES, e.g. 'body lr x0.25=finetune.body_lr_scale=0.25'")
+    arms[name.strip()] = overrides.split()
+  jobs = [job for task, arch in pairs
+          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms)]
   jobs.sort(key=lambda job: not job.name.endswith("/pretrain"))  # pretraining first: the longest chains
 
   def report(results: dict, errors: dict) -> None:
-    text, rows = table(results, errors, pairs, args.seeds, args.quick)
+    text, rows = table(results, errors, pairs, list(arms), args.seeds, args.quick)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "results": rows, "errors": errors},
                   update_readme=not args.quick)
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = table(results, errors, pairs, args.seeds, args.quick)
+  text, rows = table(results, errors, pairs, list(arms), args.seeds, args.quick)
   print(text)
-  plot(rows, out)
+  plot(rows, list(arms), out)
   if errors:
     raise SystemExit(f"{len(errors)} of {len(jobs)} runs did not finish (see above)")
 
 
-def plot(results: dict, out: str) -> None:
+def plot(results: dict, arms: list[str], out: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -290,13 +319,14 @@ def plot(results: dict, out: str) -> None:
   for key, rows in results.items():
     task, arch = key.split("/")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, color in (("scratch", "tab:blue"), ("pretrained", "tab:orange")):
+    for arm, color in zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
       for j, c in enumerate(rows[arm]["curve"]):
         ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.8, label=arm if j == 0 else None)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation accuracy" if task == "sst2" else "validation loss (nats/target token)")
-    ax.set_title(f"{task}, {arch}: from scratch vs pretrained")
-    ax.legend()
+    ax.set_title(f"{task}, {arch}: from scratch vs pretrained arms")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{task}_{arch}_curves.png"), dpi=120)
     plt.close(fig)
