@@ -232,7 +232,7 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
   return results, errors
 
 
-def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms: list[str], seeds: int,
+def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
           quick: bool) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
   spread against the first arm, from scratch), and the per-pair rows behind it."""
@@ -241,6 +241,7 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms: list[
   rows = {}
   for task, arch in pairs:
     pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
+    arms = list(arms_of(task))
     for arm in arms:
       done = [results[f"{task}/{arch}/{arm}/{s}"] for s in range(1, seeds + 1) if f"{task}/{arch}/{arm}/{s}" in results]
       pair[arm] = {k: [r[k] for r in done] for k in ("score", "val_loss", "wall_s", "curve")}
@@ -269,6 +270,7 @@ def main() -> None:
                   help="another fine-tuned arm beside 'scratch' and 'pretrained': its name, '=', and the "
                        "overrides it adds to the recipe (space-separated), e.g. "
                        "'body lr x0.25=finetune.body_lr_scale=0.25' (repeatable)")
+  ap.add_argument("--arm-tasks", default=None, help="the tasks the --arm arms run on (default: all)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
@@ -293,24 +295,29 @@ def main() -> None:
     if not name.strip() or not overrides.strip() or name.strip() in arms:
       raise SystemExit(f"--arm {spec!r}: expected a new NAME=OVERRIDES, e.g. 'body lr x0.25=finetune.body_lr_scale=0.25'")
     arms[name.strip()] = overrides.split()
+  arm_tasks = args.arm_tasks.split(",") if args.arm_tasks else list(TASKS)
+
+  def arms_of(task: str) -> dict[str, list[str] | None]:
+    return {name: o for i, (name, o) in enumerate(arms.items()) if i < 2 or task in arm_tasks}
+
   jobs = [job for task, arch in pairs
-          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms)]
+          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms_of(task))]
   jobs.sort(key=lambda job: not job.name.endswith("/pretrain"))  # pretraining first: the longest chains
 
   def report(results: dict, errors: dict) -> None:
-    text, rows = table(results, errors, pairs, list(arms), args.seeds, args.quick)
+    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "results": rows, "errors": errors},
                   update_readme=not args.quick)
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = table(results, errors, pairs, list(arms), args.seeds, args.quick)
+  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick)
   print(text)
-  plot(rows, list(arms), out)
+  plot(rows, out)
   if errors:
     raise SystemExit(f"{len(errors)} of {len(jobs)} runs did not finish (see above)")
 
 
-def plot(results: dict, arms: list[str], out: str) -> None:
+def plot(results: dict, out: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -319,6 +326,7 @@ def plot(results: dict, arms: list[str], out: str) -> None:
   for key, rows in results.items():
     task, arch = key.split("/")
     fig, ax = plt.subplots(figsize=(6, 4))
+    arms = [arm for arm in rows if arm != "pretrain"]
     for arm, color in zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
       for j, c in enumerate(rows[arm]["curve"]):
         ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.8, label=arm if j == 0 else None)
