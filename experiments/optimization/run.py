@@ -101,6 +101,21 @@ def train_curve(workdir: str) -> list[tuple[int, float]]:
     return [(r["step"], r["train_loss"]) for r in map(json.loads, f)]
 
 
+def unigram_perplexity(w: dict, workdir: str) -> float:
+  """Validation perplexity of the training split's token frequencies (add-one smoothed), with the
+  vocabulary the workload's runs use (read from one of them): where 'has learnt anything beyond
+  word frequencies' starts."""
+  import numpy as np
+
+  from nlm_jax.config import load_config
+  from nlm_jax.data import corpus, tokenizers
+
+  cfg = load_config(None, [*w["data"], *w["model"], f"workdir={workdir}"])
+  data = corpus.Corpus(cfg.data, cfg.tokenizer, tokenizers.load(os.path.join(workdir, "tokenizer.json")))
+  counts = np.bincount(data.tokens("train"), minlength=data.tokenizer.vocab_size) + 1.0
+  return float(np.exp(-np.mean(np.log((counts / counts.sum())[data.tokens("validation")]))))
+
+
 def run_workload(name: str, w: dict, seeds: int, tmp: str, only: set | None) -> dict:
   rows = {}
   steps = w["steps"]
@@ -140,13 +155,17 @@ def main() -> None:
   results = {}
   for name in args.workloads.split(","):
     w = quick_workload(WORKLOADS[name], tmp) if args.quick else WORKLOADS[name]
-    results[name] = {"title": w["title"], "steps": w["steps"], "rows": run_workload(name, w, args.seeds, tmp, only)}
+    rows = run_workload(name, w, args.seeds, tmp, only)
+    results[name] = {"title": w["title"], "steps": w["steps"], "rows": rows,
+                     "unigram": unigram_perplexity(w, os.path.join(tmp, f"{name}_1_seed1"))}
 
   lines = []
   for name, res in results.items():
     base = statistics.mean(res["rows"]["AdamW (baseline)"]["val_ppl"])
     lines += [f"**{res['title']}**, {res['steps']} steps (mean ± std over {args.seeds} seeds)", "",
-              "| setting | changes | validation perplexity (whole split) | vs baseline |", "|---|---|---:|---:|"]
+              "| setting | changes | validation perplexity (whole split) | vs baseline |", "|---|---|---:|---:|",
+              f"| unigram (training-split frequencies, no training) | reference | {res['unigram']:.2f} | "
+              f"{100 * (res['unigram'] / base - 1):+.1f}% |"]
     for setting, r in res["rows"].items():
       rel = statistics.mean(r["val_ppl"]) / base - 1
       lines.append(f"| {setting} | {r['group']} | {mean_std(r['val_ppl'], 2)} | {100 * rel:+.1f}% |")
