@@ -155,12 +155,62 @@ def test_embedding_probes_on_constructed_embeddings():
   assert analogies(rng.normal(size=related.shape), index, len(words))["all"]["accuracy"] < 0.1
 
 
-@pytest.mark.slow  # ~10 `nlm-jax` processes (minutes); tests/test_tasks.py covers the tasks in CI
+@pytest.mark.slow  # ~7 `nlm-jax` processes (minutes on 2 cores); tests/test_tasks.py covers the tasks in CI
 def test_pretrain_finetune_quick(tmp_path):
-  results = run_quick("pretrain_finetune", tmp_path, seeds=1)["results"]
-  assert set(results) == {"sst2/lstm", "sst2/transformer", "multi30k/lstm", "multi30k/transformer"}
+  res = run_quick("pretrain_finetune", tmp_path, 1, "--pairs", "sst2/lstm,multi30k/transformer", "--jobs", "2",
+                  "--arm", "body x0.5=finetune.body_lr_scale=0.5", "--arm-tasks", "sst2")
+  results = res["results"]
+  assert set(results) == {"sst2/lstm", "multi30k/transformer"} and res["errors"] == {}
+  assert set(results["sst2/lstm"]) == {"pretrain", "scratch", "pretrained", "body x0.5"}
+  assert set(results["multi30k/transformer"]) == {"pretrain", "scratch", "pretrained"}  # --arm-tasks
   for rows in results.values():
-    for arm in ("scratch", "pretrained"):
-      assert len(rows[arm]["score"]) == 1 and rows[arm]["curves"][0]
+    assert np.isfinite(rows["pretrain"]["val_loss"])
+    for arm, row in rows.items():
+      if arm != "pretrain":
+        assert len(row["score"]) == 1 and row["curve"][0]
   assert 0 <= results["sst2/lstm"]["pretrained"]["score"][0] <= 100
+  assert 0 <= results["multi30k/transformer"]["pretrained"]["score"][0] <= 100  # test BLEU
   assert (tmp_path / "sst2_lstm_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrain_finetune_scheduler():
+  """Runs start after the runs they need, `n` at a time; a failure fails its dependants only,
+  and nothing starts after --start-by."""
+  import threading
+  import time
+
+  from experiments.pretrain_finetune.run import Clock, Job, run_jobs
+
+  lock, events, active, most = threading.Lock(), [], [0], [0]
+
+  def work(name, seconds=0.05, fail=False):
+    def run():
+      with lock:
+        events.append(f"start {name}")
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+      time.sleep(seconds)
+      with lock:
+        active[0] -= 1
+        events.append(f"end {name}")
+      if fail:
+        raise SystemExit(f"{name} broke")
+      return {"name": name}
+    return run
+
+  # "pre" is slow: "a" must wait for its end although a worker is free, and "c" goes first
+  jobs = [Job("pre", work("pre", 0.3)), Job("bad", work("bad", fail=True)), Job("a", work("a"), ("pre",)),
+          Job("b", work("b"), ("bad",)), Job("c", work("c")), Job("d", work("d"), ("a",)), Job("e", work("e")),
+          Job("f", work("f"))]
+  reports = []
+  results, errors = run_jobs(jobs, 3, Clock(None, None), lambda r, e: reports.append((len(r), len(e))))
+  assert set(results) == {"pre", "a", "c", "d", "e", "f"} and set(errors) == {"bad", "b"}
+  assert errors["bad"] == "bad broke" and errors["b"] == "needs bad, which failed"
+  assert events.index("start a") > events.index("end pre") and events.index("start d") > events.index("end a")
+  assert events.index("start c") < events.index("end pre")
+  assert "start b" not in events and most[0] == 3
+  assert reports[-1] == (6, 2)  # the table is rewritten after every finished run
+
+  late = Clock(start_by=0.0, kill_at=None)
+  results, errors = run_jobs([Job("x", work("x"))], 2, late, lambda r, e: None)
+  assert results == {} and errors == {"x": "not started: past --start-by"}
