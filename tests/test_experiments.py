@@ -214,3 +214,5 @@ def test_pretrain_finetune_scheduler():
   late = Clock(start_by=0.0, kill_at=None)
   results, errors = run_jobs([Job("x", work("x"))], 2, late, lambda r, e: None)
   assert results == {} and errors == {"x": "not started: past --start-by"}
+  with pytest.raises(ValueError, match="needs jobs that are not in the list"):  # not a wait for ever
+    run_jobs([Job("y", work("y"), ("nowhere",))], 2, Clock(None, None), lambda r, e: None)

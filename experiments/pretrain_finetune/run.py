@@ -216,8 +216,10 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
         elif all(d in results for d in job.needs):
           running[pool.submit(job.run)] = job
           pending.remove(job)
-      if not running:
-        continue
+      if not running:  # nothing runs, yet jobs wait: they need jobs that are not in the list
+        if pending:
+          raise ValueError(f"{pending[0].name} needs jobs that are not in the list: {pending[0].needs}")
+        break
       done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
       for future in done:
         job = running.pop(future)
