@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import json
 import os
 import shutil
@@ -11,6 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,14 +52,44 @@ def add_runs_argument(ap) -> None:
                        "(finished runs are not trained again) instead of starting over")
 
 
+def add_jobs_argument(ap, default: int) -> None:
+  ap.add_argument("--jobs", type=int, default=default,
+                  help=f"runs at a time (default {default}); on 2 CPU cores two `nlm-jax train` processes at once "
+                       "finish ~25%% sooner than one after the other (one's start-up, data loading and "
+                       "compilation overlap the other's training); the results do not depend on it")
+
+
+def run_parallel(tasks: list[Callable[[], T]], jobs: int) -> list[T]:
+  """Calls every task, `jobs` at a time, and returns their results in the tasks' order. Threads
+  suffice: a task spends its time waiting on its `nlm-jax` process. The first failure cancels
+  the tasks not yet started and is raised once the running ones are done."""
+  if jobs <= 1:
+    return [task() for task in tasks]
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    futures = [pool.submit(task) for task in tasks]
+    try:
+      return [future.result() for future in futures]
+    except BaseException:
+      pool.shutdown(cancel_futures=True)
+      raise
+
+
 def scratch(prefix: str, runs: str | None = None) -> str:
   """The folder for an experiment's runs: `runs` (kept: `nlm-jax train` resumes what is there),
   else a temporary one whose run directories (checkpoints: up to hundreds of MB each) are removed
-  when the experiment exits; files at its top (a quick run's results) are kept."""
+  when the experiment exits; files at its top (a quick run's results) are kept.
+
+  The runs started from here share one persistent XLA compilation cache in the folder (unless
+  $JAX_COMPILATION_CACHE_DIR is set): a run whose programs an earlier run compiled (another seed,
+  another optimizer over the same model) loads them instead of compiling again, saving seconds per
+  run; the compiled programs, hence the results, are the same."""
+  folder = os.path.abspath(runs) if runs else tempfile.mkdtemp(prefix=prefix)
+  os.makedirs(folder, exist_ok=True)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(folder, "xla_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   if runs:
-    os.makedirs(runs, exist_ok=True)
-    return os.path.abspath(runs)
-  tmp = tempfile.mkdtemp(prefix=prefix)
+    return folder
+  tmp = folder
 
   def remove_runs() -> None:
     for entry in os.scandir(tmp):

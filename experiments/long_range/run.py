@@ -19,13 +19,15 @@ Writes results.json, results.md, gradient_norms.png and copy_task.png beside thi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 
 import numpy as np
 
-from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, nlm_jax_train, run_parallel, scratch,
+                                write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -60,7 +62,7 @@ def input_gradient_norms(model_cfg, params, tokens_BxT: np.ndarray) -> np.ndarra
   return np.asarray(jnp.linalg.norm(g_BxTxE, axis=-1).mean(axis=0))
 
 
-def gradient_flow(tmp: str, quick: bool, seed: int) -> dict:
+def gradient_flow(tmp: str, quick: bool, seed: int, jobs: int) -> dict:
   import flax.linen as nn
   import jax
 
@@ -74,8 +76,8 @@ def gradient_flow(tmp: str, quick: bool, seed: int) -> dict:
     rng = np.random.default_rng(0)
     with open(text, "w") as f:
       f.write("".join(rng.choice(list("abcdefgh \n"), 20_000)))
-  out = {}
-  for arch in ("rnn", "lstm"):
+
+  def one(arch: str) -> dict:
     workdir = os.path.join(tmp, f"gradients_{arch}")
     size = ["model.d_embed=16", "model.d_hidden=32"] if quick else ["model.d_embed=64", "model.d_hidden=128"]
     nlm_jax_train(workdir, [f"model.arch={arch}", "model.n_layers=1", *size, "data.source=text", f"data.file={text}",
@@ -87,9 +89,11 @@ def gradient_flow(tmp: str, quick: bool, seed: int) -> dict:
     starts = np.random.default_rng(seed).integers(0, len(val) - T - 1, 64)
     windows = np.stack([val[s:s + T + 1] for s in starts])
     initial = nn.unbox(models.build(run.model_cfg).init(jax.random.key(seed), windows[:1, :4])["params"])
-    out[arch] = {"initialization": input_gradient_norms(run.model_cfg, initial, windows).tolist(),
-                 "trained": input_gradient_norms(run.model_cfg, trained, windows).tolist()}
-  return out
+    return {"initialization": input_gradient_norms(run.model_cfg, initial, windows).tolist(),
+            "trained": input_gradient_norms(run.model_cfg, trained, windows).tolist()}
+
+  archs = ("rnn", "lstm")
+  return dict(zip(archs, run_parallel([functools.partial(one, arch) for arch in archs], jobs)))
 
 
 # ----------------------------------------------------------------------------- 2. copy task
@@ -153,9 +157,20 @@ def train_line_task(workdir: str, arch: str, size: list[str], files: dict, seq_l
   return run, params
 
 
-def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) -> dict:
+def copy_run(tmp: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int, gap: int,
+             heldout: list[str]) -> float:
+  run, params = train_line_task(os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}"), arch, size, files, seq_len,
+                                steps, seed)
+  context_rng = np.random.default_rng(30_000 + gap)
+  recall = recall_accuracy(run, params, heldout, lambda n: copy_lines(n, gap, context_rng))
+  print(f"copy gap {gap} {arch} seed {seed}: recall {recall:.2f}", flush=True)
+  return recall
+
+
+def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int, jobs: int) -> dict:
   sizes = copy_sizes(quick)
   results = {arch: {str(g): [] for g in gaps} for arch in sizes}
+  tasks, keys = [], []
   for gap in gaps:
     rng = np.random.default_rng(gap)
     line_len = 2 * K + gap + 2  # with the newline the tokenizer adds
@@ -170,12 +185,10 @@ def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int) ->
     seq_len = 2 * line_len  # every window holds at least one whole line
     for arch, size in sizes.items():
       for seed in range(1, seeds + 1):
-        run, params = train_line_task(os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}"), arch, size, files,
-                                      seq_len, steps, seed)
-        context_rng = np.random.default_rng(30_000 + gap)
-        results[arch][str(gap)].append(recall_accuracy(run, params, heldout,
-                                                       lambda n: copy_lines(n, gap, context_rng)))
-        print(f"copy gap {gap} {arch} seed {seed}: recall {results[arch][str(gap)][-1]:.2f}", flush=True)
+        tasks.append(functools.partial(copy_run, tmp, arch, size, files, seq_len, steps, seed, gap, heldout))
+        keys.append((arch, gap))
+  for (arch, gap), recall in zip(keys, run_parallel(tasks, jobs)):  # in seed order
+    results[arch][str(gap)].append(recall)
   return results
 
 
@@ -216,9 +229,20 @@ def adding_error(run, params, lines: list[str], make_lines) -> float:
   return float(np.mean(np.abs(expected - truth)))
 
 
-def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: int) -> dict:
+def adding_run(tmp: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int, length: int,
+               heldout: list[str]) -> float:
+  run, params = train_line_task(os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}"), arch, size, files, seq_len,
+                                steps, seed)
+  context_rng = np.random.default_rng(40_000 + length)
+  error = adding_error(run, params, heldout, lambda n: adding_lines(n, length, context_rng))
+  print(f"adding L={length} {arch} seed {seed}: mean absolute error {error:.3f}", flush=True)
+  return error
+
+
+def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: int, jobs: int) -> dict:
   sizes = copy_sizes(quick)
   results = {arch: {str(n): [] for n in lengths} for arch in sizes}
+  tasks, keys = [], []
   for length in lengths:
     rng = np.random.default_rng(1000 + length)
     files = {}
@@ -232,13 +256,10 @@ def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: in
     seq_len = 2 * (length + 3)
     for arch, size in sizes.items():
       for seed in range(1, seeds + 1):
-        run, params = train_line_task(os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}"), arch, size, files,
-                                      seq_len, steps, seed)
-        context_rng = np.random.default_rng(40_000 + length)
-        results[arch][str(length)].append(adding_error(run, params, heldout,
-                                                       lambda n: adding_lines(n, length, context_rng)))
-        print(f"adding L={length} {arch} seed {seed}: mean absolute error {results[arch][str(length)][-1]:.3f}",
-              flush=True)
+        tasks.append(functools.partial(adding_run, tmp, arch, size, files, seq_len, steps, seed, length, heldout))
+        keys.append((arch, length))
+  for (arch, length), error in zip(keys, run_parallel(tasks, jobs)):  # in seed order
+    results[arch][str(length)].append(error)
   return results
 
 
@@ -253,6 +274,7 @@ def main() -> None:
   ap.add_argument("--parts", default="gradients,copy,adding", help="comma list of: gradients, copy, adding")
   ap.add_argument("--merge", action="store_true", help="keep the other parts' results from the existing results.json")
   add_runs_argument(ap)
+  add_jobs_argument(ap, 2)
   args = ap.parse_args()
   from absl import logging as absl_logging
 
@@ -270,13 +292,13 @@ def main() -> None:
   # An LSTM took ~1,500 steps to leave the no-recall plateau (loss 1.22 nats/char) at gap 5.
   results.setdefault("steps", 10 if args.quick else 2000)
   if "gradients" in parts:
-    results["gradients"] = gradient_flow(tmp, args.quick, seed=1)
+    results["gradients"] = gradient_flow(tmp, args.quick, seed=1, jobs=args.jobs)
   if "copy" in parts:
-    results["gaps"] = [2, 8] if args.quick else [5, 20, 50]
-    results["copy"] = copy_task(tmp, args.quick, args.seeds, results["gaps"], results["steps"])
+    results["gaps"] = [2, 8] if args.quick else [5, 10, 20]
+    results["copy"] = copy_task(tmp, args.quick, args.seeds, results["gaps"], results["steps"], args.jobs)
   if "adding" in parts:
-    results["lengths"] = [4, 8] if args.quick else [10, 40]
-    results["adding"] = adding_task(tmp, args.quick, args.seeds, results["lengths"], results["steps"])
+    results["lengths"] = [4, 8] if args.quick else [10, 20]
+    results["adding"] = adding_task(tmp, args.quick, args.seeds, results["lengths"], results["steps"], args.jobs)
   table = report(results)
   print(table)
   write_results(out, table, results, update_readme=not args.quick)
