@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -149,3 +151,17 @@ def test_eval_train_batches_sets_or_skips_the_training_sample(tmp_path, corpus, 
   train(*overrides(tmp_path / "b", corpus, "lstm", "streams", steps=10, train__eval_train_batches=0))
   assert not [c for c in evaluations if c[0] == "train"]
   assert not any("eval_train_loss" in r for r in metrics(tmp_path / "b"))
+
+
+def test_metrics_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch when it is installed (seconds of every run's start-up); the
+  writer is imported without it. A `torch` that fails on import stands in for an installed one."""
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text("raise RuntimeError('torch was imported')\n")
+  code = ("import sys; from nlm_jax.training import trainer; w = trainer._summary_writer()(sys.argv[1]); "
+          "w.add_scalar('loss', 1.5, 1); w.close(); assert 'torch' not in sys.modules")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tb")], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert tensorboard_scalars(tmp_path)["loss"] == [(1, 1.5)]

@@ -76,6 +76,24 @@ def _first_difference(old: Any, new: Any, prefix: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- the run
 
 
+def _summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without torch: its writer module imports torch when it
+  is installed (seconds of every run's start-up: 2-3 s on a 2-core CPU, most of `nlm-jax train`'s
+  start-up) only to accept torch tensors, and the metrics written here are Python numbers."""
+  import sys
+
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class Run:
   """Everything a language-modelling run needs, built from its config: corpus, tokenizer, model,
   mesh, steps. Other tasks (`nlm_jax.tasks`) give the trainer the same interface: `task`,
@@ -243,9 +261,7 @@ class MetricsLog:
         kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(kept)
-    from tensorboardX import SummaryWriter
-
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+    self.tb = _summary_writer()(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict[str, Any], jsonl: bool = True) -> None:
     if not self.enabled:
