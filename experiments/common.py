@@ -125,3 +125,18 @@ def write_results(out: str, table: str, payload: dict, update_readme: bool) -> N
     i, j = text.index(start) + len(start), text.index(end)
     with open(readme, "w") as f:
       f.write(text[:i] + "\n" + table + "\n" + text[j:])
+
+
+def unigram_perplexity(overrides: list[str], workdir: str) -> float:
+  """Validation perplexity of the training split's token frequencies (add-one smoothed), for the
+  data `overrides` describe, with the vocabulary of the finished run in `workdir`: where 'has
+  learnt anything beyond token frequencies' starts."""
+  import numpy as np
+
+  from nlm_jax.config import load_config
+  from nlm_jax.data import corpus, tokenizers
+
+  cfg = load_config(None, [*overrides, f"workdir={workdir}"])
+  data = corpus.Corpus(cfg.data, cfg.tokenizer, tokenizers.load(os.path.join(workdir, "tokenizer.json")))
+  counts = np.bincount(data.tokens("train"), minlength=data.tokenizer.vocab_size) + 1.0
+  return float(np.exp(-np.mean(np.log((counts / counts.sum())[data.tokens("validation")]))))

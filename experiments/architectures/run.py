@@ -16,12 +16,14 @@ file (or --out), and the table into README.md between its markers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import statistics
 
-from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, nlm_jax_train, run_parallel, scratch,
+                                unigram_perplexity, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -36,7 +38,7 @@ CORPORA = {
         title="Tiny Shakespeare, characters",
         data=["data.source=text", f"data.file={DATA}/tiny_shakespeare/input.txt", "data.split_fractions=[0.9,0.1]",
               "tokenizer.kind=char", "data.batch_size=32", "data.seq_len=64"],
-        lr=2e-3, steps=600, unit="char",
+        lr=2e-3, steps=300, unit="char",
         archs={"fnn": ["model.arch=fnn", "model.context=8", "model.d_embed=32", "model.d_hidden=512",
                        "model.direct=true", "data.batching=windows"],
                "rnn": ["model.arch=rnn", "model.n_layers=2", "model.d_embed=256", "model.d_hidden=256",
@@ -48,16 +50,19 @@ CORPORA = {
     "wikitext2": dict(
         title="WikiText-2, words",
         data=["data.source=text", f"data.files.train={DATA}/wikitext-2/train.txt",
-              f"data.files.validation={DATA}/wikitext-2/valid.txt", "tokenizer.kind=word", "data.batch_size=20",
+              f"data.files.validation={DATA}/wikitext-2/valid.txt", "tokenizer.kind=word",
+              # the 10,000 most frequent words and 64-wide models (as the optimization experiment): at
+              # 33,278 words and 128 wide, the softmax made the 12 runs take ~65 min here
+              "tokenizer.vocab_size=10000", "data.batch_size=20",
               "data.seq_len=35", "data.eval_batch_size=20"],
         lr=2e-3, steps=250, unit="word",
-        archs={"fnn": ["model.arch=fnn", "model.context=5", "model.d_embed=128", "model.d_hidden=128",
+        archs={"fnn": ["model.arch=fnn", "model.context=5", "model.d_embed=64", "model.d_hidden=64",
                        "model.direct=false", "model.bos_id=1", "data.batching=streams"],
-               "rnn": ["model.arch=rnn", "model.n_layers=1", "model.d_embed=128", "model.d_hidden=128",
+               "rnn": ["model.arch=rnn", "model.n_layers=1", "model.d_embed=64", "model.d_hidden=64",
                        "model.tie_embeddings=true", "data.batching=streams"],
-               "lstm": ["model.arch=lstm", "model.n_layers=1", "model.d_embed=128", "model.d_hidden=128",
+               "lstm": ["model.arch=lstm", "model.n_layers=1", "model.d_embed=64", "model.d_hidden=64",
                         "model.tie_embeddings=true", "data.batching=streams"],
-               "transformer": ["model.arch=transformer", "model.n_layers=2", "model.n_heads=4", "model.d_model=128",
+               "transformer": ["model.arch=transformer", "model.n_layers=2", "model.n_heads=4", "model.d_model=64",
                                "model.context=35", "model.pos_encoding=rotary", "data.batching=windows"]}),
 }
 
@@ -93,26 +98,34 @@ def curve(workdir: str) -> list[dict]:
             for r in map(json.loads, f) if "val_loss" in r]
 
 
-def run_corpus(name: str, corpus: dict, seeds: int, tmp: str) -> dict:
+def one_run(name: str, corpus: dict, arch: str, model: list[str], workdir: str, seed: int) -> dict:
   steps = corpus["steps"]
-  rows = {}
+  wall = nlm_jax_train(workdir, [*corpus["data"], *model, *OPTIM, f"optim.lr={corpus['lr']}",
+                                 f"optim.min_lr={corpus['lr'] / 10}", f"train.steps={steps}",
+                                 f"train.eval_every={max(steps // 6, 1)}", "train.eval_batches=20",
+                                 f"train.log_every={max(steps // 6, 1)}", f"seed={seed}"])
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  print(f"{name} {arch} seed {seed}: validation perplexity {summary['final_validation_perplexity']:.2f}, "
+        f"{summary['params']:,} parameters, {wall:.0f} s", flush=True)
+  return {"val_ppl": summary["final_validation_perplexity"], "wall_s": wall, "params": summary["params"],
+          "tokens": summary["tokens_seen"], "curve": curve(workdir)}
+
+
+def run_corpus(name: str, corpus: dict, seeds: int, tmp: str, jobs: int) -> dict:
+  keys, tasks = [], []
   for arch, model in corpus["archs"].items():
-    row = rows[arch] = {"val_ppl": [], "wall_s": [], "params": None, "curves": []}
     for seed in range(1, seeds + 1):
-      workdir = os.path.join(tmp, f"{name}_{arch}_seed{seed}")
-      wall = nlm_jax_train(workdir, [*corpus["data"], *model, *OPTIM, f"optim.lr={corpus['lr']}",
-                                     f"optim.min_lr={corpus['lr'] / 10}", f"train.steps={steps}",
-                                     f"train.eval_every={max(steps // 6, 1)}", "train.eval_batches=20",
-                                     f"train.log_every={max(steps // 6, 1)}", f"seed={seed}"])
-      with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-      row["val_ppl"].append(summary["final_validation_perplexity"])
-      row["wall_s"].append(wall)
-      row["params"] = summary["params"]
-      row["tokens"] = summary["tokens_seen"]
-      row["curves"].append(curve(workdir))
-      print(f"{name} {arch} seed {seed}: validation perplexity {row['val_ppl'][-1]:.2f}, "
-            f"{summary['params']:,} parameters, {wall:.0f} s", flush=True)
+      keys.append(arch)
+      tasks.append(functools.partial(one_run, name, corpus, arch, model,
+                                     os.path.join(tmp, f"{name}_{arch}_seed{seed}"), seed))
+  rows = {}
+  for arch, r in zip(keys, run_parallel(tasks, jobs)):  # in seed order
+    row = rows.setdefault(arch, {"val_ppl": [], "wall_s": [], "params": None, "curves": []})
+    row["val_ppl"].append(r["val_ppl"])
+    row["wall_s"].append(r["wall_s"])
+    row["params"], row["tokens"] = r["params"], r["tokens"]
+    row["curves"].append(r["curve"])
   return rows
 
 
@@ -123,6 +136,7 @@ def main() -> None:
   ap.add_argument("--corpora", default="shakespeare,wikitext2")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
+  add_jobs_argument(ap, 1)  # 1: the wall times are part of the result
   args = ap.parse_args()
   tmp = scratch("architectures-", args.runs)
   out = args.out or (tmp if args.quick else HERE)
@@ -131,8 +145,11 @@ def main() -> None:
   results = {}
   for name in args.corpora.split(","):
     corpus = quick_settings(CORPORA[name], tmp, name) if args.quick else CORPORA[name]
-    results[name] = {"title": corpus["title"], "steps": corpus["steps"], "unit": corpus["unit"],
-                     "rows": run_corpus(name, corpus, args.seeds, tmp)}
+    rows = run_corpus(name, corpus, args.seeds, tmp, args.jobs)
+    first = next(iter(corpus["archs"]))
+    results[name] = {"title": corpus["title"], "steps": corpus["steps"], "unit": corpus["unit"], "rows": rows,
+                     "unigram": unigram_perplexity([*corpus["data"], *corpus["archs"][first]],
+                                                   os.path.join(tmp, f"{name}_{first}_seed1"))}
 
   lines = []
   for name, res in results.items():
@@ -140,7 +157,8 @@ def main() -> None:
     lines += [f"**{res['title']}**: {res['steps']} steps, {some['tokens']:,} training tokens for every model "
               f"(mean ± std over {args.seeds} seeds)", "",
               "| model | parameters | validation perplexity (whole split) | wall time of `nlm-jax train` |",
-              "|---|---:|---:|---:|"]
+              "|---|---:|---:|---:|",
+              f"| unigram (training-split frequencies, no training) | — | {res['unigram']:.2f} | — |"]
     for arch, r in res["rows"].items():
       lines.append(f"| {arch.upper() if arch != 'transformer' else 'Transformer'} | {r['params']:,} | "
                    f"{mean_std(r['val_ppl'], 2)} | {mean_std(r['wall_s'], 0)} s |")
