@@ -35,7 +35,6 @@ def test_ngram_vs_neural_quick(tmp_path):
   assert "QUICK MODE" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.slow
 def test_positional_encodings_quick(tmp_path):
   results = run_quick("positional_encodings", tmp_path, seeds=1)["results"]
   assert set(results) == {"sinusoidal", "learned", "rotary", "none"}
@@ -44,7 +43,6 @@ def test_positional_encodings_quick(tmp_path):
   assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_long_range_quick(tmp_path):
   results = run_quick("long_range", tmp_path, seeds=1)
   for arch in ("rnn", "lstm"):
@@ -53,7 +51,7 @@ def test_long_range_quick(tmp_path):
       assert g.shape == (20,) and np.all(np.isfinite(g)) and np.all(g > 0)
   assert set(results["copy"]) == {"rnn", "lstm", "transformer"}
   assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
-  assert set(results["adding"]) == {"rnn", "lstm", "transformer"} and results["lengths"] == [4, 8]
+  assert set(results["adding"]) == {"rnn", "lstm", "transformer"} and results["lengths"] == [4]
   # an untrained answer is worth about the mean sum's error (~0.3), never more than the range
   assert all(0.0 <= x <= 1.8 for by_len in results["adding"].values() for xs in by_len.values() for x in xs)
 
@@ -107,7 +105,6 @@ def test_architectures_quick(tmp_path):
   assert "QUICK MODE" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.slow  # ~30 s of three `nlm-jax train` processes; the suite keeps under ~10 minutes
 def test_optimization_quick(tmp_path):
   res = run_quick("optimization", tmp_path, 1, "--workloads", "wikitext2_lstm", "--groups", "schedule")
   rows = res["results"]["wikitext2_lstm"]["rows"]

@@ -40,7 +40,9 @@ def sharded_runs(tmp_path_factory):
   """Per-step losses, final params and layouts of 20 steps on 1 device and on 8-device meshes.
 
   Computed once per test session: under pytest-xdist the workers share the session's base
-  temporary directory, and a file lock lets the first one run the subprocess for all.
+  temporary directory, and a file lock lets the first one run the subprocess for all. The tests
+  that use it form one xdist group, so that with `--dist loadgroup` (the README's test command)
+  one worker computes it while the others go on with other tests instead of waiting on the lock.
   """
   import fcntl
 
@@ -59,6 +61,7 @@ def sharded_runs(tmp_path_factory):
     return np.load(out), json.load(f), archs.split(",")
 
 
+@pytest.mark.xdist_group("sharded_runs")
 @pytest.mark.parametrize("arch", ["transformer", "lstm", "rnn", "fnn"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_steps_match_one_device(sharded_runs, arch, mesh):
@@ -75,6 +78,7 @@ def test_sharded_steps_match_one_device(sharded_runs, arch, mesh):
                                rtol=1e-3, atol=5e-4, err_msg=name)
 
 
+@pytest.mark.xdist_group("sharded_runs")
 def test_layouts_are_as_configured(sharded_runs):
   _, layout, archs = sharded_runs
   if "transformer" in archs:
