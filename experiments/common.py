@@ -46,6 +46,13 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
   return wall
 
 
+def train_summary(workdir: str, overrides: list[str]) -> dict:
+  """`nlm_jax_train`, then the run's summary.json, with the command's wall time as "wall_s"."""
+  wall = nlm_jax_train(workdir, overrides)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return {**json.load(f), "wall_s": wall}
+
+
 def add_runs_argument(ap) -> None:
   ap.add_argument("--runs", default=None,
                   help="keep the runs' directories in this folder: rerunning the same command resumes them "

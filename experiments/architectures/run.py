@@ -22,7 +22,7 @@ import os
 import random
 import statistics
 
-from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, nlm_jax_train, run_parallel, scratch,
+from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, run_parallel, scratch, train_summary,
                                 unigram_perplexity, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,12 +100,11 @@ def curve(workdir: str) -> list[dict]:
 
 def one_run(name: str, corpus: dict, arch: str, model: list[str], workdir: str, seed: int) -> dict:
   steps = corpus["steps"]
-  wall = nlm_jax_train(workdir, [*corpus["data"], *model, *OPTIM, f"optim.lr={corpus['lr']}",
-                                 f"optim.min_lr={corpus['lr'] / 10}", f"train.steps={steps}",
-                                 f"train.eval_every={max(steps // 6, 1)}", "train.eval_batches=20",
-                                 f"train.log_every={max(steps // 6, 1)}", f"seed={seed}"])
-  with open(os.path.join(workdir, "summary.json")) as f:
-    summary = json.load(f)
+  summary = train_summary(workdir, [*corpus["data"], *model, *OPTIM, f"optim.lr={corpus['lr']}",
+                                     f"optim.min_lr={corpus['lr'] / 10}", f"train.steps={steps}",
+                                     f"train.eval_every={max(steps // 6, 1)}", "train.eval_batches=20",
+                                     f"train.log_every={max(steps // 6, 1)}", f"seed={seed}"])
+  wall = summary["wall_s"]
   print(f"{name} {arch} seed {seed}: validation perplexity {summary['final_validation_perplexity']:.2f}, "
         f"{summary['params']:,} parameters, {wall:.0f} s", flush=True)
   return {"val_ppl": summary["final_validation_perplexity"], "wall_s": wall, "params": summary["params"],

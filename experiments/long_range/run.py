@@ -23,6 +23,8 @@ import functools
 import json
 import os
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -157,14 +159,17 @@ def train_line_task(workdir: str, arch: str, size: list[str], files: dict, seq_l
   return run, params
 
 
-def copy_run(tmp: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int, gap: int,
-             heldout: list[str]) -> float:
-  run, params = train_line_task(os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}"), arch, size, files, seq_len,
-                                steps, seed)
+def scored_run(workdir: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int,
+               score: Callable[[Any, Any], float], label: str) -> float:
+  """Trains one model on a line task (`train_line_task`) and returns `score(run, params)`."""
+  value = score(*train_line_task(workdir, arch, size, files, seq_len, steps, seed))
+  print(f"{label} {arch} seed {seed}: {value:.3f}", flush=True)
+  return value
+
+
+def copy_recall(gap: int, heldout: list[str], run, params) -> float:
   context_rng = np.random.default_rng(30_000 + gap)
-  recall = recall_accuracy(run, params, heldout, lambda n: copy_lines(n, gap, context_rng))
-  print(f"copy gap {gap} {arch} seed {seed}: recall {recall:.2f}", flush=True)
-  return recall
+  return recall_accuracy(run, params, heldout, lambda n: copy_lines(n, gap, context_rng))
 
 
 def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int, jobs: int) -> dict:
@@ -185,7 +190,9 @@ def copy_task(tmp: str, quick: bool, seeds: int, gaps: list[int], steps: int, jo
     seq_len = 2 * line_len  # every window holds at least one whole line
     for arch, size in sizes.items():
       for seed in range(1, seeds + 1):
-        tasks.append(functools.partial(copy_run, tmp, arch, size, files, seq_len, steps, seed, gap, heldout))
+        tasks.append(functools.partial(scored_run, os.path.join(tmp, f"copy_{arch}_gap{gap}_seed{seed}"), arch, size,
+                                       files, seq_len, steps, seed, functools.partial(copy_recall, gap, heldout),
+                                       f"copy gap {gap}: recall of"))
         keys.append((arch, gap))
   for (arch, gap), recall in zip(keys, run_parallel(tasks, jobs)):  # in seed order
     results[arch][str(gap)].append(recall)
@@ -229,14 +236,9 @@ def adding_error(run, params, lines: list[str], make_lines) -> float:
   return float(np.mean(np.abs(expected - truth)))
 
 
-def adding_run(tmp: str, arch: str, size: list[str], files: dict, seq_len: int, steps: int, seed: int, length: int,
-               heldout: list[str]) -> float:
-  run, params = train_line_task(os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}"), arch, size, files, seq_len,
-                                steps, seed)
+def adding_mae(length: int, heldout: list[str], run, params) -> float:
   context_rng = np.random.default_rng(40_000 + length)
-  error = adding_error(run, params, heldout, lambda n: adding_lines(n, length, context_rng))
-  print(f"adding L={length} {arch} seed {seed}: mean absolute error {error:.3f}", flush=True)
-  return error
+  return adding_error(run, params, heldout, lambda n: adding_lines(n, length, context_rng))
 
 
 def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: int, jobs: int) -> dict:
@@ -256,7 +258,9 @@ def adding_task(tmp: str, quick: bool, seeds: int, lengths: list[int], steps: in
     seq_len = 2 * (length + 3)
     for arch, size in sizes.items():
       for seed in range(1, seeds + 1):
-        tasks.append(functools.partial(adding_run, tmp, arch, size, files, seq_len, steps, seed, length, heldout))
+        tasks.append(functools.partial(scored_run, os.path.join(tmp, f"adding_{arch}_{length}_seed{seed}"), arch,
+                                       size, files, seq_len, steps, seed, functools.partial(adding_mae, length, heldout),
+                                       f"adding L={length}: mean absolute error of"))
         keys.append((arch, length))
   for (arch, length), error in zip(keys, run_parallel(tasks, jobs)):  # in seed order
     results[arch][str(length)].append(error)

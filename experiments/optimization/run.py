@@ -22,7 +22,7 @@ import random
 import statistics
 from collections.abc import Callable
 
-from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, nlm_jax_train, run_parallel, scratch,
+from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, run_parallel, scratch, train_summary,
                                 unigram_perplexity, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,11 +106,10 @@ def train_curve(workdir: str) -> list[tuple[int, float]]:
 
 def one_run(name: str, w: dict, setting: str, optim: list[str], workdir: str, seed: int) -> dict:
   steps = w["steps"]
-  wall = nlm_jax_train(workdir, [*w["data"], *w["model"], *optim, f"train.steps={steps}",
-                                 f"train.eval_every={max(steps // 8, 1)}", "train.eval_batches=10",
-                                 f"train.log_every={max(steps // 30, 1)}", f"seed={seed}"])
-  with open(os.path.join(workdir, "summary.json")) as f:
-    summary = json.load(f)
+  summary = train_summary(workdir, [*w["data"], *w["model"], *optim, f"train.steps={steps}",
+                                     f"train.eval_every={max(steps // 8, 1)}", "train.eval_batches=10",
+                                     f"train.log_every={max(steps // 30, 1)}", f"seed={seed}"])
+  wall = summary["wall_s"]
   print(f"{name} | {setting} | seed {seed}: validation perplexity {summary['final_validation_perplexity']:.2f} "
         f"({wall:.0f} s)", flush=True)
   return {"val_ppl": summary["final_validation_perplexity"], "curve": train_curve(workdir), "wall_s": wall}
