@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import platform
 import statistics

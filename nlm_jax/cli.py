@@ -131,8 +131,8 @@ def _config_show(args) -> int:
   rows = [(f"{key}={text(value)}", help_text + ("" if value == default else f" [default: {text(default)}]"))
           for key, value, default, help_text in config_lib.describe(args.config, args.overrides)]
   width = min(40, max(len(setting) for setting, _ in rows))
-  print(f"# Every config key as key=value (set any with key=value after `nlm-jax train --config FILE`); "
-        f"??? = required.")
+  print("# Every config key as key=value (set any with key=value after `nlm-jax train --config FILE`); "
+        "??? = required.")
   for setting, help_text in rows:
     print(f"{setting:<{width}}  # {help_text}")
   return 0

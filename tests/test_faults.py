@@ -282,7 +282,6 @@ def test_a_validation_split_too_short_fails_before_training(tmp_path, monkeypatc
   corpus = write_corpus(tmp_path / "train.txt")
   (tmp_path / "val.txt").write_text("the cat sat\n")
   argv = [a for a in overrides(tmp_path / "r", corpus, steps=20) if not a.startswith("data.file=")]
-  start = time.time()
   code, _, err = run_cli("train", *argv, f"data.files.train={corpus}", f"data.files.validation={tmp_path / 'val.txt'}")
   one_line_error(code, err, "'validation' split has 12 tokens: too few")
   assert not (tmp_path / "r" / "checkpoints").exists() or not os.listdir(tmp_path / "r" / "checkpoints")

@@ -4,14 +4,12 @@ scale, which parameters weight decay touches) and fails for the mutated code."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from nlm_jax import models

@@ -1,7 +1,5 @@
 """Per-token log-probabilities of a stream: their sum is the summed NLL of one call."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
