@@ -46,9 +46,10 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
   return wall
 
 
-def train_summary(workdir: str, overrides: list[str]) -> dict:
+def train_summary(workdir: str, overrides: list[str], config: str | None = None,
+                  timeout: float | None = None) -> dict:
   """`nlm_jax_train`, then the run's summary.json, with the command's wall time as "wall_s"."""
-  wall = nlm_jax_train(workdir, overrides)
+  wall = nlm_jax_train(workdir, overrides, config, timeout)
   with open(os.path.join(workdir, "summary.json")) as f:
     return {**json.load(f), "wall_s": wall}
 
@@ -96,15 +97,14 @@ def scratch(prefix: str, runs: str | None = None) -> str:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   if runs:
     return folder
-  tmp = folder
 
   def remove_runs() -> None:
-    for entry in os.scandir(tmp):
+    for entry in os.scandir(folder):
       if entry.is_dir():
         shutil.rmtree(entry.path, ignore_errors=True)
 
   atexit.register(remove_runs)
-  return tmp
+  return folder
 
 
 def mean_std(xs: list[float], digits: int) -> str:

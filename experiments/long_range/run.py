@@ -1,7 +1,7 @@
 """Vanishing gradients and long-range memory: the tanh RNN, the LSTM and the Transformer.
 
     python -m experiments.long_range.run            # ~30 min on 2 CPU cores
-    python -m experiments.long_range.run --quick    # under a minute, on tiny settings (what CI runs)
+    python -m experiments.long_range.run --quick    # 1-2 minutes, on tiny settings (what CI runs)
 
 1. Gradient flow. For a one-layer tanh RNN and LSTM language model on Tiny Shakespeare
    characters, the norm ‖∂L_T/∂x_t‖ of the loss at the last position T with respect to the input

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from experiments.common import ROOT, add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import ROOT, add_runs_argument, mean_std, scratch, train_summary, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -166,18 +166,16 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
   text = unlabelled_text(task, tmp, data)
 
   def pretrain() -> dict:
-    wall = nlm_jax_train(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else [])],
-                         config=pre_recipe, timeout=clock.left())
-    with open(os.path.join(pretrained, "summary.json")) as f:
-      return {"wall_s": wall, "val_loss": json.load(f)["final_validation_loss"]}
+    summary = train_summary(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else [])],
+                            config=pre_recipe, timeout=clock.left())
+    return {"wall_s": summary["wall_s"], "val_loss": summary["final_validation_loss"]}
 
   def finetune(arm: str, seed: int) -> dict:
     workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}")
     init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *arms[arm]]
-    wall = nlm_jax_train(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe,
-                         timeout=clock.left())
-    with open(os.path.join(workdir, "summary.json")) as f:
-      summary = json.load(f)  # the final whole-validation-split numbers (and, translating, its BLEU)
+    # the final whole-validation-split numbers (and, translating, its BLEU)
+    summary = train_summary(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe,
+                            timeout=clock.left())
     if task == "sst2":
       score = 100 * summary["final_validation_accuracy"]
     else:  # Multi30k: BLEU of the test split, kept beside the run (a rerun over kept runs reads it)
@@ -188,7 +186,7 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
           json.dump(numbers, f)
       with open(stored) as f:
         score = json.load(f)["bleu"]
-    return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": wall,
+    return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": summary["wall_s"],
             "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss")}
 
   pre = f"{task}/{arch}/pretrain"
