@@ -98,7 +98,7 @@ class TaskConfig:
   target_lang: str = "de"  # translate: ... of the target
   text_field: str = "sentence"  # classify: the column (TSV header) or TFDS feature holding the text
   label_field: str = "label"  # classify: the column or TFDS feature holding the label
-  pooling: str = "last"  # classify: the head reads 'last' (last non-pad token) or 'mean' (over tokens)
+  pooling: str = "last"  # classify: the head reads 'last' (last non-pad token), 'mean', 'max' or 'concat' (all three)
   max_len: int = 128  # classify, translate: tokens per example, longer ones are cut (at most model.context)
   label_smoothing: float = 0.0  # classify, translate: ε, the targets are (1 − ε)·one-hot + ε/C
   head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
@@ -149,7 +149,7 @@ class Config:
 
 CHOICES = {
     "task.kind": ("lm", "classify", "translate"),
-    "task.pooling": ("last", "mean"),
+    "task.pooling": ("last", "mean", "max", "concat"),
     "data.source": ("tfds", "text"),
     "data.batching": ("windows", "streams"),
     "tokenizer.kind": ("char", "byte", "word", "sentencepiece"),

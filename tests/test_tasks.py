@@ -143,7 +143,7 @@ def test_pooling_reads_the_last_real_token_and_ignores_padding():
   cfg = LSTMConfig(vocab_size=11, d_embed=8, d_hidden=8, n_layers=1)
   tokens = jnp.asarray([[3, 4, 5, 0, 0, 0], [3, 4, 5, 7, 9, 2]], jnp.int32)
   mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
-  for pooling in ("last", "mean"):
+  for pooling in ("last", "mean", "max", "concat"):
     model = Classifier(cfg, 3, pooling)
     params = model.init(jax.random.key(0), tokens, mask)
     logits = model.apply(params, tokens, mask)
@@ -151,6 +151,24 @@ def test_pooling_reads_the_last_real_token_and_ignores_padding():
     np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(alone[0]), rtol=1e-6, atol=1e-6)
     other = model.apply(params, tokens.at[0, 3:].set(8), mask)  # what the padding holds does not matter
     np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
+
+
+def test_pooling_against_numpy():
+  from nlm_jax.tasks.classify import pool
+
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  lengths = [2, 5, 1]
+  mask = (np.arange(5)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+  h[0, 2:] = 100.0  # padding larger than every real state: 'max' and 'mean' must not see it
+  expected = {"last": np.stack([h[b, n - 1] for b, n in enumerate(lengths)]),
+              "mean": np.stack([h[b, :n].mean(0) for b, n in enumerate(lengths)]),
+              "max": np.stack([h[b, :n].max(0) for b, n in enumerate(lengths)])}
+  expected["concat"] = np.concatenate([expected["last"], expected["mean"], expected["max"]], -1)
+  for kind, want in expected.items():
+    np.testing.assert_allclose(np.asarray(pool(jnp.asarray(h), jnp.asarray(mask), kind)), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="pooling 'sum'"):
+    pool(jnp.asarray(h), jnp.asarray(mask), "sum")
 
 
 def test_discriminative_learning_rates_per_layer():

@@ -9,6 +9,8 @@ into it: `train.init_from`) and a linear head on its final hidden states h_t:
     pooled = h_{last}                 (pooling 'last': the last non-pad token; a causal model has
                                        read the whole text there)
            | Σ_t m_t h_t / Σ_t m_t    (pooling 'mean': over the text's tokens)
+           | max_{t: m_t=1} h_t       (pooling 'max': per feature, over the text's tokens)
+           | [last; mean; max]        (pooling 'concat': ULMFiT's concat pooling, 3·D features)
     logits = W · dropout(pooled) + b  (C classes)
 
 Each text is tokenized as [start] + tokenizer.encode(text) (the word tokenizer ends it with
@@ -122,6 +124,27 @@ def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) 
 # ----------------------------------------------------------------------------- model
 
 
+POOLINGS = ("last", "mean", "max", "concat")
+
+
+def pool(h_BxTxD: Array, mask_BxT: Array, pooling: str) -> Array:
+  """The text's representation from its hidden states (right-padded; mask 1 on its tokens):
+  'last' (the last token: a causal model has read the whole text there), 'mean', 'max' (per
+  feature), or 'concat' = [last; mean; max] (ULMFiT, Howard & Ruder 2018). Padding never counts."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling {pooling!r}: not one of {', '.join(POOLINGS)}")
+  m_BxTx1 = mask_BxT[..., None]
+  last_B = jnp.maximum(mask_BxT.sum(1).astype(jnp.int32) - 1, 0)
+  parts = {
+      "last": lambda: jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0],
+      "mean": lambda: (h_BxTxD * m_BxTx1).sum(1) / jnp.maximum(mask_BxT.sum(1), 1.0)[:, None],
+      "max": lambda: jnp.where(m_BxTx1 > 0, h_BxTxD, -jnp.inf).max(1),
+  }
+  if pooling == "concat":
+    return jnp.concatenate([parts[k]() for k in ("last", "mean", "max")], axis=-1)
+  return parts[pooling]()
+
+
 class Classifier(nn.Module):
   """A language model (`body`) with a linear head (`head`) on its pooled final hidden states."""
 
@@ -136,12 +159,7 @@ class Classifier(nn.Module):
     h_BxTxD = body(tokens_BxT, None, deterministic=deterministic).hidden.astype(jnp.float32)
     if mask_BxT is None:
       mask_BxT = jnp.ones(tokens_BxT.shape, jnp.float32)
-    mask_BxT = mask_BxT.astype(jnp.float32)
-    if self.pooling == "mean":
-      pooled_BxD = (h_BxTxD * mask_BxT[..., None]).sum(1) / jnp.maximum(mask_BxT.sum(1), 1.0)[:, None]
-    else:  # the last token of each row's text (right padding)
-      last_B = jnp.maximum(mask_BxT.sum(1).astype(jnp.int32) - 1, 0)
-      pooled_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    pooled_BxD = pool(h_BxTxD, mask_BxT.astype(jnp.float32), self.pooling)
     pooled_BxD = nn.Dropout(self.head_dropout)(pooled_BxD, deterministic=deterministic)
     return nn.Dense(self.num_classes, kernel_init=param_init(nn.initializers.xavier_uniform(), (None, None)),
                     bias_init=param_init(nn.initializers.zeros, (None,)), name="head")(pooled_BxD)
