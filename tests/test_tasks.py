@@ -436,3 +436,42 @@ def test_tfds_sources_of_both_tasks(tmp_path):
   assert sorted(zip(src, tgt)) == [(f"the cat {i}", f"die katze {i}") for i in range(2)]
   with pytest.raises(Exception, match="no feature 'fr'"):
     read_tfds_pairs(cfg, "train", "en", "fr")
+
+
+@pytest.mark.parametrize("eval_batches,eval_train_batches,expected", [
+    (None, None, [("validation", None), ("train", 2)]),  # as many as validation's 300 rows need (2 × 256)
+    (3, None, [("validation", 3), ("train", 3)]),
+    (None, 5, [("validation", None), ("train", 5)]),
+    (None, 0, [("validation", None)]),
+])
+def test_eval_train_loss_reads_as_many_batches_as_validation(eval_batches, eval_train_batches, expected):
+  # Not the whole training split: SST-2's is 77× its validation split, and evaluating it every
+  # train.eval_every steps took most of a fine-tuning run's time.
+  from nlm_jax import config as config_lib
+  from nlm_jax.tasks.common import ExamplesRun
+
+  yaml = lambda n: "null" if n is None else n
+
+  class Run(ExamplesRun):
+    def __init__(self):
+      self.cfg = config_lib.load_config(None, ["workdir=x", "task.kind=classify", "data.files.train=x", "model.arch=lstm",
+                                               "data.eval_batch_size=256", f"train.eval_batches={yaml(eval_batches)}",
+                                               f"train.eval_train_batches={yaml(eval_train_batches)}"])
+      self.calls = []
+
+    def examples(self, split):
+      return [np.zeros(3, np.int32)] * {"train": 23_000, "validation": 300}[split], None
+
+    def eval_batch_size(self):
+      return 256
+
+    def evaluate(self, params, split, max_batches, *args):
+      self.calls.append((split, max_batches))
+      return {"loss": 0.0}
+
+    def val_scores(self, val):
+      return {}
+
+  run = Run()
+  run.periodic_evaluation(None, 10)
+  assert run.calls == expected

@@ -89,8 +89,10 @@ class ExamplesRun:
     t, d = self.cfg.train, self.cfg.data
     val = self.evaluate(params, d.eval_split, t.eval_batches)
     scores = self.val_scores(val)
-    n_train = t.eval_train_batches if t.eval_train_batches is not None else t.eval_batches
-    if n_train is None or n_train > 0:
+    n_train = t.eval_train_batches
+    if n_train is None:  # as many batches as validation's (never the whole training split: SST-2's is 77×)
+      n_train = t.eval_batches or -(-len(self.examples(d.eval_split)[0]) // self.eval_batch_size())
+    if n_train > 0:
       scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
     return scores, val
 
