@@ -102,7 +102,7 @@ class TaskConfig:
   max_len: int = 128  # classify, translate: tokens per example, longer ones are cut (at most model.context)
   label_smoothing: float = 0.0  # classify, translate: ε, the targets are (1 − ε)·one-hot + ε/C
   head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
-  prefix_lm: bool = False  # translate, Transformer: the source attends in both directions (a prefix LM)
+  prefix_lm: bool = False  # Transformer: translate's source / classify's text attends in both directions
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
   max_decode_len: int = 64  # translate: most tokens a translation may have

@@ -153,6 +153,38 @@ def test_pooling_reads_the_last_real_token_and_ignores_padding():
     np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
 
 
+def test_bidirectional_transformer_classifier_reads_the_whole_text_and_ignores_padding():
+  import flax.linen as nn
+
+  from nlm_jax import models
+  from nlm_jax.models import TransformerConfig
+  from nlm_jax.tasks.classify import Classifier, pool
+
+  cfg = TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2, context=8, scan_layers=False)
+  tokens = jnp.asarray([[3, 4, 5, 0, 0, 0], [3, 4, 5, 7, 9, 2]], jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
+  model = Classifier(cfg, 3, "mean", bidirectional=True)
+  variables = model.init(jax.random.key(0), tokens, mask)
+  logits = model.apply(variables, tokens, mask)
+  # what it computes: the body as a prefix LM whose prefix is each row's text, mean-pooled, the head
+  params = nn.meta.unbox(variables)["params"]
+  body = models.build(cfg)
+  for prefix, differs in ((jnp.asarray([3, 6]), False), (None, True)):  # None: causal, another function
+    h = body.apply({"params": params["body"]}, tokens, None, prefix_B=prefix).hidden
+    want = pool(h, mask, "mean") @ params["head"]["kernel"] + params["head"]["bias"]
+    close = np.allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert close != differs
+  alone = model.apply(variables, tokens[:1, :3], mask[:1, :3])
+  np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-6)
+  other = model.apply(variables, tokens.at[0, 3:].set(8), mask)
+  np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
+
+
+def test_prefix_lm_classification_needs_a_transformer(tmp_path, sst):
+  code, _, err = run_cli("train", *classify(tmp_path / "r", sst, "lstm", task__prefix_lm="true"))
+  assert code != 0 and "task.prefix_lm=true needs model.arch=transformer" in err
+
+
 def test_pooling_against_numpy():
   from nlm_jax.tasks.classify import pool
 

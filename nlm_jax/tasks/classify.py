@@ -13,6 +13,10 @@ into it: `train.init_from`) and a linear head on its final hidden states h_t:
            | [last; mean; max]        (pooling 'concat': ULMFiT's concat pooling, 3·D features)
     logits = W · dropout(pooled) + b  (C classes)
 
+With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
+to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
+parameters load the same.
+
 Each text is tokenized as [start] + tokenizer.encode(text) (the word tokenizer ends it with
 <eos>), cut to task.max_len tokens. Training batches hold texts of similar length (each epoch:
 shuffle, sort chunks of 32 batches by length, shuffle the batches) padded to a multiple of 16
@@ -152,13 +156,16 @@ class Classifier(nn.Module):
   num_classes: int
   pooling: str = "last"
   head_dropout: float = 0.0
+  bidirectional: bool = False  # a Transformer body: every token of the text sees all of it (a prefix LM)
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, mask_BxT: Optional[Array] = None, *, deterministic: bool = True) -> Array:
     body = models.build(self.body_cfg, name="body")
-    h_BxTxD = body(tokens_BxT, None, deterministic=deterministic).hidden.astype(jnp.float32)
     if mask_BxT is None:
       mask_BxT = jnp.ones(tokens_BxT.shape, jnp.float32)
+    # the whole text is the prefix: its tokens see each other, none sees the padding after it
+    extra = {"prefix_B": mask_BxT.sum(1).astype(jnp.int32)} if self.bidirectional else {}
+    h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, **extra).hidden.astype(jnp.float32)
     pooled_BxD = pool(h_BxTxD, mask_BxT.astype(jnp.float32), self.pooling)
     pooled_BxD = nn.Dropout(self.head_dropout)(pooled_BxD, deterministic=deterministic)
     return nn.Dense(self.num_classes, kernel_init=param_init(nn.initializers.xavier_uniform(), (None, None)),
@@ -223,7 +230,10 @@ class ClassifyRun(ExamplesRun):
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
       raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
-    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout)
+    if t.prefix_lm and self.model_cfg.arch != "transformer":
+      raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {self.model_cfg.arch} reads "
+                      "left to right)")
+    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm)
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=8, grad_accum=cfg.optim.grad_accum,
