@@ -11,6 +11,14 @@ import tempfile
 # environment too, for the subprocesses tests start.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# The suite compiles hundreds of tiny programs: on a CPU, compiling (not running) them is most of
+# its time. LLVM without its optimization passes compiles a tiny training run's programs in about
+# half the time (17.5 s → 10.9 s for a cold 10-step Transformer run, same loss to the last digit)
+# and runs tiny models as fast. CPU only (GPU code generation ignores these flags); a machine that
+# sets --xla_backend_optimization_level itself keeps its own.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_FLAGS]).strip()
 from nlm_jax import runtime  # noqa: E402
 
 runtime.configure(deterministic=True, matmul_precision=os.environ["JAX_DEFAULT_MATMUL_PRECISION"])

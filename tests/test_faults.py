@@ -419,8 +419,8 @@ def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   args = overrides(workdir, corpus, steps=100000, train__log_every=2, train__eval_every=100000)
-  env = lambda i: dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                       NLM_JAX_CACHE=str(tmp_path / f"cache{i}"))
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+  env = lambda i: dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", NLM_JAX_CACHE=str(tmp_path / f"cache{i}"))
   procs = [subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *args,
                              f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                              f"distributed.process_id={i}"], env=env(i), stdout=subprocess.PIPE,

@@ -19,8 +19,8 @@ MESHES = ("data8", "fsdp8", "data2_tensor4")
 
 
 def env_with_devices(n: int, cache: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", NLM_JAX_CACHE=cache,
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
+             NLM_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
