@@ -316,7 +316,9 @@ def _process_start() -> float:
 
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
-  args.started = _process_start()  # train's wall_time_s counts from here
+  # train's wall_time_s counts from here: the process's start, or now when called in a running
+  # program (argv given: a test, an experiment's quick mode)
+  args.started = _process_start() if argv is None else time.time()
   _quiet_libraries()
   try:
     check_options(args)

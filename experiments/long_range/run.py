@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, nlm_jax_train, run_parallel, scratch,
-                                write_results)
+                                train_in_process, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -284,6 +284,7 @@ def main() -> None:
 
   absl_logging.set_verbosity(absl_logging.ERROR)
   tmp = scratch("long_range-", args.runs)
+  train_in_process(args.quick)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   if not args.quick and not os.path.exists(TEXT):
     raise SystemExit(f"{TEXT} not found (the gradient part needs ../shared/data/tiny_shakespeare)")

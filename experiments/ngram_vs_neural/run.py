@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, train_in_process, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -84,6 +84,7 @@ def main() -> None:
   from nlm_jax.training import trainer
 
   tmp = scratch("ngram_vs_neural-", args.runs)
+  train_in_process(args.quick)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 600)
   # The 10,000 most frequent words (the rest <unk>) for every model, n-grams included: the NPLM's

@@ -22,8 +22,8 @@ import random
 import statistics
 from collections.abc import Callable
 
-from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, run_parallel, scratch, train_summary,
-                                unigram_perplexity, write_results)
+from experiments.common import (add_jobs_argument, add_runs_argument, mean_std, run_parallel, scratch, train_in_process,
+                                train_summary, unigram_perplexity, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -138,6 +138,7 @@ def main() -> None:
   add_jobs_argument(ap, 2)
   args = ap.parse_args()
   tmp = scratch("optimization-", args.runs)
+  train_in_process(args.quick)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   if args.quick:
     toy(tmp)

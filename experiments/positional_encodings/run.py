@@ -22,7 +22,7 @@ import statistics
 
 import numpy as np
 
-from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, write_results
+from experiments.common import add_runs_argument, mean_std, nlm_jax_train, scratch, train_in_process, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -68,6 +68,7 @@ def main() -> None:
   from nlm_jax.training import trainer
 
   tmp = scratch("positional_encodings-", args.runs)
+  train_in_process(args.quick)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   steps = args.steps or (10 if args.quick else 1000)
   eval_chars = args.eval_chars or (2048 if args.quick else 32768)

@@ -26,12 +26,11 @@ import os
 import random
 import re
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable, NamedTuple
 
-from experiments.common import ROOT, add_runs_argument, mean_std, scratch, train_summary, write_results
+from experiments.common import (ROOT, add_runs_argument, mean_std, nlm_jax_command, scratch, train_in_process,
+                                train_summary, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -123,14 +122,11 @@ class Clock:
 
 
 def evaluate(workdir: str, split: str, timeout: float | None = None) -> dict:
-  try:
-    proc = subprocess.run([sys.executable, "-m", "nlm_jax", "eval", "--workdir", workdir, "--split", split, "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    raise SystemExit(f"nlm-jax eval of {workdir} stopped: past --kill-at") from None
-  if proc.returncode:
-    raise SystemExit(f"nlm-jax eval failed for {workdir}:\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout)
+  code, out, err = nlm_jax_command(["eval", "--workdir", workdir, "--split", split, "--json"], timeout,
+                                   f"nlm-jax eval of {workdir}")
+  if code:
+    raise SystemExit(f"nlm-jax eval failed for {workdir}:\n{err[-2000:]}")
+  return json.loads(out)
 
 
 def curve(workdir: str, key: str) -> list[tuple[int, float]]:
@@ -281,6 +277,7 @@ def main() -> None:
   add_runs_argument(ap)
   args = ap.parse_args()
   tmp = scratch("pretrain_finetune-", args.runs)
+  train_in_process(args.quick and args.jobs == 1)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   data = toy_data(os.path.join(tmp, "toy")) if args.quick else os.path.abspath(args.data)
   clock = Clock(args.start_by, args.kill_at)
