@@ -208,8 +208,59 @@ def test_pretrain_finetune_scheduler():
   assert "start b" not in events and most[0] == 3
   assert reports[-1] == (6, 2)  # the table is rewritten after every finished run
 
+  # one at a time (in-process runs: each in this thread, in the order given, as it is started)
+  events.clear()
+  main = threading.current_thread()
+  jobs[0] = Job("pre", lambda: {"thread": threading.current_thread() is main})
+  results, errors = run_jobs(jobs, 1, Clock(None, None), lambda r, e: None)
+  assert set(results) == {"pre", "a", "c", "d", "e", "f"} and set(errors) == {"bad", "b"} and results["pre"]["thread"]
+  assert [e for e in events if e.startswith("start")] == ["start bad", "start a", "start c", "start d", "start e",
+                                                           "start f"]
+  assert all(events[i].replace("start", "end") == events[i + 1] for i in range(0, len(events), 2))
+
   late = Clock(start_by=0.0, kill_at=None)
   results, errors = run_jobs([Job("x", work("x"))], 2, late, lambda r, e: None)
   assert results == {} and errors == {"x": "not started: past --start-by"}
   with pytest.raises(ValueError, match="needs jobs that are not in the list"):  # not a wait for ever
     run_jobs([Job("y", work("y"), ("nowhere",))], 2, Clock(None, None), lambda r, e: None)
+
+
+def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_path, monkeypatch):
+  """--set reaches every fine-tuning run, --pretrain-set the pretraining; runs of other settings
+  get other directories (a kept --runs folder must not pass one setting's run off as another's)."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls = {}
+
+  def fake_train_summary(workdir, overrides, config=None, timeout=None):
+    calls[workdir] = overrides
+    return {"wall_s": 1.0, "final_validation_loss": 0.5, "final_validation_accuracy": 0.5}
+
+  monkeypatch.setattr(pf, "train_summary", fake_train_summary)
+  monkeypatch.setattr(pf, "curve", lambda workdir, key: [])
+  data = pf.toy_data(str(tmp_path / "toy"))
+  clock = pf.Clock(None, None)
+  arms = {"scratch": None, "pretrained": []}
+
+  def dirs(sets, pretrain_sets):
+    calls.clear()
+    for job in pf.jobs_of("sst2", "lstm", 1, str(tmp_path), data, True, clock, arms, sets, pretrain_sets):
+      job.run()
+    return {os.path.basename(w).split("_seed")[0].removeprefix("sst2_lstm_"): (w, o) for w, o in calls.items()}
+
+  plain = dirs([], [])
+  assert set(plain) == {"pretrain_sst2_lstm", "scratch", "pretrained"}
+  both = dirs(["task.pooling=concat"], ["tokenizer.vocab_size=50"])
+  pre = next(v for k, v in both.items() if k.startswith("pretrain_sst2_lstm_"))
+  assert "tokenizer.vocab_size=50" in pre[1] and "task.pooling=concat" not in pre[1]
+  for arm in ("scratch", "pretrained"):
+    [(workdir, overrides)] = [v for k, v in both.items() if k.startswith(arm)]
+    assert "task.pooling=concat" in overrides and "tokenizer.vocab_size=50" not in overrides
+    assert workdir != plain[arm][0]
+  assert f"train.init_from={pre[0]}" in [v for k, v in both.items() if k.startswith("pretrained")][0][1]
+  # the scratch arm does not depend on the pretraining: only --set names its directory
+  scratch_only = dirs(["task.pooling=concat"], [])
+  assert [v for k, v in scratch_only.items() if k.startswith("scratch")][0][0] == \
+         [v for k, v in both.items() if k.startswith("scratch")][0][0]
+  assert [v for k, v in scratch_only.items() if k.startswith("pretrained")][0][0] != \
+         [v for k, v in both.items() if k.startswith("pretrained")][0][0]

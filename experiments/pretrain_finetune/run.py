@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
+import hashlib
 import json
 import os
 import random
@@ -145,10 +147,17 @@ def slug(arm: str) -> str:
   return re.sub(r"[^A-Za-z0-9.]+", "_", arm).strip("_")
 
 
+def tag(overrides: list[str]) -> str:
+  """'' without overrides, else '_' and 8 hex digits naming them: runs of other settings get other
+  directories, so a kept --runs folder never passes one setting's run off as another's."""
+  return "_" + hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:8] if overrides else ""
+
+
 def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock,
-            arms: dict[str, list[str] | None]) -> list[Job]:
+            arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = ()) -> list[Job]:
   """One pretraining run, then `seeds` fine-tuning runs per arm. `arms`: name → None (from
-  scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run."""
+  scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run. `sets`: the
+  overrides every fine-tuning run adds to its recipe, `pretrain_sets` the pretraining's."""
   recipe = os.path.join(CONFIGS, RECIPES[(task, arch)] + ".yaml")
   pre_recipe = os.path.join(CONFIGS, f"pretrain_{task}_{arch}.yaml")
   model = QUICK[arch] if quick else []
@@ -158,19 +167,22 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
            [f"data.files.{s}={data}/multi30k/{f}" for s, f in (("train", "train"), ("validation", "val"),
                                                                 ("test", "test"))])
   extra = QUICK["translate"] if quick and task == "multi30k" else []
-  pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}")
+  sets, pretrain_sets = list(sets), list(pretrain_sets)
+  pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}{tag(pretrain_sets)}")
   text = unlabelled_text(task, tmp, data)
 
   def pretrain() -> dict:
-    summary = train_summary(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else [])],
+    summary = train_summary(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else []),
+                                         *pretrain_sets],
                             config=pre_recipe, timeout=clock.left())
     return {"wall_s": summary["wall_s"], "val_loss": summary["final_validation_loss"]}
 
   def finetune(arm: str, seed: int) -> dict:
-    workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}")
     init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *arms[arm]]
+    workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}"
+                                f"{tag(sets if arms[arm] is None else sets + ['|'] + pretrain_sets)}")
     # the final whole-validation-split numbers (and, translating, its BLEU)
-    summary = train_summary(workdir, [*paths, *model, *budget, *extra, *init, f"seed={seed}"], config=recipe,
+    summary = train_summary(workdir, [*paths, *model, *budget, *extra, *init, *sets, f"seed={seed}"], config=recipe,
                             timeout=clock.left())
     if task == "sst2":
       score = 100 * summary["final_validation_accuracy"]
@@ -194,11 +206,27 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
   return jobs
 
 
+class _Inline(contextlib.AbstractContextManager):
+  """An executor that runs each job as it is submitted, in this thread (one at a time: what
+  in-process runs need), and hands back its finished future."""
+
+  def submit(self, fn: Callable[[], dict]) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    try:
+      future.set_result(fn())
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the scheduler reports it
+      future.set_exception(e)
+    return future
+
+  def __exit__(self, *exc) -> None:
+    return None
+
+
 def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dict], None]) -> tuple[dict, dict]:
   """Runs `jobs` (each after the jobs it needs), `n` at a time, in the order given; a failed job
   is reported and fails the jobs that need it, the others go on. Returns (results, errors)."""
   results, errors, pending, running = {}, {}, list(jobs), {}
-  with concurrent.futures.ThreadPoolExecutor(max(1, n)) as pool:
+  with (_Inline() if n <= 1 else concurrent.futures.ThreadPoolExecutor(n)) as pool:
     while pending or running:
       for job in list(pending):
         if len(running) >= n:
@@ -229,7 +257,7 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
 
 
 def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
-          quick: bool) -> tuple[str, dict]:
+          quick: bool, sets: list[str] = (), pretrain_sets: list[str] = ()) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
   spread against the first arm, from scratch), and the per-pair rows behind it."""
   lines = ["| task | model | metric | arm | mean ± std over seeds | gain over scratch | seeds' spread (max std) "
@@ -248,6 +276,9 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
       spread = max((statistics.stdev(v) for v in (x, base) if len(v) > 1), default=float("nan"))
       lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {arm} | {mean_std(x, 2)} | {gain} | "
                    f"{spread:.2f} | {len(x)} of {seeds} |")
+  for what, overrides in (("fine-tuning run", sets), ("pretraining", pretrain_sets)):
+    if overrides:
+      lines += ["", f"Every {what} added to its recipe: `{' '.join(overrides)}`."]
   if errors:
     lines += ["", "Not finished: " + "; ".join(f"{k} ({v})" for k, v in sorted(errors.items()))]
   if quick:
@@ -267,6 +298,11 @@ def main() -> None:
                        "overrides it adds to the recipe (space-separated), e.g. "
                        "'body lr x0.25=finetune.body_lr_scale=0.25' (repeatable)")
   ap.add_argument("--arm-tasks", default=None, help="the tasks the --arm arms run on (default: all)")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="an override every fine-tuning run (every arm, scratch too) adds to its recipe, e.g. "
+                       "task.pooling=concat (repeatable; the runs get their own directories)")
+  ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                  help="an override the pretraining runs add to theirs, e.g. tokenizer.vocab_size=40000")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
@@ -298,16 +334,18 @@ def main() -> None:
     return {name: o for i, (name, o) in enumerate(arms.items()) if i < 2 or task in arm_tasks}
 
   jobs = [job for task, arch in pairs
-          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms_of(task))]
+          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
+                             args.pretrain_set)]
   jobs.sort(key=lambda job: not job.name.endswith("/pretrain"))  # pretraining first: the longest chains
 
   def report(results: dict, errors: dict) -> None:
-    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick)
-    write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "results": rows, "errors": errors},
+    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, args.set, args.pretrain_set)
+    write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "set": args.set,
+                              "pretrain_set": args.pretrain_set, "results": rows, "errors": errors},
                   update_readme=not args.quick)
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick)
+  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, args.set, args.pretrain_set)
   print(text)
   plot(rows, out)
   if errors:
