@@ -12,6 +12,10 @@
 
 A user mistake (bad config key, missing file, mismatched checkpoint, NaN loss, ...) prints one
 line, `nlm-jax: error: ...`, and exits with status 2.
+
+The commands that compile keep XLA's programs in $NLM_JAX_CACHE/xla (default
+~/.cache/nlm-jax/xla; `nlm_jax.runtime.compilation_cache`): a second run of the same model loads
+them. $JAX_COMPILATION_CACHE_DIR takes precedence; NLM_JAX_COMPILATION_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -321,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
   args.started = _process_start() if argv is None else time.time()
   _quiet_libraries()
   try:
+    if args.fn in (_train, _eval, _generate, _predict, _translate):  # the commands that compile
+      from nlm_jax import runtime
+      from nlm_jax.data.corpus import default_cache_dir
+
+      runtime.compilation_cache(os.path.join(default_cache_dir(), "xla"))
     check_options(args)
     return args.fn(args)
   except UserError as e:

@@ -19,6 +19,11 @@ Why each setting exists:
   `matmul_precision` field scopes the same setting to that model.
 - preallocate=False: by default JAX reserves 75% of GPU memory per process, so several
   processes on one GPU (pytest -n 2, two runs side by side) fail to start.
+- compilation_cache (`nlm-jax` calls it; library users may): XLA's compiled programs are kept on
+  disk, so the next process that builds the same program (another seed, a resume, `eval` after
+  `train`) loads it instead of compiling again. A cached program is the same program, and on a
+  GPU it also carries the algorithms autotuning picked, so processes no longer each time their
+  own choice.
 """
 
 from __future__ import annotations
@@ -85,3 +90,23 @@ def describe() -> dict:
           "device_kind": jax.devices()[0].device_kind,
           "deterministic_ops": deterministic_ops(),
           "matmul_precision": jax.config.jax_default_matmul_precision}
+
+
+COMPILATION_CACHE_MAX_BYTES = 4 << 30  # least recently used programs go past this
+
+
+def compilation_cache(directory: str) -> Optional[str]:
+  """Keeps XLA's compiled programs in `directory` (bounded: least recently used past 4 GiB),
+  unless a cache is set already ($JAX_COMPILATION_CACHE_DIR, jax.config) or
+  $NLM_JAX_COMPILATION_CACHE=0 turns it off. Returns the directory in use (None: none)."""
+  import jax
+
+  if os.environ.get("NLM_JAX_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+    return None
+  current = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  return directory
+

@@ -66,3 +66,55 @@ def test_the_suite_runs_with_exact_matmuls_and_no_preallocation():
   assert jax.config.jax_default_matmul_precision == "highest"
   assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert runtime.DETERMINISTIC_FLAG in os.environ["XLA_FLAGS"].split()
+
+
+CACHE_PROBE = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from nlm_jax import runtime
+used = runtime.compilation_cache(sys.argv[1])
+jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((3, 3))).block_until_ready()
+print(json.dumps({"used": used, "config": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def _cache_env(**extra) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "NLM_JAX_COMPILATION_CACHE", "NLM_JAX_CACHE")}
+  return {**env, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+
+
+def _files(directory) -> list[str]:
+  return [f for _, _, names in os.walk(directory) for f in names]
+
+
+@pytest.mark.parametrize("extra,where", [({}, "given"), ({"NLM_JAX_COMPILATION_CACHE": "0"}, None),
+                                         ({"JAX_COMPILATION_CACHE_DIR": "{tmp}/own"}, "own")])
+def test_compilation_cache_is_kept_unless_turned_off_or_set_elsewhere(tmp_path, extra, where):
+  env = _cache_env(**{k: v.format(tmp=tmp_path) for k, v in extra.items()})
+  out = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "given")], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  used = json.loads(out.stdout.strip().splitlines()[-1])["used"]
+  assert used == (None if where is None else str(tmp_path / where))
+  assert bool(_files(tmp_path / "given")) == (where == "given")
+  if where == "own":
+    assert _files(tmp_path / "own")
+
+
+def test_nlm_jax_train_keeps_its_programs_for_the_next_process(tmp_path):
+  from support import overrides, write_corpus
+
+  corpus = write_corpus(tmp_path / "c.txt")
+  env = _cache_env(NLM_JAX_CACHE=str(tmp_path / "cache"))
+  for run in ("a", "b"):
+    proc = subprocess.run([sys.executable, "-m", "nlm_jax", "train", *overrides(tmp_path / run, corpus, steps=3)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if run == "a":
+      kept = sorted(_files(tmp_path / "cache" / "xla"))
+      assert kept  # the train and eval steps, at least
+  assert sorted(_files(tmp_path / "cache" / "xla")) == kept  # b compiled nothing new: it loaded a's programs
+  losses = [[json.loads(line)["train_loss"] for line in open(tmp_path / r / "metrics.jsonl") if "train_loss" in line]
+            for r in ("a", "b")]
+  assert losses[0] == losses[1]
