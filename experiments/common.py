@@ -54,6 +54,11 @@ def train_in_process(enabled: bool) -> None:
   user's would, and `--jobs` runs them side by side)."""
   global _IN_PROCESS
   _IN_PROCESS = enabled
+  if enabled:  # before anything starts a backend: each run would set it (train.deterministic), on a
+    # GPU too late once the runner or a first run has started one
+    from nlm_jax import runtime
+
+    runtime.configure(deterministic=True)
 
 
 def nlm_jax_command(argv: list[str], timeout: float | None = None, what: str = "nlm-jax") -> tuple[int, str, str]:
