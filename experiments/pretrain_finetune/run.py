@@ -178,7 +178,9 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
     return {"wall_s": summary["wall_s"], "val_loss": summary["final_validation_loss"]}
 
   def finetune(arm: str, seed: int) -> dict:
-    init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *arms[arm]]
+    # a pretrained arm takes the pretrained run's tokenizer: its settings (--pretrain-set's too) must match
+    tokenizer = [o for o in pretrain_sets if o.startswith("tokenizer.")]
+    init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *tokenizer, *arms[arm]]
     workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}"
                                 f"{tag(sets if arms[arm] is None else sets + ['|'] + pretrain_sets)}")
     # the final whole-validation-split numbers (and, translating, its BLEU)
@@ -302,7 +304,8 @@ def main() -> None:
                   help="an override every fine-tuning run (every arm, scratch too) adds to its recipe, e.g. "
                        "task.pooling=concat (repeatable; the runs get their own directories)")
   ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
-                  help="an override the pretraining runs add to theirs, e.g. tokenizer.vocab_size=40000")
+                  help="an override the pretraining runs add to theirs, e.g. tokenizer.vocab_size=40000 "
+                       "(tokenizer.* ones reach the pretrained arms too: their tokenizer is the pretrained one)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
