@@ -28,6 +28,7 @@ Why each setting exists:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Optional
@@ -107,6 +108,11 @@ def compilation_cache(directory: str) -> Optional[str]:
   if current:
     return current
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  # JAX bounds the cache with file locks (`filelock`, a dependency); asked to without it, it
+  # turns the whole cache off
+  if importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  else:
+    logging.warning("no `filelock` package: the compilation cache in %s is not bounded", directory)
   return directory
 
