@@ -48,7 +48,7 @@ from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.models.layers import param_init
 from nlm_jax.tasks import finetune
-from nlm_jax.tasks.common import ExamplesRun, padded_length
+from nlm_jax.tasks.common import ExamplesRun, check_task_model, padded_length
 from nlm_jax.training import optim
 from nlm_jax.training.steps import LMTask
 
@@ -228,11 +228,7 @@ class ClassifyRun(ExamplesRun):
                       "needs at least two")
     self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self.raw(d.train_split)[0]))
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
-    if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
-      raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
-    if t.prefix_lm and self.model_cfg.arch != "transformer":
-      raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {self.model_cfg.arch} reads "
-                      "left to right)")
+    check_task_model(t, self.model_cfg)
     self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm)
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,

@@ -30,6 +30,16 @@ def padded_length(n: int, max_len: int) -> int:
   return min(max_len, -(-n // BUCKET) * BUCKET)
 
 
+def check_task_model(task_cfg, model_cfg) -> None:
+  """One-line errors for task settings the model cannot honour: examples longer than a
+  Transformer's context, a prefix LM on a recurrent or feedforward body."""
+  if model_cfg.arch == "transformer" and task_cfg.max_len > model_cfg.context:
+    raise UserError(f"config: task.max_len={task_cfg.max_len} exceeds model.context={model_cfg.context}")
+  if task_cfg.prefix_lm and model_cfg.arch != "transformer":
+    raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {model_cfg.arch} reads "
+                    "left to right)")
+
+
 class ExamplesRun:
   """The trainer's interface (see `trainer.Run`) for tasks whose data are separate examples."""
 

@@ -34,7 +34,7 @@ from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import _read_text, tfds_fields
 from nlm_jax.errors import UserError
 from nlm_jax.tasks import finetune
-from nlm_jax.tasks.common import ExamplesRun, padded_length
+from nlm_jax.tasks.common import ExamplesRun, check_task_model, padded_length
 from nlm_jax.training import checkpoint as ckpt_lib
 from nlm_jax.training import optim
 from nlm_jax.training.steps import LMTask
@@ -152,11 +152,7 @@ class TranslateRun(ExamplesRun):
     self.tokenizer = tokenizer
     self.eol = end_of_line(tokenizer)
     self.model_cfg = config_lib.model_config(cfg, tokenizer.vocab_size)
-    if self.model_cfg.arch == "transformer" and t.max_len > self.model_cfg.context:
-      raise UserError(f"config: task.max_len={t.max_len} exceeds model.context={self.model_cfg.context}")
-    if t.prefix_lm and self.model_cfg.arch != "transformer":
-      raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {self.model_cfg.arch} reads "
-                      "left to right)")
+    check_task_model(t, self.model_cfg)
     self.model = models.build(self.model_cfg)
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
     finetune.freeze(cfg, head=None)  # no new head: refused if asked for
