@@ -128,7 +128,7 @@ def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) 
 # ----------------------------------------------------------------------------- model
 
 
-POOLINGS = ("last", "mean", "max", "concat")
+POOLINGS = config_lib.CHOICES["task.pooling"]  # last, mean, max, concat
 
 
 def pool(h_BxTxD: Array, mask_BxT: Array, pooling: str) -> Array:
