@@ -115,4 +115,3 @@ def compilation_cache(directory: str) -> Optional[str]:
   else:
     logging.warning("no `filelock` package: the compilation cache in %s is not bounded", directory)
   return directory
-
