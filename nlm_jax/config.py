@@ -48,6 +48,7 @@ class TokenizerConfig:
   kind: str = "char"  # 'char' | 'byte' | 'word' | 'sentencepiece'
   vocab_size: Optional[int] = None  # word: max vocabulary (None = all); sentencepiece: required
   min_count: int = 1  # word: drop rarer words to <unk>
+  include: Optional[str] = None  # word: a text file all of whose words are in the vocabulary (a task's words)
   model_type: str = "bpe"  # sentencepiece: 'bpe' | 'unigram'
   character_coverage: float = 1.0  # sentencepiece: fraction of characters the vocabulary covers
 
@@ -262,6 +263,8 @@ def validate(cfg: Config) -> Config:
     raise UserError("config: data.source=tfds needs data.name (e.g. tiny_shakespeare)")
   if cfg.data.source == "text" and not (cfg.data.files or cfg.data.file):
     raise UserError("config: data.source=text needs data.files (a file per split) or data.file")
+  if cfg.tokenizer.include and cfg.tokenizer.kind != "word":
+    raise UserError(f"config: tokenizer.include is for tokenizer.kind=word, not {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not cfg.tokenizer.vocab_size:
     raise UserError("config: tokenizer.kind=sentencepiece needs tokenizer.vocab_size")
   for axis in ("data", "fsdp", "tensor"):

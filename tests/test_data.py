@@ -51,6 +51,20 @@ def test_word_tokenizer_follows_ptb_conventions():
   assert "bird" not in rare.index and "mat" in rare.index
 
 
+def test_word_tokenizer_include_keeps_every_word_of_the_task_text():
+  task = "the zebra sat\nthe okapi\n"  # zebra, okapi: not in TEXT; sat, the: frequent there anyway
+  tok = tokenizers.WordTokenizer.train(TEXT, max_size=6, include=task)
+  # the included words first (by their count in the task text), then TEXT's most frequent others
+  assert tok.words == ["<unk>", "<eos>", "the", "zebra", "sat", "okapi"]
+  assert tok.encode("okapi mat")[1] == tok.unk_id  # mat (2nd most frequent in TEXT) was cut, okapi kept
+  bigger = tokenizers.WordTokenizer.train(TEXT, max_size=8, include=task, min_count=2)
+  assert bigger.words[6:] == ["mat"]  # min_count filters TEXT's words only ("sat" is already in)
+  # without `include`: the vocabulary of before
+  assert tokenizers.WordTokenizer.train(TEXT, include=None).words == tokenizers.WordTokenizer.train(TEXT).words
+  with pytest.raises(UserError, match="tokenizer.include has 4 distinct words"):
+    tokenizers.WordTokenizer.train(TEXT, max_size=5, include=task)
+
+
 def test_sentencepiece_tokenizer_trains_and_roundtrips():
   text = "\n".join(f"the quick brown fox {i % 7} jumps over the lazy dog number {i}" for i in range(300)) + "\n"
   cfg = TokenizerConfig(kind="sentencepiece", vocab_size=60, model_type="bpe")
@@ -89,6 +103,20 @@ def test_corpus_split_fractions_and_cache(tmp_path, monkeypatch):
   again = Corpus(cfg, TokenizerConfig(kind="char"))
   np.testing.assert_array_equal(again.tokens("train"), train)
   assert len(os.listdir(tmp_path / "cache")) == 3  # tokenizer + two splits
+
+
+def test_corpus_tokenizer_cache_follows_the_include_file(tmp_path):
+  """The cached vocabulary is keyed by what `tokenizer.include` holds, not only by its path."""
+  (tmp_path / "c.txt").write_text(TEXT * 3)
+  include = tmp_path / "task.txt"
+  include.write_text("zebra\n")
+  cfg = DataConfig(source="text", file=str(tmp_path / "c.txt"), split_fractions=[0.9, 0.1],
+                   cache_dir=str(tmp_path / "cache"))
+  tok_cfg = TokenizerConfig(kind="word", vocab_size=6, include=str(include))
+  assert "zebra" in Corpus(cfg, tok_cfg).tokenizer.index
+  include.write_text("okapi\n")
+  words = Corpus(cfg, tok_cfg).tokenizer.index
+  assert "okapi" in words and "zebra" not in words
 
 
 def test_corpus_files_per_split(tmp_path):

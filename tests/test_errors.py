@@ -130,6 +130,14 @@ def test_init_from_with_another_vocabulary(tmp_path, corpus):
                "tokenizer.kind=word", must_mention="vocabulary")
 
 
+def test_tokenizer_include_that_cannot_be_used(tmp_path, corpus):
+  expect_error("train", *overrides(tmp_path / "r", corpus, steps=10), "tokenizer.kind=word",
+               f"tokenizer.include={tmp_path / 'missing.txt'}", must_mention="tokenizer.include: file not found")
+  expect_error("train", *overrides(tmp_path / "r", corpus, steps=10), f"tokenizer.include={corpus}",
+               must_mention="tokenizer.include is for tokenizer.kind=word")
+  assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
   workdir = tmp_path / "r"
   args = overrides(workdir, corpus, steps=40, optim__name="sgd", optim__lr=0.1, train__checkpoint_every=2,

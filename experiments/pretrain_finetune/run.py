@@ -47,7 +47,8 @@ def unlabelled_text(task: str, directory: str, data: str) -> str:
   """The pretraining text of a task, one sentence or paragraph per line. SST-2: WikiText-2's
   training text, lowercased and without its headings (SST-2 is lowercased), when `data` holds
   wikitext-2/train.txt, then SST-2's training sentences; Multi30k: its English and German training
-  lines shuffled together (no alignment: the only German text there is)."""
+  lines shuffled together (no alignment: the only German text there is). SST-2's training
+  sentences alone go to sst2_train_text.txt beside it (for `tokenizer.include`)."""
   if task == "sst2":
     path = os.path.join(directory, "sst2_pretraining_text.txt")
     lines = []
@@ -56,7 +57,11 @@ def unlabelled_text(task: str, directory: str, data: str) -> str:
       with open(wiki, encoding="utf-8") as f:
         lines += [line.strip().lower() for line in f if line.strip() and not line.strip().startswith("=")]
     with open(os.path.join(data, "sst2", "train.tsv"), encoding="utf-8") as f:
-      lines += [row.split("\t")[0] for row in f.read().splitlines()[1:] if row.strip()]
+      task = [row.split("\t")[0] for row in f.read().splitlines()[1:] if row.strip()]
+    lines += task
+    # the task's own text alone: `--pretrain-set tokenizer.include=<this file>` keeps all its words
+    with open(os.path.join(directory, "sst2_train_text.txt"), "w", encoding="utf-8") as f:
+      f.write("\n".join(task) + "\n")
   else:
     path = os.path.join(directory, "multi30k_monolingual.txt")
     lines = []

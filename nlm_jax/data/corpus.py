@@ -254,7 +254,10 @@ class Corpus:
     import dataclasses
 
     train = self.cfg.train_split
-    key = _digest({"source": self.source.identity(train), "tokenizer": dataclasses.asdict(tokenizer_cfg)})
+    identity = {"source": self.source.identity(train), "tokenizer": dataclasses.asdict(tokenizer_cfg)}
+    if getattr(tokenizer_cfg, "include", None):  # the words it must hold, not just the file's name
+      identity["include"] = hashlib.sha256(tokenizers.read_include(tokenizer_cfg.include).encode()).hexdigest()
+    key = _digest(identity)
     path = os.path.join(self.cache_dir, f"tokenizer-{key}.json")
     if os.path.exists(path):
       return tokenizers.load(path)

@@ -97,7 +97,10 @@ class WordTokenizer:
   """Whitespace-separated words, `<eos>` at each line end (the PTB/WikiText convention).
 
   Vocabulary: `<unk>`, `<eos>`, then training-split words by decreasing count (ties: first
-  appearance), at most `max_size` in all, each seen at least `min_count` times.
+  appearance), at most `max_size` in all, each seen at least `min_count` times. `include`, a text
+  whose every word must be in the vocabulary (a downstream task's training text, when the
+  vocabulary of a language model pretrained on other text is cut to the most frequent words),
+  puts its words first (by their count there), whatever their count in the training split.
   """
 
   kind = "word"
@@ -111,17 +114,26 @@ class WordTokenizer:
     self.start_id = self.eos_id
 
   @classmethod
-  def train(cls, text: str, max_size: int | None = None, min_count: int = 1) -> "WordTokenizer":
-    counts = collections.Counter()
-    for line in _lines(text):
-      counts.update(line.split())
+  def train(cls, text: str, max_size: int | None = None, min_count: int = 1,
+            include: str | None = None) -> "WordTokenizer":
     specials = [cls.UNK, cls.EOS]
-    # Counter keeps first-appearance order, and sorted() is stable: ties stay in that order.
-    ranked = [w for w, c in sorted(counts.items(), key=lambda wc: -wc[1])
-              if c >= min_count and w not in specials]
+
+    def ranked(text: str, least: int) -> list[str]:
+      counts = collections.Counter()
+      for line in _lines(text):
+        counts.update(line.split())
+      # Counter keeps first-appearance order, and sorted() is stable: ties stay in that order.
+      return [w for w, c in sorted(counts.items(), key=lambda wc: -wc[1]) if c >= least and w not in specials]
+
+    required = ranked(include, 1) if include is not None else []
+    if max_size is not None and len(specials) + len(required) > max_size:
+      raise UserError(f"tokenizer.include has {len(required)} distinct words: more than tokenizer.vocab_size="
+                      f"{max_size} holds with <unk> and <eos>")
+    kept = set(required)
+    words = required + [w for w in ranked(text, min_count) if w not in kept]
     if max_size is not None:
-      ranked = ranked[: max(0, max_size - len(specials))]
-    return cls(specials + ranked)
+      words = words[: max(0, max_size - len(specials))]
+    return cls(specials + words)
 
   def encode(self, text: str) -> np.ndarray:
     get, unk, eos = self.index.get, self.unk_id, self.eos_id
@@ -201,6 +213,22 @@ class SentencePieceTokenizer:
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
 
 
+def read_include(path: str) -> str:
+  """The text of `tokenizer.include`, or a one-line error naming what is wrong with the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise UserError(f"tokenizer.include: file not found: {path}") from None
+  except IsADirectoryError:
+    raise UserError(f"tokenizer.include: {path} is a directory") from None
+  except UnicodeDecodeError as e:
+    raise UserError(f"tokenizer.include: {path} is not valid UTF-8 (byte {e.start})") from None
+  if not text.split():
+    raise UserError(f"tokenizer.include: {path} has no words")
+  return text
+
+
 def train_tokenizer(cfg, text: str) -> Tokenizer:
   """A tokenizer of kind `cfg.kind` (a `TokenizerConfig`) fitted to the training text."""
   if cfg.kind == "char":
@@ -208,7 +236,8 @@ def train_tokenizer(cfg, text: str) -> Tokenizer:
   if cfg.kind == "byte":
     return ByteTokenizer()
   if cfg.kind == "word":
-    return WordTokenizer.train(text, cfg.vocab_size, cfg.min_count)
+    return WordTokenizer.train(text, cfg.vocab_size, cfg.min_count,
+                               None if cfg.include is None else read_include(cfg.include))
   if cfg.kind == "sentencepiece":
     return SentencePieceTokenizer.train(text, cfg.vocab_size, cfg.model_type, cfg.character_coverage)
   raise UserError(f"config: tokenizer.kind={cfg.kind!r}; allowed: char, byte, word, sentencepiece")
