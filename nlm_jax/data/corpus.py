@@ -255,7 +255,7 @@ class Corpus:
 
     train = self.cfg.train_split
     identity = {"source": self.source.identity(train), "tokenizer": dataclasses.asdict(tokenizer_cfg)}
-    if getattr(tokenizer_cfg, "include", None):  # the words it must hold, not just the file's name
+    if tokenizer_cfg.include:  # the words it must hold, not just the file's name
       identity["include"] = hashlib.sha256(tokenizers.read_include(tokenizer_cfg.include).encode()).hexdigest()
     key = _digest(identity)
     path = os.path.join(self.cache_dir, f"tokenizer-{key}.json")
