@@ -132,7 +132,7 @@ def test_init_from_with_another_vocabulary(tmp_path, corpus):
 
 def test_tokenizer_include_that_cannot_be_used(tmp_path, corpus):
   expect_error("train", *overrides(tmp_path / "r", corpus, steps=10), "tokenizer.kind=word",
-               f"tokenizer.include={tmp_path / 'missing.txt'}", must_mention="tokenizer.include: file not found")
+               f"tokenizer.include={tmp_path / 'missing.txt'}", must_mention="tokenizer.include file not found")
   expect_error("train", *overrides(tmp_path / "r", corpus, steps=10), f"tokenizer.include={corpus}",
                must_mention="tokenizer.include is for tokenizer.kind=word")
   assert not (tmp_path / "r" / "checkpoints").exists()

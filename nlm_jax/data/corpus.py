@@ -20,6 +20,7 @@ import numpy as np
 
 from nlm_jax import progress
 from nlm_jax.data import tokenizers
+from nlm_jax.data.files import read_text
 from nlm_jax.errors import UserError
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -27,21 +28,6 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _read_text(path: str) -> str:
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except FileNotFoundError:
-    raise UserError(f"data file not found: {path}") from None
-  except IsADirectoryError:
-    raise UserError(f"data file is a directory: {path}") from None
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"data file {path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
-                    ) from None
 
 
 # ----------------------------------------------------------------------------- local text
@@ -82,7 +68,7 @@ class TextSource:
     return self.paths[split]
 
   def text(self, split: str) -> str:
-    text = _read_text(self._path(split))
+    text = read_text(self._path(split))
     if self.cfg.files:
       return text
     bounds = np.concatenate([[0], np.cumsum(self.cfg.split_fractions)])
@@ -255,14 +241,15 @@ class Corpus:
 
     train = self.cfg.train_split
     identity = {"source": self.source.identity(train), "tokenizer": dataclasses.asdict(tokenizer_cfg)}
-    if tokenizer_cfg.include:  # the words it must hold, not just the file's name
-      identity["include"] = hashlib.sha256(tokenizers.read_include(tokenizer_cfg.include).encode()).hexdigest()
+    include = None if tokenizer_cfg.include is None else tokenizers.read_include(tokenizer_cfg.include)
+    if include is not None:  # the words it must hold, not just the file's name
+      identity["include"] = hashlib.sha256(include.encode()).hexdigest()
     key = _digest(identity)
     path = os.path.join(self.cache_dir, f"tokenizer-{key}.json")
     if os.path.exists(path):
       return tokenizers.load(path)
     text = self._nonempty_text(train)
-    tokenizer = tokenizers.train_tokenizer(tokenizer_cfg, text)
+    tokenizer = tokenizers.train_tokenizer(tokenizer_cfg, text, include)
     payload = json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")
     _atomic_write(path, lambda f: f.write(payload))
     return tokenizer

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from nlm_jax.data.files import read_text
 from nlm_jax.errors import UserError
 
 
@@ -215,29 +216,23 @@ class SentencePieceTokenizer:
 
 def read_include(path: str) -> str:
   """The text of `tokenizer.include`, or a one-line error naming what is wrong with the file."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except FileNotFoundError:
-    raise UserError(f"tokenizer.include: file not found: {path}") from None
-  except IsADirectoryError:
-    raise UserError(f"tokenizer.include: {path} is a directory") from None
-  except UnicodeDecodeError as e:
-    raise UserError(f"tokenizer.include: {path} is not valid UTF-8 (byte {e.start})") from None
+  text = read_text(path, "tokenizer.include file")
   if not text.split():
-    raise UserError(f"tokenizer.include: {path} has no words")
+    raise UserError(f"tokenizer.include file {path} has no words")
   return text
 
 
-def train_tokenizer(cfg, text: str) -> Tokenizer:
-  """A tokenizer of kind `cfg.kind` (a `TokenizerConfig`) fitted to the training text."""
+def train_tokenizer(cfg, text: str, include: str | None = None) -> Tokenizer:
+  """A tokenizer of kind `cfg.kind` (a `TokenizerConfig`) fitted to the training text. `include`:
+  the text of `cfg.include` when the caller has read it already (read here otherwise)."""
   if cfg.kind == "char":
     return CharTokenizer.train(text)
   if cfg.kind == "byte":
     return ByteTokenizer()
   if cfg.kind == "word":
-    return WordTokenizer.train(text, cfg.vocab_size, cfg.min_count,
-                               None if cfg.include is None else read_include(cfg.include))
+    if include is None and cfg.include is not None:
+      include = read_include(cfg.include)
+    return WordTokenizer.train(text, cfg.vocab_size, cfg.min_count, include)
   if cfg.kind == "sentencepiece":
     return SentencePieceTokenizer.train(text, cfg.vocab_size, cfg.model_type, cfg.character_coverage)
   raise UserError(f"config: tokenizer.kind={cfg.kind!r}; allowed: char, byte, word, sentencepiece")

@@ -44,7 +44,8 @@ import numpy as np
 from nlm_jax import config as config_lib
 from nlm_jax import models, objectives
 from nlm_jax.data import tokenizers
-from nlm_jax.data.corpus import _read_text, tfds_fields
+from nlm_jax.data.corpus import tfds_fields
+from nlm_jax.data.files import read_text
 from nlm_jax.errors import UserError
 from nlm_jax.models.layers import param_init
 from nlm_jax.tasks import finetune
@@ -61,7 +62,7 @@ LABELS_FILE = "labels.json"
 
 def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
   """(texts, labels) of a TSV file with a header row naming its columns."""
-  text = _read_text(path)
+  text = read_text(path)
   if not text.strip():
     raise UserError(f"data file {path} is empty")
   reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -31,7 +31,8 @@ import numpy as np
 from nlm_jax import config as config_lib
 from nlm_jax import decoding, models, objectives
 from nlm_jax.data import tokenizers
-from nlm_jax.data.corpus import _read_text, tfds_fields
+from nlm_jax.data.corpus import tfds_fields
+from nlm_jax.data.files import read_text
 from nlm_jax.errors import UserError
 from nlm_jax.tasks import finetune
 from nlm_jax.tasks.common import ExamplesRun, check_task_model, padded_length
@@ -50,7 +51,7 @@ def read_parallel(prefix: str, source_lang: str, target_lang: str) -> tuple[list
   sides = []
   for lang in (source_lang, target_lang):
     path = f"{prefix}.{lang}"
-    text = _read_text(path)
+    text = read_text(path)
     lines = text.split("\n")
     while lines and not lines[-1].strip():
       lines.pop()
