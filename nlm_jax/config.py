@@ -103,6 +103,7 @@ class TaskConfig:
   max_len: int = 128  # classify, translate: tokens per example, longer ones are cut (at most model.context)
   label_smoothing: float = 0.0  # classify, translate: ε, the targets are (1 − ε)·one-hot + ε/C
   head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
+  word_dropout: float = 0.0  # classify: in training, each word of a text is read as <unk> with this probability
   prefix_lm: bool = False  # Transformer: translate's source / classify's text attends in both directions
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
@@ -188,6 +189,7 @@ RANGES = {
     "task.max_len": (1, None, "≥ 1"),
     "task.label_smoothing": (0, 1, "in [0, 1)", "open-high"),
     "task.head_dropout": (0, 1, "in [0, 1)", "open-high"),
+    "task.word_dropout": (0, 1, "in [0, 1)", "open-high"),
     "task.beam_size": (1, None, "≥ 1"),
     "task.length_penalty": (0, None, "≥ 0"),
     "task.max_decode_len": (1, None, "≥ 1"),

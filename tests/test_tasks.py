@@ -113,7 +113,8 @@ def test_finetune_from_a_mismatched_run_is_one_line_error(tmp_path, sst):
 
 def test_finetune_resume_is_bitwise_exact(tmp_path, sst):
   pretrain(tmp_path / "pre", sst)
-  extra = dict(model__dropout=0.1, task__head_dropout=0.2, task__label_smoothing=0.1, train__eval_every=3,
+  extra = dict(model__dropout=0.1, task__head_dropout=0.2, task__word_dropout=0.2, task__label_smoothing=0.1,
+               train__eval_every=3,
                steps=6, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=2,
                finetune__body_lr_scale=0.3)
   straight = train(*classify(tmp_path / "a", sst, **extra))
@@ -182,6 +183,51 @@ def test_bidirectional_transformer_classifier_reads_the_whole_text_and_ignores_p
   np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-6)
   other = model.apply(variables, tokens.at[0, 3:].set(8), mask)
   np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
+
+
+def test_word_dropout_replaces_words_by_unk_at_its_rate():
+  from nlm_jax.tasks.classify import drop_words
+
+  B, unk, edge = 2000, 2, 1  # edge: the start / end marker
+  tokens = np.tile(np.asarray([[edge, 5, 6, 7, 8, edge, 0, 0]], np.int32), (B, 1))
+  mask = np.tile((np.arange(8) < 6).astype(np.float32)[None], (B, 1))
+  out = np.asarray(drop_words(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask), 0.3, unk, (edge,)))
+  np.testing.assert_array_equal(out[:, [0, 5, 6, 7]], tokens[:, [0, 5, 6, 7]])  # markers, padding: kept
+  words, words_out = tokens[:, 1:5], out[:, 1:5]
+  assert np.all((words_out == words) | (words_out == unk))
+  assert abs((words_out == unk).mean() - 0.3) < 0.03  # 8,000 draws: std 0.005
+  again = drop_words(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask), 0.3, unk, (edge,))
+  np.testing.assert_array_equal(np.asarray(again), out)
+  assert not np.array_equal(np.asarray(drop_words(jax.random.key(1), jnp.asarray(tokens), jnp.asarray(mask),
+                                                  0.3, unk, (edge,))), out)
+
+
+def test_word_dropout_acts_in_training_only(sst, tmp_path):
+  from nlm_jax.config import load_config
+  from nlm_jax.tasks.classify import ClassifyRun
+
+  run = ClassifyRun(load_config(None, classify(tmp_path / "r", sst, task__word_dropout=0.999)))
+  tok = run.tokenizer
+  texts = ["the movie was good", "a film plot very dull"]
+  ids = [np.asarray([tok.start_id, *tok.encode(t)], np.int32) for t in texts]
+  rows = [np.pad(x, (0, 8 - len(x))) for x in ids]
+  batch = {"inputs": jnp.asarray(np.stack(rows)), "mask": jnp.asarray(np.stack(
+      [(np.arange(8) < len(x)).astype(np.float32) for x in ids]))}
+  other = dict(batch, inputs=batch["inputs"].at[:, 1:3].set(tok.index["acting"]))  # other words, same lengths
+  params = run.task.model.init(jax.random.key(0), batch["inputs"], batch["mask"])["params"]
+  key = jax.random.key(3)
+  # training: every word reads as <unk> (p = 0.999), so texts of the same length are the same text
+  np.testing.assert_array_equal(np.asarray(run.task._logits(params, batch, key, False)),
+                                np.asarray(run.task._logits(params, other, key, False)))
+  # evaluation reads the words
+  assert not np.allclose(np.asarray(run.task._logits(params, batch, None, True)),
+                         np.asarray(run.task._logits(params, other, None, True)))
+
+
+def test_word_dropout_needs_an_unknown_word_token(tmp_path, sst):
+  code, _, err = run_cli("train", *classify(tmp_path / "r", sst, task__word_dropout=0.1, tokenizer__kind="char"))
+  assert code != 0 and "task.word_dropout needs a tokenizer with an unknown-word token" in err
+  assert len(err.strip().splitlines()) == 1
 
 
 def test_prefix_lm_classification_needs_a_transformer(tmp_path, sst):

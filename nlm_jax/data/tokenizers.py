@@ -174,6 +174,7 @@ class SentencePieceTokenizer:
     self.vocab_size = self.sp.get_piece_size()
     self.eos_id = self.sp.eos_id()
     self.start_id = self.sp.bos_id()
+    self.unk_id = self.sp.unk_id()
 
   @classmethod
   def train(cls, text: str, vocab_size: int, model_type: str = "bpe",

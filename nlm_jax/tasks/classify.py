@@ -13,6 +13,11 @@ into it: `train.init_from`) and a linear head on its final hidden states h_t:
            | [last; mean; max]        (pooling 'concat': ULMFiT's concat pooling, 3·D features)
     logits = W · dropout(pooled) + b  (C classes)
 
+With task.word_dropout = p, training reads each word of a text as `<unk>` with probability p
+(word dropout, Iyyer et al. 2015, with the unknown word standing in for the dropped one as in
+Bowman et al. 2016): the start and end tokens and the padding are never dropped, and evaluation
+reads the text as it is.
+
 With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
 to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
 parameters load the same.
@@ -150,6 +155,16 @@ def pool(h_BxTxD: Array, mask_BxT: Array, pooling: str) -> Array:
   return parts[pooling]()
 
 
+def drop_words(key: Array, tokens_BxT: Array, mask_BxT: Array, rate: float, unk_id: int,
+               keep_ids: tuple[int, ...] = ()) -> Array:
+  """Word dropout: each token of a text (mask 1) becomes `unk_id` with probability `rate`, except
+  the tokens in `keep_ids` (the start and end markers)."""
+  drop_BxT = jax.random.bernoulli(key, rate, tokens_BxT.shape) & (mask_BxT > 0)
+  for i in keep_ids:
+    drop_BxT &= tokens_BxT != i
+  return jnp.where(drop_BxT, jnp.asarray(unk_id, tokens_BxT.dtype), tokens_BxT)
+
+
 class Classifier(nn.Module):
   """A language model (`body`) with a linear head (`head`) on its pooled final hidden states."""
 
@@ -178,14 +193,20 @@ class ClassifyTask(LMTask):
 
   batch_keys = ("inputs", "mask", "labels", "weights")
 
-  def __init__(self, *args, smoothing: float = 0.0, **kwargs):
+  def __init__(self, *args, smoothing: float = 0.0, word_dropout: float = 0.0, unk_id: Optional[int] = None,
+               keep_ids: tuple[int, ...] = (), **kwargs):
     self.smoothing = smoothing
+    self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
   def _logits(self, params, batch, key, deterministic: bool):
-    rngs = None if deterministic else {"dropout": key}
-    return self.model.apply({"params": params}, batch["inputs"], batch["mask"], deterministic=deterministic,
-                            rngs=rngs)
+    inputs_BxT, rngs = batch["inputs"], None
+    if not deterministic:
+      if self.word_dropout:
+        key, word_key = jax.random.split(key)
+        inputs_BxT = drop_words(word_key, inputs_BxT, batch["mask"], self.word_dropout, self.unk_id, self.keep_ids)
+      rngs = {"dropout": key}
+    return self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic, rngs=rngs)
 
   def _objective(self, params, batch, carry, key, deterministic: bool):
     logits_BxC = self._logits(params, batch, key, deterministic)
@@ -231,10 +252,16 @@ class ClassifyRun(ExamplesRun):
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     check_task_model(t, self.model_cfg)
     self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm)
+    unk_id = getattr(self.tokenizer, "unk_id", None)
+    if t.word_dropout and unk_id is None:
+      raise UserError(f"task.word_dropout needs a tokenizer with an unknown-word token (word, sentencepiece); "
+                      f"tokenizer.kind={self.tokenizer.kind} has none")
+    keep_ids = tuple(sorted({self.tokenizer.start_id, getattr(self.tokenizer, "eos_id", self.tokenizer.start_id)}))
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=8, grad_accum=cfg.optim.grad_accum,
-                             freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing)
+                             freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing,
+                             word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids)
 
   # ------------------------------------------------------------------------- data
 
