@@ -72,6 +72,7 @@ class OptimConfig:
   plateau_factor: float = 0.25  # 'plateau': lr *= factor when validation loss stops improving
   plateau_patience: int = 1  # evaluations without improvement before a decay
   grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
+  ema_decay: Optional[float] = None  # Polyak averaging: evaluate, keep and fine-tune from the params' moving average (e.g. 0.999)
 
 
 @dataclasses.dataclass
@@ -178,6 +179,7 @@ RANGES = {
     "optim.min_lr": (0, None, "≥ 0"),
     "optim.plateau_factor": (0, 1, "in (0, 1]", "open-low"),
     "optim.plateau_patience": (0, None, "≥ 0"),
+    "optim.ema_decay": (0, 1, "in [0, 1) (or null: off)", "open-high"),
     "train.stop_after": (1, None, "≥ 1 (or null: train.steps)"),
     "train.checkpoint_every": (1, None, "≥ 1 (or null: train.eval_every)"),
     "train.eval_batches": (1, None, "≥ 1 (or null: the whole split)"),

@@ -114,7 +114,7 @@ def test_finetune_from_a_mismatched_run_is_one_line_error(tmp_path, sst):
 def test_finetune_resume_is_bitwise_exact(tmp_path, sst):
   pretrain(tmp_path / "pre", sst)
   extra = dict(model__dropout=0.1, task__head_dropout=0.2, task__word_dropout=0.2, task__label_smoothing=0.1,
-               train__eval_every=3,
+               optim__ema_decay=0.9, train__eval_every=3,
                steps=6, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=2,
                finetune__body_lr_scale=0.3)
   straight = train(*classify(tmp_path / "a", sst, **extra))

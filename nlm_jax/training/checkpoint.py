@@ -14,6 +14,8 @@ Kept: the last `keep` steps and the best by validation loss. Restoring onto anot
 
 from __future__ import annotations
 
+import dataclasses
+
 import glob
 import hashlib
 import json
@@ -185,8 +187,14 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any, data_iter=None) -> Any:
     """The state at `step`, laid out by the shardings in `abstract_state`; restores `data_iter`
-    in place."""
-    items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state))}
+    in place. A checkpoint written before the state had a field (`ema`, for a run without it)
+    restores with that field None."""
+    meta = self.manager.item_metadata(step)["state"]
+    saved = set((meta.tree if hasattr(meta, "tree") else meta).keys())
+    fields = [f.name for f in dataclasses.fields(abstract_state)]
+    absent = [f for f in fields if f not in saved and getattr(abstract_state, f) is None]
+    item = {f: getattr(abstract_state, f) for f in fields if f not in absent}
+    items = {"state": ocp.args.PyTreeRestore(item, restore_args=_restore_args(item))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
@@ -194,7 +202,7 @@ class Checkpoints:
     except (ValueError, KeyError) as e:
       raise UserError(f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
                       f"({str(e).splitlines()[0][:200]})") from None
-    return restored["state"]
+    return abstract_state.replace(**restored["state"], **{f: None for f in absent})
 
   def wait(self) -> None:
     try:
@@ -290,10 +298,13 @@ def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: b
 
 
 def _restore_params(ckpts: Checkpoints, step: int, abstract_params: Any, run_dir: str) -> Any:
-  """Only the parameters of a checkpoint, laid out as `abstract_params`; a UserError naming the
-  first parameter whose shape differs (another architecture, for `init_from`)."""
+  """Only the network of a checkpoint (its parameters' moving average when it keeps one:
+  optim.ema_decay), laid out as `abstract_params`; a UserError naming the first parameter whose
+  shape differs (another architecture, for `init_from`)."""
   meta = ckpts.manager.item_metadata(step)["state"]
-  saved = (meta.tree if hasattr(meta, "tree") else meta)["params"]
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  key = "ema" if tree.get("ema") else "params"
+  saved = tree[key]
   flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
   flat_target = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
   for path, target in flat_target.items():
@@ -305,7 +316,7 @@ def _restore_params(ckpts: Checkpoints, step: int, abstract_params: Any, run_dir
       raise UserError(f"checkpoint {ckpts.step_dir(step)}: parameter {name} has shape "
                       f"{tuple(flat_saved[path].shape)}, this model needs {tuple(target.shape)}")
   restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract_params},
-      restore_args=_restore_args({"params": abstract_params}),
+      item={key: abstract_params},
+      restore_args=_restore_args({key: abstract_params}),
       partial_restore=True)))
-  return restored["state"]["params"]
+  return restored["state"][key]

@@ -6,6 +6,16 @@
 Both are compiled once with explicit in/out shardings over the mesh (the trivial mesh on one
 device), and the state is donated, so the step updates parameters in place. Randomness (dropout)
 comes from `fold_in(key, step)`: a resumed run continues the same stream of keys.
+
+With `ema_decay` = β (Polyak averaging, as TensorFlow's ExponentialMovingAverage with
+num_updates), the state also keeps an exponential moving average of the parameters, updated after
+each optimizer step t = 1, 2, ...:
+
+    ema ← ema + (1 − d_t) · (params − ema),   d_t = min(β, (1 + t) / (10 + t)),   ema_0 = params_0
+
+(the ramp keeps the average of the first steps from clinging to the initialization). It is what
+`model_params(state)` returns: the network that evaluation, checkpoints' readers and `init_from`
+use; training keeps updating `params`.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ class TrainState:
   plateau: Any  # optax reduce_on_plateau state: `scale` multiplies every update
   key: Array  # uint32 key data of the run's base PRNG key
   carry: Any  # truncated-BPTT state carried between stream batches (None for windows)
+  ema: Any = None  # the moving average of params (optim.ema_decay), or None
 
 
 def reset_carry(carry, initial, reset_B: Array):
@@ -59,10 +70,11 @@ class LMTask:
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
-               carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None):
+               carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None,
+               ema_decay: float | None = None):
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
-    self.grad_accum, self.freeze = grad_accum, freeze
+    self.grad_accum, self.freeze, self.ema_decay = grad_accum, freeze, ema_decay
     self.example = jnp.zeros((1, example_len), jnp.int32)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.replicated = NamedSharding(mesh, P())
@@ -95,7 +107,12 @@ class LMTask:
       carry = jax.tree.map(lambda c: nn.Partitioned(c, ("batch",) + (None,) * (c.ndim - 1)), carry)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                       plateau=self.plateau.init(nn.unbox(params)), key=jax.random.key_data(run_key),
-                      carry=carry)
+                      carry=carry, ema=params if self.ema_decay is not None else None)
+
+  @staticmethod
+  def model_params(state: TrainState):
+    """The parameters that are the trained network: the moving average when there is one."""
+    return state.params if state.ema is None else state.ema
 
   def initial_carry(self, batch_size: int):
     return self.model.initial_carry(batch_size)
@@ -141,8 +158,15 @@ class LMTask:
     if frozen is not None:
       params = jax.tree.map(lambda new, old, m: jnp.where(frozen, old, new) if m else new, params,
                             state.params, mask)
+    ema = state.ema
+    if ema is not None:
+      done = (state.step + 1) % self.grad_accum == 0  # an optimizer step ended: params moved
+      t = ((state.step + 1) // self.grad_accum).astype(jnp.float32)
+      d = jnp.where(done, jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t)), 1.0)
+      # a + (1 − d)(p − a): a parameter that did not move (a frozen body) keeps its average exactly
+      ema = jax.tree.map(lambda a, p: (a + (1.0 - d) * (p - a)).astype(a.dtype), ema, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              carry=jax.lax.stop_gradient(new_carry) if self.carry_state else None)
+                              carry=jax.lax.stop_gradient(new_carry) if self.carry_state else None, ema=ema)
     # Whether the updated parameters are all finite (their global norm is): checked before a save.
     metrics = {"nll_sum": nll_sum, "count": count, "grad_norm": optax.global_norm(grads),
                "params_finite": jnp.isfinite(optax.global_norm(params)), **extra}

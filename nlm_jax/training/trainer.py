@@ -122,7 +122,8 @@ class Run:
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     finetune.freeze(cfg, head=None)  # a language model has no new head: refused if asked for
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
-                       self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum)
+                       self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum,
+                       ema_decay=cfg.optim.ema_decay)
     self.rows = parallel.process_rows(cfg.data.batch_size)
 
   def units_per_step(self) -> int:
@@ -549,6 +550,8 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
     if init_from is not None:
       state = run.load_pretrained(state, *init_from)
+      if state.ema is not None:  # the average starts at the loaded network (its own buffers: donated)
+        state = state.replace(ema=jax.tree.map(jnp.copy, state.params))
 
   k = cfg.optim.grad_accum
   start = int(state.step) // k
@@ -601,7 +604,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
           window_start, window_steps = time.time(), 0
           if is_eval:
             t_eval = time.time()
-            scores, val = run.periodic_evaluation(state.params, step)
+            scores, val = run.periodic_evaluation(run.task.model_params(state), step)
             if not math.isfinite(val["loss"]):
               raise _not_finite(f"validation loss is {val['loss']}", step, last_saved, ckpts.directory)
             last_val, last_eval = val["loss"], (step, val)
@@ -639,7 +642,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
                              "loop_time_s": round(loop_time, 2),  # the steps, their compilation, evals, saves
                              "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
   if step >= cfg.train.steps:
-    summary.update(_final_evaluation(run, state.params, step, last_eval, workdir))
+    summary.update(_final_evaluation(run, run.task.model_params(state), step, last_eval, workdir))
   summary["best_checkpoint"] = ckpts.best_step()
   summary["latest_checkpoint"] = ckpts.latest_step()
   summary["wall_time_s"] = round(time.time() - t_start, 2)
