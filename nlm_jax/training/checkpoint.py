@@ -15,7 +15,6 @@ Kept: the last `keep` steps and the best by validation loss. Restoring onto anot
 from __future__ import annotations
 
 import dataclasses
-
 import glob
 import hashlib
 import json
