@@ -265,3 +265,41 @@ def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_
          [v for k, v in both.items() if k.startswith("scratch")][0][0]
   assert [v for k, v in scratch_only.items() if k.startswith("pretrained")][0][0] != \
          [v for k, v in both.items() if k.startswith("pretrained")][0][0]
+
+
+def test_linear_probe_reads_the_body_as_the_classifier_does(tmp_path, monkeypatch):
+  """probe.features of a trained classifier, through its own head, are the classifier's logits
+  (same start token, zero state, padding ignored, concat pooling); a trained body separates the toy
+  sentiment; the logistic regression is at its optimum (penalised gradient zero)."""
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from support import train, write_sentiment
+
+  from experiments.pretrain_finetune import probe
+  from nlm_jax.tasks import classify
+  from nlm_jax.training import trainer
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  sst = write_sentiment(tmp_path)
+  run_dir = str(tmp_path / "run")
+  train(f"workdir={run_dir}", "task.kind=classify", f"data.files.train={sst['train']}",
+        f"data.files.validation={sst['dev']}", "tokenizer.kind=word", "data.batch_size=16", "task.max_len=32",
+        "task.pooling=concat", "train.steps=60", "train.eval_every=60", "train.progress=false", "optim.lr=1e-2",
+        "model.arch=lstm", "model.d_embed=16", "model.d_hidden=16", "model.n_layers=2", "seed=2")
+  texts, labels = probe.read_tsv(sst["dev"])
+  feats = probe.features(run_dir, texts, max_len=32)
+  run, params, _ = trainer.load_run(run_dir)
+  batch = classify.collate(classify.encode_texts(run.tokenizer, texts, 32), labels, len(texts), 32)
+  logits = np.asarray(run.task.model.apply({"params": params}, batch["inputs"], batch["mask"]))
+  head = params["head"]
+  np.testing.assert_allclose(feats @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), logits,
+                             rtol=1e-4, atol=1e-4)
+
+  result = probe.probe(run_dir, os.path.dirname(sst["dev"]))
+  assert result["dev"] > 0.9 and result["train"] > 0.9
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 5))
+  y = (x @ rng.normal(size=5) + 0.5 * rng.normal(size=300) > 0).astype(float)
+  w = probe.logistic_regression(x, y, penalty=0.01)
+  p = 1 / (1 + np.exp(-(x @ w[:-1] + w[-1])))
+  np.testing.assert_allclose(x.T @ (p - y) / len(y) + 0.01 * w[:-1], 0, atol=1e-9)
+  np.testing.assert_allclose((p - y).mean(), 0, atol=1e-9)  # the bias is not penalised
