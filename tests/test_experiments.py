@@ -303,3 +303,7 @@ def test_linear_probe_reads_the_body_as_the_classifier_does(tmp_path, monkeypatc
   p = 1 / (1 + np.exp(-(x @ w[:-1] + w[-1])))
   np.testing.assert_allclose(x.T @ (p - y) / len(y) + 0.01 * w[:-1], 0, atol=1e-9)
   np.testing.assert_allclose((p - y).mean(), 0, atol=1e-9)  # the bias is not penalised
+  table = np.asarray(params["body"]["embed"]["embedding"])
+  good, bad = (table[run.tokenizer.index[w]] for w in ("good", "bad"))
+  assert probe.similarities(run_dir, [("good", "bad"), ("good", "good")]) == pytest.approx(
+      [good @ bad / np.linalg.norm(good) / np.linalg.norm(bad), 1.0])

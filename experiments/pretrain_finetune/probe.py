@@ -2,6 +2,7 @@
 
     python -m experiments.pretrain_finetune.probe runs/pf/lm runs/pf/sst2_lstm_scratch_seed1 ...
     python -m experiments.pretrain_finetune.probe --random runs/pf/lm    # the same body, untrained
+    python -m experiments.pretrain_finetune.probe --similar good/bad,good/great runs/pf/lm ...
 
 For each run (a language model or a classifier: its body is read), every SST-2 text is read by the
 body as a classifier reads it ([start] + words, from the zero state) and pooled as
@@ -9,7 +10,8 @@ body as a classifier reads it ([start] + words, from the zero state) and pooled 
 logistic regression is then fitted on the standardised features of the training phrases by Newton's
 method, its penalty chosen on a held-out tenth of them; printed: that held-out accuracy and the
 SST-2 dev accuracy. The body never changes, so the numbers say what pretraining put in the features,
-apart from what fine-tuning does with them.
+apart from what fine-tuning does with them. `--similar` prints instead the cosine similarity of the
+input embeddings of word pairs: whether the body places antonyms apart.
 """
 
 from __future__ import annotations
@@ -100,13 +102,36 @@ def probe(workdir: str, data: str, random: bool = False, step: int | None = None
           "dev": accuracy(w, x_dev, dev_y)}
 
 
+def similarities(workdir: str, pairs: list[tuple[str, str]]) -> list[float]:
+  """Cosine similarity of the body's input embeddings of each pair of words (one token each)."""
+  run, params, _ = trainer.load_run(workdir)
+  table = np.asarray(params.get("body", params)["embed"]["embedding"], np.float64)
+
+  def vector(word: str) -> np.ndarray:
+    ids = [i for i in run.tokenizer.encode(word) if i != getattr(run.tokenizer, "eos_id", None)]  # a word: its line's end
+    if len(ids) != 1 or ids[0] == getattr(run.tokenizer, "unk_id", None):
+      raise SystemExit(f"error: {word!r} is not one known token of {workdir}'s tokenizer")
+    return table[ids[0]]
+
+  return [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in
+          ((vector(u), vector(v)) for u, v in pairs)]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("runs", nargs="+", help="run directories (language models or classifiers)")
   ap.add_argument("--random", action="store_true", help="probe the runs' bodies at their initialisation instead")
   ap.add_argument("--step", type=int, default=None, help="the checkpoint to read (default: the last)")
   ap.add_argument("--data", default=DATA, help="the folder of SST-2's train.tsv and dev.tsv")
+  ap.add_argument("--similar", default=None, metavar="A/B,C/D",
+                  help="print the cosine similarities of these word pairs' embeddings instead of probing")
   args = ap.parse_args()
+  if args.similar:
+    pairs = [tuple(pair.split("/")) for pair in args.similar.split(",")]
+    print("| run | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |\n|---|" + "---:|" * len(pairs))
+    for workdir in args.runs:
+      print(f"| {workdir} | " + " | ".join(f"{c:.2f}" for c in similarities(workdir, pairs)) + " |", flush=True)
+    return
   print("| run | body | penalty | train | held-out train | SST-2 dev |\n|---|---|---:|---:|---:|---:|")
   for workdir in args.runs:
     r = probe(workdir, args.data, args.random, args.step)
