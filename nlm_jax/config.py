@@ -117,6 +117,8 @@ class FinetuneConfig:
   freeze_body_steps: int = 0  # with train.init_from: the body is not updated for the first k steps
   body_lr_scale: float = 1.0  # the body's learning rate is optim.lr × this; the new head's is optim.lr
   layer_lr_decay: Optional[float] = None  # ULMFiT: each body layer gets the one above's rate ÷ this (2.6)
+  reinit: List[str] = dataclasses.field(default_factory=list)  # with train.init_from: body parameter groups
+  #   ('embed', 'layer_0', ...) not loaded: they keep this run's fresh initialization
 
 
 @dataclasses.dataclass
@@ -263,6 +265,8 @@ def validate(cfg: Config) -> Config:
   unknown = sorted(set(cfg.optim.decay_exclude) - {"bias", "norm", "embedding"})
   if unknown:
     raise UserError(f"config: optim.decay_exclude has {unknown[0]!r}; allowed: bias, norm, embedding")
+  if cfg.finetune.reinit and not cfg.train.init_from:
+    raise UserError("config: finetune.reinit names parameters not to load from train.init_from, which is not set")
   if cfg.data.source == "tfds" and not cfg.data.name:
     raise UserError("config: data.source=tfds needs data.name (e.g. tiny_shakespeare)")
   if cfg.data.source == "text" and not (cfg.data.files or cfg.data.file):

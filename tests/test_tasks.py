@@ -96,6 +96,32 @@ def test_finetune_body_starts_pretrained_and_a_frozen_body_stays_bit_identical(t
   assert any(moved)
 
 
+def test_finetune_reinit_keeps_the_named_groups_as_initialized(tmp_path, sst):
+  """finetune.reinit=[embed]: the embeddings are this run's own initialization (its seed's), every
+  other body group the pretrained network's; a group the body lacks,
+  or reinit without init_from, is a one-line error."""
+  from test_errors import expect_error
+  from nlm_jax.training import trainer
+
+  pretrain(tmp_path / "pre", sst)
+  frozen = dict(steps=2, finetune__freeze_body_steps=2, train__checkpoint_every=1, train__keep_checkpoints=10,
+                train__eval_every=2)
+  train(*classify(tmp_path / "ft", sst, train__init_from=tmp_path / "pre", finetune__reinit="[embed]", **frozen))
+  pretrained = final_state(tmp_path / "pre")["params"]
+  body = final_state(tmp_path / "ft", 1)["params"]["body"]
+  run, _, _ = trainer.load_run(tmp_path / "ft")  # the run's own initialization, as train() draws it
+  initial = run.task.init(jax.random.key_data(jax.random.key(2))).params["body"]
+  assert_trees_equal(body["embed"], jax.device_get(initial["embed"]))
+  assert not np.array_equal(body["embed"]["embedding"], pretrained["embed"]["embedding"])
+  assert set(body) == set(pretrained) and len(body) > 1
+  for group in set(body) - {"embed"}:
+    assert_trees_equal(body[group], pretrained[group])
+  expect_error("train", *classify(tmp_path / "a", sst, train__init_from=tmp_path / "pre",
+                                  finetune__reinit="[embedding]"),
+               must_mention="finetune.reinit: 'embedding' is not a parameter group of the pretrained body")
+  expect_error("train", *classify(tmp_path / "b", sst, finetune__reinit="[embed]"), must_mention="finetune.reinit")
+
+
 def test_finetune_from_a_mismatched_run_is_one_line_error(tmp_path, sst):
   from test_errors import expect_error
 

@@ -8,6 +8,8 @@ freezing the body while a new head learns.
                 2018: d = 2.6) the body's top layer has that rate and each layer below it ÷ d
                 (the embedding is the lowest layer, the output layer and final norm the top one)
     freezing    finetune.freeze_body_steps = k: the body gets no update for k optimizer steps
+    reinit      finetune.reinit = [group, ...]: these top-level groups of the body ('embed',
+                'layer_0', ...) are not loaded and keep the run's own initialization
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ def freeze(cfg, head: Optional[str]):
     raise UserError("finetune.freeze_body_steps needs a new head to train while the body is frozen "
                     "(task.kind=classify)")
   return k, lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _names(p)[0] != head, params)
+
+
+def reinit(params, initial, groups: list[str], body: Optional[str]):
+  """`params` (the pretrained network loaded) with the body's top-level parameter groups named in
+  `groups` taken from `initial` (the run's own initialization). `body`: the key of the body in
+  `params` (None: the parameters are the body)."""
+  if not groups:
+    return params
+  tree = params[body] if body is not None else params
+  missing = [g for g in groups if g not in tree]
+  if missing:
+    raise UserError(f"finetune.reinit: {missing[0]!r} is not a parameter group of the pretrained body "
+                    f"(it has: {', '.join(sorted(tree))})")
+  fresh = {**tree, **{g: (initial[body] if body is not None else initial)[g] for g in groups}}
+  return {**params, body: fresh} if body is not None else fresh
 
 
 def model_difference(pretrained, now) -> Optional[str]:

@@ -549,7 +549,10 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
   else:
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
     if init_from is not None:
+      initial = state.params
       state = run.load_pretrained(state, *init_from)
+      state = state.replace(params=finetune.reinit(state.params, initial, list(cfg.finetune.reinit),
+                                                   getattr(run, "body", None)))
       if state.ema is not None:  # the average starts at the loaded network (its own buffers: donated)
         state = state.replace(ema=jax.tree.map(jnp.copy, state.params))
 
