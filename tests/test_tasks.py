@@ -120,6 +120,8 @@ def test_finetune_reinit_keeps_the_named_groups_as_initialized(tmp_path, sst):
                                   finetune__reinit="[embedding]"),
                must_mention="finetune.reinit: 'embedding' is not a parameter group of the pretrained body")
   expect_error("train", *classify(tmp_path / "b", sst, finetune__reinit="[embed]"), must_mention="finetune.reinit")
+  for name in "ab":  # refused before anything was written (the lock file aside)
+    assert not (tmp_path / name).exists() or set(p.name for p in (tmp_path / name).iterdir()) == {".lock"}
 
 
 def test_finetune_from_a_mismatched_run_is_one_line_error(tmp_path, sst):

@@ -529,6 +529,8 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
     *init_from, tokenizer = _init_from_source(cfg)
 
   run = make_run(cfg, tokenizer)
+  if init_from is not None:  # before anything is written
+    finetune.check_reinit(list(cfg.finetune.reinit), run.task.abstract_state.params, getattr(run, "body", None))
   run.check_data()
   if resume_step is not None:
     _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
