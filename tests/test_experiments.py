@@ -271,7 +271,6 @@ def test_linear_probe_reads_the_body_as_the_classifier_does(tmp_path, monkeypatc
   """probe.features of a trained classifier, through its own head, are the classifier's logits
   (same start token, zero state, padding ignored, concat pooling); a trained body separates the toy
   sentiment; the logistic regression is at its optimum (penalised gradient zero)."""
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
   from support import train, write_sentiment
 
   from experiments.pretrain_finetune import probe

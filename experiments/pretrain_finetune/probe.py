@@ -32,9 +32,9 @@ PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × the number of examples
 
 
 def read_tsv(path: str) -> tuple[list[str], np.ndarray]:
-  with open(path, encoding="utf-8") as f:
-    rows = [line.split("\t") for line in f.read().splitlines()[1:] if line.strip()]
-  return [r[0] for r in rows], np.asarray([int(r[1]) for r in rows], np.int32)
+  """(texts, 0/1 labels) of a GLUE SST-2 TSV file (columns 'sentence' and 'label')."""
+  texts, labels = classify.read_tsv(path, "sentence", "label")
+  return texts, np.asarray([int(label) for label in labels], np.int32)
 
 
 def features(workdir: str, texts: list[str], random: bool = False, step: int | None = None, rows: int = 256,
@@ -54,14 +54,14 @@ def features(workdir: str, texts: list[str], random: bool = False, step: int | N
 
   ids = classify.encode_texts(run.tokenizer, texts, max_len)
   order = np.argsort([len(x) for x in ids], kind="stable")
-  out = [None] * len(ids)
-  for i in range(0, len(ids), rows):
+  out = None
+  for i in range(0, len(ids), rows):  # texts of similar length together: little padding
     chunk = order[i:i + rows]
     batch = classify.collate([ids[j] for j in chunk], np.zeros(len(chunk), np.int32), rows, max_len)
-    feats = np.asarray(pooled(params, batch["inputs"], batch["mask"]))
-    for k, j in enumerate(chunk):
-      out[j] = feats[k]
-  return np.stack(out).astype(np.float64)
+    feats = np.asarray(pooled(params, batch["inputs"], batch["mask"]), np.float64)[:len(chunk)]
+    out = np.zeros((len(ids), feats.shape[1])) if out is None else out
+    out[chunk] = feats
+  return out
 
 
 def logistic_regression(x: np.ndarray, y: np.ndarray, penalty: float, iters: int = 30) -> np.ndarray:

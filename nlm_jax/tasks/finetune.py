@@ -84,10 +84,14 @@ def freeze(cfg, head: Optional[str]):
   return k, lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _names(p)[0] != head, params)
 
 
+def _body_of(params, body: Optional[str]):
+  return params[body] if body is not None else params
+
+
 def check_reinit(groups: list[str], params, body: Optional[str]) -> None:
   """A one-line error unless each of `groups` is a top-level group of the body in `params` (a
   tree of arrays or of their shapes; `body`: its key, None when the parameters are the body)."""
-  tree = params[body] if body is not None else params
+  tree = _body_of(params, body)
   missing = [g for g in groups if g not in tree]
   if missing:
     raise UserError(f"finetune.reinit: {missing[0]!r} is not a parameter group of the pretrained body "
@@ -101,8 +105,7 @@ def reinit(params, initial, groups: list[str], body: Optional[str]):
   if not groups:
     return params
   check_reinit(groups, params, body)
-  tree = params[body] if body is not None else params
-  fresh = {**tree, **{g: (initial[body] if body is not None else initial)[g] for g in groups}}
+  fresh = {**_body_of(params, body), **{g: _body_of(initial, body)[g] for g in groups}}
   return {**params, body: fresh} if body is not None else fresh
 
 
