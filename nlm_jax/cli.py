@@ -87,6 +87,9 @@ def _generate(args) -> int:
   from nlm_jax.generate import generate_text
 
   run, params = _load_run_of(args, "lm")
+  if run.cfg.data.reverse:
+    raise UserError(f"{args.workdir} is a backward language model (data.reverse=true): it writes text right to "
+                    "left, which generate does not read or print")
 
   def stream(piece: str):
     sys.stdout.write(piece)

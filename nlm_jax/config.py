@@ -41,6 +41,7 @@ class DataConfig:
   seq_len: int = 64  # T: tokens per row
   eval_batch_size: Optional[int] = None  # rows per evaluation batch; None = batch_size
   cache_dir: Optional[str] = None  # tokenized splits; None = $NLM_JAX_CACHE or ~/.cache/nlm-jax
+  reverse: bool = False  # language models: read every split right to left (a backward LM: train.init_backward_from)
 
 
 @dataclasses.dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
   checkpoint_every: Optional[int] = None  # steps between checkpoints; None = eval_every
   keep_checkpoints: int = 2  # the last N, plus the best by validation loss
   init_from: Optional[str] = None  # run dir or checkpoint dir: start from its params only
+  init_backward_from: Optional[str] = None  # with task.backward: a backward LM (data.reverse) for the second body
   progress: bool = True  # progress bars on stderr
   deterministic: bool = True  # bitwise-reproducible steps on GPUs too (XLA deterministic ops; nlm_jax.runtime)
   allow_data_change: bool = False  # resume even if the data's fingerprint changed (a warning, not an error)
@@ -106,6 +108,7 @@ class TaskConfig:
   head_dropout: float = 0.0  # classify: dropout on the pooled state before the head
   word_dropout: float = 0.0  # classify: in training, each word of a text is read as <unk> with this probability
   prefix_lm: bool = False  # Transformer: translate's source / classify's text attends in both directions
+  backward: bool = False  # classify: a second body reads the text right to left; the head reads both (ELMo)
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
   max_decode_len: int = 64  # translate: most tokens a translation may have
@@ -265,6 +268,17 @@ def validate(cfg: Config) -> Config:
   unknown = sorted(set(cfg.optim.decay_exclude) - {"bias", "norm", "embedding"})
   if unknown:
     raise UserError(f"config: optim.decay_exclude has {unknown[0]!r}; allowed: bias, norm, embedding")
+  if cfg.data.reverse and cfg.task.kind != "lm":
+    raise UserError(f"config: data.reverse=true is for language models, not task.kind={cfg.task.kind} (a classifier "
+                    "also reads its text right to left with task.backward=true)")
+  if cfg.task.backward and cfg.task.kind != "classify":
+    raise UserError(f"config: task.backward=true is for task.kind=classify, not {cfg.task.kind}")
+  if cfg.train.init_backward_from and not (cfg.task.backward and cfg.train.init_from):
+    raise UserError("config: train.init_backward_from loads the backward body: it needs task.backward=true and "
+                    "train.init_from (the forward language model)")
+  if cfg.task.backward and cfg.train.init_from and not cfg.train.init_backward_from:
+    raise UserError("config: task.backward=true with train.init_from needs train.init_backward_from, a language "
+                    "model of the reversed text (data.reverse=true) for the backward body")
   if cfg.finetune.reinit and not cfg.train.init_from:
     raise UserError("config: finetune.reinit names parameters not to load from train.init_from, which is not set")
   if cfg.data.source == "tfds" and not cfg.data.name:

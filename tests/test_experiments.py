@@ -225,9 +225,8 @@ def test_pretrain_finetune_scheduler():
     run_jobs([Job("y", work("y"), ("nowhere",))], 2, Clock(None, None), lambda r, e: None)
 
 
-def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_path, monkeypatch):
-  """--set reaches every fine-tuning run, --pretrain-set the pretraining; runs of other settings
-  get other directories (a kept --runs folder must not pass one setting's run off as another's)."""
+def record_runs(monkeypatch) -> dict:
+  """The pretrain_finetune runner's runs not trained but recorded: {workdir: overrides}."""
   from experiments.pretrain_finetune import run as pf
 
   calls = {}
@@ -238,6 +237,15 @@ def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_
 
   monkeypatch.setattr(pf, "train_summary", fake_train_summary)
   monkeypatch.setattr(pf, "curve", lambda workdir, key: [])
+  return calls
+
+
+def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_path, monkeypatch):
+  """--set reaches every fine-tuning run, --pretrain-set the pretraining; runs of other settings
+  get other directories (a kept --runs folder must not pass one setting's run off as another's)."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls = record_runs(monkeypatch)
   data = pf.toy_data(str(tmp_path / "toy"))
   clock = pf.Clock(None, None)
   arms = {"scratch": None, "pretrained": []}
@@ -265,6 +273,34 @@ def test_pretrain_finetune_sets_reach_their_runs_and_name_their_directories(tmp_
          [v for k, v in both.items() if k.startswith("scratch")][0][0]
   assert [v for k, v in scratch_only.items() if k.startswith("pretrained")][0][0] != \
          [v for k, v in both.items() if k.startswith("pretrained")][0][0]
+
+
+def test_pretrain_finetune_backward_pretrains_a_reversed_model_and_fills_the_backward_body(tmp_path, monkeypatch):
+  """--backward: a second pretraining reads the text reversed (data.reverse=true); every fine-tuning
+  has a backward body, and the pretrained arm waits for both language models and loads both."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls = record_runs(monkeypatch)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  jobs = pf.jobs_of("sst2", "lstm", 1, str(tmp_path), data, True, pf.Clock(None, None),
+                    {"scratch": None, "pretrained": []}, [], ["model.dropout=0.4"], backward=True)
+  by_name = {job.name: job for job in jobs}
+  assert set(by_name) == {"sst2/lstm/pretrain", "sst2/lstm/pretrain_backward", "sst2/lstm/scratch/1",
+                          "sst2/lstm/pretrained/1"}
+  assert set(by_name["sst2/lstm/pretrained/1"].needs) == {"sst2/lstm/pretrain", "sst2/lstm/pretrain_backward"}
+  assert by_name["sst2/lstm/scratch/1"].needs == ()
+  for job in jobs:
+    job.run()
+  pre = {os.path.basename(w): (w, o) for w, o in calls.items() if os.path.basename(w).startswith("pretrain_")}
+  [(forward, f_over)] = [v for k, v in pre.items() if not k.endswith("_backward")]
+  [(backward, b_over)] = [v for k, v in pre.items() if k.endswith("_backward")]
+  assert "data.reverse=true" in b_over and "data.reverse=true" not in f_over
+  assert "model.dropout=0.4" in b_over and forward != backward
+  tuned = {os.path.basename(w).split("_seed")[0]: o for w, o in calls.items() if "_seed" in w}
+  assert all("task.backward=true" in o for o in tuned.values())
+  assert f"train.init_from={forward}" in tuned["sst2_lstm_pretrained"]
+  assert f"train.init_backward_from={backward}" in tuned["sst2_lstm_pretrained"]
+  assert not any(o.startswith("train.init") for o in tuned["sst2_lstm_scratch"])
 
 
 def test_linear_probe_reads_the_body_as_the_classifier_does(tmp_path, monkeypatch):

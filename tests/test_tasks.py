@@ -46,10 +46,11 @@ def classify(workdir, sst, arch="lstm", steps=40, **extra) -> list[str]:
   return out + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
 
 
-def pretrain(workdir, sst, arch="lstm", steps=10) -> None:
-  train(f"workdir={workdir}", f"data.file={sst['lm']}", "tokenizer.kind=word", "data.batch_size=8",
+def pretrain(workdir, sst, arch="lstm", steps=10, **extra) -> None:
+  extra = {"data.file": sst["lm"], **{k.replace("__", "."): v for k, v in extra.items()}}
+  train(f"workdir={workdir}", "tokenizer.kind=word", "data.batch_size=8",
         "data.seq_len=16", f"train.steps={steps}", f"train.eval_every={steps}", "train.progress=false",
-        "seed=1", *BODIES[arch])
+        "seed=1", *BODIES[arch], *[f"{k}={v}" for k, v in extra.items()])
 
 
 @pytest.mark.parametrize("arch,pooling", [("lstm", "last"),  # the other bodies: slow (the suite keeps ~10 min)
@@ -272,6 +273,91 @@ def test_bidirectional_transformer_classifier_reads_the_whole_text_and_ignores_p
   np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-6)
   other = model.apply(variables, tokens.at[0, 3:].set(8), mask)
   np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
+
+
+def test_backward_classifier_reads_each_text_right_to_left_and_ignores_padding():
+  """task.backward: the head reads [forward body's pooled states; backward body's pooled states
+  over the text reversed], computed here apart from the module, the reversal in NumPy."""
+  import flax.linen as nn
+
+  from nlm_jax import models
+  from nlm_jax.models import LSTMConfig
+  from nlm_jax.tasks.classify import Classifier, pool
+
+  cfg = LSTMConfig(vocab_size=11, d_embed=8, d_hidden=8, n_layers=2)
+  tokens = np.asarray([[3, 4, 5, 6, 0, 0], [3, 4, 5, 7, 9, 2]], np.int32)
+  mask = np.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+  reversed_ = tokens.copy()
+  for b, n in enumerate(mask.sum(1).astype(int)):
+    reversed_[b, :n] = tokens[b, n - 1::-1]
+  for pooling in ("last", "concat"):
+    model = Classifier(cfg, 3, pooling, backward=True)
+    variables = model.init(jax.random.key(0), tokens, mask)
+    params = nn.meta.unbox(variables)["params"]
+    assert set(params) == {"body", "body_backward", "head"}
+    logits = model.apply(variables, tokens, mask)
+    body = models.build(cfg)
+    features = [pool(body.apply({"params": params[name]}, jnp.asarray(x)).hidden, jnp.asarray(mask), pooling)
+                for name, x in (("body", tokens), ("body_backward", reversed_))]
+    want = jnp.concatenate(features, -1) @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
+    alone = model.apply(variables, tokens[:1, :4], mask[:1, :4])  # the first text without its padding
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(alone[0]), rtol=1e-5, atol=1e-6)
+    other = model.apply(variables, np.where(mask > 0, tokens, 8), mask)  # what the padding holds: no matter
+    np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(logits[0]))
+
+
+def test_a_backward_language_model_reads_each_split_reversed(tmp_path, sst):
+  from nlm_jax.config import DataConfig, TokenizerConfig
+  from nlm_jax.data.corpus import Corpus
+
+  forward = Corpus(DataConfig(file=sst["lm"]), TokenizerConfig(kind="word"))
+  backward = Corpus(DataConfig(file=sst["lm"], reverse=True), TokenizerConfig(kind="word"))
+  assert backward.tokenizer.to_dict() == forward.tokenizer.to_dict()
+  for split in ("train", "validation"):
+    np.testing.assert_array_equal(backward.tokens(split), forward.tokens(split)[::-1])
+    assert backward.tokens(split).flags["C_CONTIGUOUS"]
+
+
+def test_finetune_backward_body_starts_as_the_backward_language_model(tmp_path, sst):
+  """task.backward + init_from + init_backward_from: at step 1 of a frozen body, `body` is the
+  forward language model and `body_backward` the backward one, exactly; finetune.reinit applies to
+  both bodies; the mistakes are one-line errors, refused before anything is written."""
+  from test_errors import expect_error
+
+  pretrain(tmp_path / "fwd", sst)
+  pretrain(tmp_path / "bwd", sst, data__reverse="true")
+  both = dict(task__backward="true", train__init_from=tmp_path / "fwd", train__init_backward_from=tmp_path / "bwd",
+              task__pooling="concat")
+  frozen = dict(steps=2, finetune__freeze_body_steps=2, train__checkpoint_every=1, train__keep_checkpoints=10,
+                train__eval_every=2)
+  train(*classify(tmp_path / "ft", sst, **both, **frozen))
+  params = final_state(tmp_path / "ft", 1)["params"]
+  forward, backward = final_state(tmp_path / "fwd")["params"], final_state(tmp_path / "bwd")["params"]
+  assert not np.array_equal(forward["embed"]["embedding"], backward["embed"]["embedding"])
+  assert_trees_equal(params["body"], forward)
+  assert_trees_equal(params["body_backward"], backward)
+  assert params["head"]["kernel"].shape[0] == 2 * 3 * 16  # [forward; backward] × [last; mean; max] × H
+
+  train(*classify(tmp_path / "re", sst, **both, **frozen, finetune__reinit="[embed]"))
+  params = final_state(tmp_path / "re", 1)["params"]
+  for name, pretrained in (("body", forward), ("body_backward", backward)):
+    assert not np.array_equal(params[name]["embed"]["embedding"], pretrained["embed"]["embedding"])
+    assert_trees_equal(params[name]["layer_1"], pretrained["layer_1"])
+
+  pretrain(tmp_path / "other", sst, data__reverse="true", data__file=sst["train"])  # another text: other words
+  mistakes = {
+      "a": (dict(both, train__init_backward_from=tmp_path / "fwd"), "reads text left to right"),
+      "b": (dict(both, train__init_from=tmp_path / "bwd"), "is a backward language model"),
+      "c": (dict(both, train__init_backward_from=tmp_path / "other"), "another vocabulary"),
+      "d": (dict(both, task__backward="false"), "needs task.backward=true"),
+      "e": ({k: v for k, v in both.items() if k != "train__init_backward_from"}, "needs train.init_backward_from"),
+      "f": (dict(data__reverse="true"), "data.reverse=true is for language models"),
+  }
+  for name, (extra, message) in mistakes.items():
+    expect_error("train", *classify(tmp_path / name, sst, **extra), must_mention=message)
+    assert not (tmp_path / name).exists() or set(p.name for p in (tmp_path / name).iterdir()) == {".lock"}
+  expect_error("generate", "--workdir", tmp_path / "bwd", must_mention="backward language model")
 
 
 def test_word_dropout_replaces_words_by_unk_at_its_rate():

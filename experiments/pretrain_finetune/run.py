@@ -159,10 +159,14 @@ def tag(overrides: list[str]) -> str:
 
 
 def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock,
-            arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = ()) -> list[Job]:
+            arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = (),
+            backward: bool = False) -> list[Job]:
   """One pretraining run, then `seeds` fine-tuning runs per arm. `arms`: name → None (from
   scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run. `sets`: the
-  overrides every fine-tuning run adds to its recipe, `pretrain_sets` the pretraining's."""
+  overrides every fine-tuning run adds to its recipe, `pretrain_sets` the pretraining's. With
+  `backward` (classification), a second language model reads the text right to left
+  (data.reverse=true), every fine-tuning run has a backward body (task.backward=true) and the
+  pretrained arms start it from that model (train.init_backward_from)."""
   recipe = os.path.join(CONFIGS, RECIPES[(task, arch)] + ".yaml")
   pre_recipe = os.path.join(CONFIGS, f"pretrain_{task}_{arch}.yaml")
   model = QUICK[arch] if quick else []
@@ -172,13 +176,14 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
            [f"data.files.{s}={data}/multi30k/{f}" for s, f in (("train", "train"), ("validation", "val"),
                                                                 ("test", "test"))])
   extra = QUICK["translate"] if quick and task == "multi30k" else []
-  sets, pretrain_sets = list(sets), list(pretrain_sets)
+  sets, pretrain_sets = list(sets) + (["task.backward=true"] if backward else []), list(pretrain_sets)
   pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}{tag(pretrain_sets)}")
+  pretrained_backward = pretrained + "_backward"
   text = unlabelled_text(task, tmp, data)
 
-  def pretrain() -> dict:
-    summary = train_summary(pretrained, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else []),
-                                         *pretrain_sets],
+  def pretrain(workdir: str, direction: list[str]) -> dict:
+    summary = train_summary(workdir, [f"data.file={text}", *model, *budget, *(QUICK["pretrain"] if quick else []),
+                                      *pretrain_sets, *direction],
                             config=pre_recipe, timeout=clock.left())
     return {"wall_s": summary["wall_s"], "val_loss": summary["final_validation_loss"]}
 
@@ -186,6 +191,8 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
     # a pretrained arm takes the pretrained run's tokenizer: its settings (--pretrain-set's too) must match
     tokenizer = [o for o in pretrain_sets if o.startswith("tokenizer.")]
     init = [] if arms[arm] is None else [f"train.init_from={pretrained}", *tokenizer, *arms[arm]]
+    if backward and arms[arm] is not None:
+      init.append(f"train.init_backward_from={pretrained_backward}")
     workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}"
                                 f"{tag(sets if arms[arm] is None else sets + ['|'] + pretrain_sets)}")
     # the final whole-validation-split numbers (and, translating, its BLEU)
@@ -204,12 +211,14 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
     return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": summary["wall_s"],
             "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss")}
 
-  pre = f"{task}/{arch}/pretrain"
-  jobs = [Job(pre, pretrain)]
+  pre = (f"{task}/{arch}/pretrain",) + ((f"{task}/{arch}/pretrain_backward",) if backward else ())
+  jobs = [Job(pre[0], functools.partial(pretrain, pretrained, []))]
+  if backward:
+    jobs.append(Job(pre[1], functools.partial(pretrain, pretrained_backward, ["data.reverse=true"])))
   for seed in range(1, seeds + 1):
     for arm, overrides in arms.items():
       jobs.append(Job(f"{task}/{arch}/{arm}/{seed}", functools.partial(finetune, arm, seed),
-                      () if overrides is None else (pre,)))
+                      () if overrides is None else pre))
   return jobs
 
 
@@ -305,6 +314,9 @@ def main() -> None:
                        "overrides it adds to the recipe (space-separated), e.g. "
                        "'body lr x0.25=finetune.body_lr_scale=0.25' (repeatable)")
   ap.add_argument("--arm-tasks", default=None, help="the tasks the --arm arms run on (default: all)")
+  ap.add_argument("--backward", action="store_true",
+                  help="SST-2: pretrain a backward language model too (data.reverse=true) and fine-tune "
+                       "classifiers that read the text both ways (task.backward=true), ELMo-style")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="an override every fine-tuning run (every arm, scratch too) adds to its recipe, e.g. "
                        "task.pooling=concat (repeatable; the runs get their own directories)")
@@ -330,6 +342,8 @@ def main() -> None:
   for pair in pairs:
     if pair not in RECIPES:
       raise SystemExit(f"no recipe for {'/'.join(pair)}; have: {', '.join(f'{t}/{a}' for t, a in RECIPES)}")
+  if args.backward and any(task != "sst2" for task, _ in pairs):
+    raise SystemExit("--backward is for sst2 (classification) pairs only")
   arms: dict[str, list[str] | None] = {"scratch": None, "pretrained": []}
   for spec in args.arm:
     name, _, overrides = spec.partition("=")
@@ -343,17 +357,20 @@ def main() -> None:
 
   jobs = [job for task, arch in pairs
           for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
-                             args.pretrain_set)]
-  jobs.sort(key=lambda job: not job.name.endswith("/pretrain"))  # pretraining first: the longest chains
+                             args.pretrain_set, args.backward)]
+  jobs.sort(key=lambda job: "/pretrain" not in job.name)  # pretraining first: the longest chains
+
+  shown_sets = args.set + (["task.backward=true"] if args.backward else [])  # what every fine-tuning added
+  shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
   def report(results: dict, errors: dict) -> None:
-    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, args.set, args.pretrain_set)
+    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "set": args.set,
                               "pretrain_set": args.pretrain_set, "results": rows, "errors": errors},
                   update_readme=not args.quick)
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, args.set, args.pretrain_set)
+  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain)
   print(text)
   plot(rows, out)
   if errors:

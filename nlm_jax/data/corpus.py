@@ -261,7 +261,8 @@ class Corpus:
     return text
 
   def tokens(self, split: str) -> np.ndarray:
-    """The split as int32 token ids (read from the cache when it was tokenized before)."""
+    """The split as int32 token ids (read from the cache when it was tokenized before); with
+    data.reverse, last token first (a backward language model reads the text right to left)."""
     if split in self._tokens:
       return self._tokens[split]
     key = _digest({"source": self.source.identity(split), "tokenizer": self._fingerprint})
@@ -271,6 +272,8 @@ class Corpus:
     else:
       ids = self._encode(self._nonempty_text(split), split)
       _atomic_write(path, lambda f: np.save(f, ids))
+    if self.cfg.reverse:
+      ids = np.ascontiguousarray(ids[::-1])
     self._tokens[split] = ids
     return ids
 

@@ -18,6 +18,10 @@ With task.word_dropout = p, training reads each word of a text as `<unk>` with p
 Bowman et al. 2016): the start and end tokens and the padding are never dropped, and evaluation
 reads the text as it is.
 
+With task.backward, a second body of the same architecture reads each text right to left (last
+word first; `train.init_backward_from`: a language model trained with data.reverse=true) and the
+head reads both pooled states, [forward; backward] (2 × the features).
+
 With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
 to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
 parameters load the same.
@@ -165,24 +169,44 @@ def drop_words(key: Array, tokens_BxT: Array, mask_BxT: Array, rate: float, unk_
   return jnp.where(drop_BxT, jnp.asarray(unk_id, tokens_BxT.dtype), tokens_BxT)
 
 
+def reverse_texts(tokens_BxT: Array, mask_BxT: Array) -> Array:
+  """Each row's text (its mask-1 tokens, right-padded) last token first; the padding stays where
+  it was: row b's token t becomes its token n_b − 1 − t for t < n_b (n_b: the text's length)."""
+  T = tokens_BxT.shape[1]
+  src_BxT = mask_BxT.sum(1).astype(jnp.int32)[:, None] - 1 - jnp.arange(T, dtype=jnp.int32)[None]
+  reversed_BxT = jnp.take_along_axis(tokens_BxT, jnp.clip(src_BxT, 0, T - 1), axis=1)
+  return jnp.where(src_BxT >= 0, reversed_BxT, tokens_BxT)
+
+
 class Classifier(nn.Module):
-  """A language model (`body`) with a linear head (`head`) on its pooled final hidden states."""
+  """A language model (`body`) with a linear head (`head`) on its pooled final hidden states; with
+  `backward`, a second one (`body_backward`) reads each text right to left (`reverse_texts`) and
+  the head reads [forward pooled; backward pooled] (ELMo, Peters et al. 2018; ULMFiT's forward and
+  backward models, Howard & Ruder 2018, here one network)."""
 
   body_cfg: models.ModelConfig
   num_classes: int
   pooling: str = "last"
   head_dropout: float = 0.0
   bidirectional: bool = False  # a Transformer body: every token of the text sees all of it (a prefix LM)
+  backward: bool = False  # a second body reads the text right to left
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, mask_BxT: Optional[Array] = None, *, deterministic: bool = True) -> Array:
-    body = models.build(self.body_cfg, name="body")
     if mask_BxT is None:
       mask_BxT = jnp.ones(tokens_BxT.shape, jnp.float32)
     # the whole text is the prefix: its tokens see each other, none sees the padding after it
     extra = {"prefix_B": mask_BxT.sum(1).astype(jnp.int32)} if self.bidirectional else {}
-    h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, **extra).hidden.astype(jnp.float32)
-    pooled_BxD = pool(h_BxTxD, mask_BxT.astype(jnp.float32), self.pooling)
+    mask_BxT = mask_BxT.astype(jnp.float32)
+
+    def read(name: str, tokens_BxT: Array) -> Array:
+      body = models.build(self.body_cfg, name=name)
+      h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, **extra).hidden.astype(jnp.float32)
+      return pool(h_BxTxD, mask_BxT, self.pooling)
+
+    pooled_BxD = read("body", tokens_BxT)
+    if self.backward:
+      pooled_BxD = jnp.concatenate([pooled_BxD, read("body_backward", reverse_texts(tokens_BxT, mask_BxT))], -1)
     pooled_BxD = nn.Dropout(self.head_dropout)(pooled_BxD, deterministic=deterministic)
     return nn.Dense(self.num_classes, kernel_init=param_init(nn.initializers.xavier_uniform(), (None, None)),
                     bias_init=param_init(nn.initializers.zeros, (None,)), name="head")(pooled_BxD)
@@ -234,6 +258,7 @@ class ClassifyRun(ExamplesRun):
   """What the trainer needs for a classification run (the interface of `trainer.Run`)."""
 
   body = "body"
+  backward_body = "body_backward"  # task.backward's: train.init_backward_from fills it
 
   def __init__(self, cfg: config_lib.Config, tokenizer=None, mesh=None, workdir: Optional[str] = None):
     self._setup(cfg, mesh)
@@ -251,7 +276,7 @@ class ClassifyRun(ExamplesRun):
     self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self.raw(d.train_split)[0]))
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     check_task_model(t, self.model_cfg)
-    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm)
+    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm, t.backward)
     unk_id = getattr(self.tokenizer, "unk_id", None)
     if t.word_dropout and unk_id is None:
       raise UserError(f"task.word_dropout needs a tokenizer with an unknown-word token (word, sentencepiece); "

@@ -138,13 +138,15 @@ class ExamplesRun:
   def save_files(self, workdir: str) -> None:
     """Files the run directory needs besides config and tokenizer (none by default)."""
 
-  def load_pretrained(self, state, run_dir: str, step: Optional[int]):
-    """The pretrained language model's parameters fill the body (a new head stays as initialized)."""
+  def load_pretrained(self, state, run_dir: str, step: Optional[int], body: Optional[str] = None):
+    """The pretrained language model's parameters fill the body (`body`: another subtree, such as
+    a classifier's backward body; a new head stays as initialized)."""
     from nlm_jax.training import checkpoint as ckpt_lib
 
+    body = body or self.body
     abstract = self.task.abstract_state.params
-    loaded, _ = ckpt_lib.read_params(run_dir, step, abstract[self.body] if self.body else abstract, best=True)
-    return state.replace(params={**state.params, self.body: loaded} if self.body else loaded)
+    loaded, _ = ckpt_lib.read_params(run_dir, step, abstract[body] if body else abstract, best=True)
+    return state.replace(params={**state.params, body: loaded} if body else loaded)
 
   def global_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
     return parallel.global_batch(local, self.task.batch_sharding, batch_size)

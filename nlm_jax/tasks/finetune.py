@@ -2,7 +2,8 @@
 freezing the body while a new head learns.
 
     body        the pretrained language model's parameters (all of them for `task.kind=lm`; the
-                `body` subtree of a classifier, whose `head` is new)
+                `body` subtree of a classifier, whose `head` is new, and with task.backward its
+                `body_backward`: every rate, freezing and reinit below apply to both bodies)
     rates       head: optim.lr; body: optim.lr × finetune.body_lr_scale; with
                 finetune.layer_lr_decay = d (ULMFiT's discriminative fine-tuning, Howard & Ruder
                 2018: d = 2.6) the body's top layer has that rate and each layer below it ÷ d

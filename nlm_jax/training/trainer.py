@@ -413,25 +413,53 @@ def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
 def _init_from_source(cfg: config_lib.Config):
   """(run dir, step, tokenizer) of the run `train.init_from` names: a language model whose
   tokenizer config and model (but for settings like dropout) are this run's, so that the new
-  phase keeps the vocabulary and the network the parameters were trained with."""
-  run_dir, step = ckpt_lib.resolve(cfg.train.init_from)  # step None: its best, else latest
+  phase keeps the vocabulary and the network the parameters were trained with, and which reads
+  text in this run's direction (a classifier's forward body: left to right)."""
+  run_dir, step, source, tokenizer = _pretrained_source(cfg, cfg.train.init_from, "init_from")
+  if source.data.reverse != cfg.data.reverse:
+    raise UserError(f"init_from {run_dir} is a {'backward' if source.data.reverse else 'forward'} language model "
+                    f"(data.reverse={str(source.data.reverse).lower()}) and this run reads text "
+                    f"{'right to left' if cfg.data.reverse else 'left to right'}"
+                    + (" (a backward one fills task.backward's body: train.init_backward_from)"
+                       if source.data.reverse and cfg.task.kind == "classify" else ""))
+  return run_dir, step, tokenizer
+
+
+def _init_backward_source(cfg: config_lib.Config, tokenizer) -> tuple[str, Optional[int]]:
+  """(run dir, step) of `train.init_backward_from`: a backward language model (data.reverse) with
+  `tokenizer`'s vocabulary (the forward one's) and this run's model."""
+  run_dir, step, source, backward_tokenizer = _pretrained_source(cfg, cfg.train.init_backward_from,
+                                                                 "init_backward_from")
+  if not source.data.reverse:
+    raise UserError(f"init_backward_from {run_dir} reads text left to right (data.reverse=false); the backward "
+                    "body needs a language model of the reversed text (train one with data.reverse=true)")
+  if backward_tokenizer.to_dict() != tokenizer.to_dict():
+    raise UserError(f"init_backward_from {run_dir} has another vocabulary than init_from's run: train both "
+                    "language models on the same text with the same tokenizer settings")
+  return run_dir, step
+
+
+def _pretrained_source(cfg: config_lib.Config, where: str, key: str):
+  """(run dir, step, config, tokenizer) of a pretrained language model for `train.<key>`, after
+  checking its task, tokenizer config and architecture against this run's."""
+  run_dir, step = ckpt_lib.resolve(where)  # step None: its best, else latest
   if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
-    raise UserError(f"init_from {run_dir}: no nlm-jax run there (no {CONFIG_FILE})")
+    raise UserError(f"{key} {run_dir}: no nlm-jax run there (no {CONFIG_FILE})")
   source = config_lib.load_config(os.path.join(run_dir, CONFIG_FILE), [])
   if source.task.kind != "lm":
-    raise UserError(f"init_from {run_dir} is a task.kind={source.task.kind} run; start from a language "
+    raise UserError(f"{key} {run_dir} is a task.kind={source.task.kind} run; start from a language "
                     "model (task.kind=lm)")
   old_tok, new_tok = dataclasses.asdict(source.tokenizer), dataclasses.asdict(cfg.tokenizer)
   if old_tok != new_tok:
-    key = next(k for k in sorted(old_tok) if old_tok[k] != new_tok[k])
-    raise UserError(f"init_from {run_dir} has a different vocabulary (tokenizer.{key}: {old_tok[key]!r} "
-                    f"(pretrained) vs {new_tok[key]!r} (now))")
+    name = next(k for k in sorted(old_tok) if old_tok[k] != new_tok[k])
+    raise UserError(f"{key} {run_dir} has a different vocabulary (tokenizer.{name}: {old_tok[name]!r} "
+                    f"(pretrained) vs {new_tok[name]!r} (now))")
   tokenizer = tokenizers.load(os.path.join(run_dir, TOKENIZER_FILE))
   diff = finetune.model_difference(config_lib.model_config(source, tokenizer.vocab_size),
                                    config_lib.model_config(cfg, tokenizer.vocab_size))
   if diff:
-    raise UserError(f"init_from {run_dir} has a different architecture ({diff})")
-  return run_dir, step, tokenizer
+    raise UserError(f"{key} {run_dir} has a different architecture ({diff})")
+  return run_dir, step, source, tokenizer
 
 
 @contextlib.contextmanager
@@ -524,13 +552,16 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
   workdir, existing = _prepare_workdir(cfg)
   cfg_dict = config_lib.to_dict(cfg)
   ckpts, resume_step, tokenizer, saved_cfg = _resume_point(cfg, workdir, existing)
-  init_from = None
+  init_from = init_backward = None
   if resume_step is None and cfg.train.init_from:
     *init_from, tokenizer = _init_from_source(cfg)
+    if cfg.train.init_backward_from:
+      init_backward = _init_backward_source(cfg, tokenizer)
 
   run = make_run(cfg, tokenizer)
-  if init_from is not None:  # before anything is written
-    finetune.check_reinit(list(cfg.finetune.reinit), run.task.abstract_state.params, getattr(run, "body", None))
+  bodies = [getattr(run, "body", None)] + ([run.backward_body] if init_backward is not None else [])
+  if init_from is not None:  # before anything is written (a backward body has the same groups)
+    finetune.check_reinit(list(cfg.finetune.reinit), run.task.abstract_state.params, bodies[0])
   run.check_data()
   if resume_step is not None:
     _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
@@ -553,8 +584,10 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
     if init_from is not None:
       initial = state.params
       state = run.load_pretrained(state, *init_from)
-      state = state.replace(params=finetune.reinit(state.params, initial, list(cfg.finetune.reinit),
-                                                   getattr(run, "body", None)))
+      if init_backward is not None:
+        state = run.load_pretrained(state, *init_backward, body=run.backward_body)
+      for body in bodies:
+        state = state.replace(params=finetune.reinit(state.params, initial, list(cfg.finetune.reinit), body))
       if state.ema is not None:  # the average starts at the loaded network (its own buffers: donated)
         state = state.replace(ema=jax.tree.map(jnp.copy, state.params))
 
