@@ -448,6 +448,24 @@ def test_logits_are_the_output_layer_applied_to_hidden(request, arch):
   np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["fnn", "rnn", "lstm", "transformer-learned", "transformer-untied"])
+def test_without_logits_the_hidden_states_are_the_same_and_no_output_layer_exists(request, case):
+  """`logits=False` (a classifier's body): the same hidden states and carry, and init creates
+  every parameter but the output layer's."""
+  untied = case == "transformer-untied"
+  cfg = case_config(request, "transformer-learned" if untied else case, **({"tie_embeddings": False} if untied else {}))
+  model, variables, tokens = init_model(cfg)
+  full = compiled_apply(cfg)(variables, tokens)
+  bare = jit(functools.partial(model.apply, logits=False))(variables, tokens)
+  assert bare.logits is None
+  np.testing.assert_array_equal(bare.hidden, full.hidden)
+  jax.tree.map(np.testing.assert_array_equal, bare.carry, full.carry)
+  names = lambda logits: set(jax.eval_shape(functools.partial(model.init, logits=logits), jax.random.key(0),
+                                            tokens)["params"])
+  output = {"fnn": {"U", "W"}, "rnn": {"out"}, "lstm": {"out"}, "transformer-learned": set()}.get(case, {"out"})
+  assert names(True) - names(False) == output and names(False) <= names(True)
+
+
 # ----------------------------------------------------------------------------- 5. attention and positions
 
 

@@ -53,6 +53,12 @@ def pretrain(workdir, sst, arch="lstm", steps=10, **extra) -> None:
         "seed=1", *BODIES[arch], *[f"{k}={v}" for k, v in extra.items()])
 
 
+def lm_body(params: dict) -> dict:
+  """A language model's parameters as a classifier's body holds them: without the output layer."""
+  assert "out" in params  # the LSTM language models of these tests have one
+  return {k: v for k, v in params.items() if k != "out"}
+
+
 @pytest.mark.parametrize("arch,pooling", [("lstm", "last"),  # the other bodies: slow (the suite keeps ~10 min)
                                           pytest.param("transformer", "last", marks=pytest.mark.slow),
                                           pytest.param("fnn", "mean", marks=pytest.mark.slow)])
@@ -86,7 +92,7 @@ def test_finetune_body_starts_pretrained_and_a_frozen_body_stays_bit_identical(t
   train(*classify(tmp_path / "ft", sst, steps=5, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=3,
                   train__checkpoint_every=1, train__keep_checkpoints=10, train__eval_every=5,
                   model__dropout=0.1))
-  pretrained = final_state(tmp_path / "pre")["params"]
+  pretrained = lm_body(final_state(tmp_path / "pre")["params"])
   states = {step: final_state(tmp_path / "ft", step)["params"] for step in (1, 3, 4)}
   # Three optimizer steps later the body is still exactly the pretrained network ...
   for step in (1, 3):
@@ -108,7 +114,7 @@ def test_finetune_reinit_keeps_the_named_groups_as_initialized(tmp_path, sst):
   frozen = dict(steps=2, finetune__freeze_body_steps=2, train__checkpoint_every=1, train__keep_checkpoints=10,
                 train__eval_every=2)
   train(*classify(tmp_path / "ft", sst, train__init_from=tmp_path / "pre", finetune__reinit="[embed]", **frozen))
-  pretrained = final_state(tmp_path / "pre")["params"]
+  pretrained = lm_body(final_state(tmp_path / "pre")["params"])
   body = final_state(tmp_path / "ft", 1)["params"]["body"]
   run, _, _ = trainer.load_run(tmp_path / "ft")  # the run's own initialization, as train() draws it
   initial = run.task.init(jax.random.key_data(jax.random.key(2))).params["body"]
@@ -186,7 +192,7 @@ def test_ema_of_a_frozen_pretrained_body_is_the_pretrained_network(tmp_path, sst
   pretrain(tmp_path / "pre", sst)
   train(*classify(tmp_path / "ft", sst, steps=4, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=3,
                   optim__ema_decay=0.9, train__checkpoint_every=1, train__keep_checkpoints=10, train__eval_every=4))
-  pretrained = final_state(tmp_path / "pre")["params"]
+  pretrained = lm_body(final_state(tmp_path / "pre")["params"])
   for step in (1, 3):
     assert_trees_equal(final_state(tmp_path / "ft", step)["ema"]["body"], pretrained)
   moved = final_state(tmp_path / "ft", 4)["ema"]["body"]
@@ -212,6 +218,44 @@ def test_a_checkpoint_without_the_ema_field_resumes(tmp_path, sst, monkeypatch):
   resumed = train(*classify(tmp_path / "b", sst, steps=6, train__eval_every=3))
   assert resumed["final_validation_loss"] == straight["final_validation_loss"]
   assert_trees_equal(final_state(tmp_path / "a")["params"], final_state(tmp_path / "b")["params"])
+
+
+def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst, monkeypatch):
+  """Classifiers kept their body's (unused) next-token output layer until 2026-11-27: such a run
+  resumes bitwise without it, and evaluates; any other extra parameter is still a mismatch."""
+  from nlm_jax.config import load_config
+  from nlm_jax.errors import UserError
+  from nlm_jax.models.recurrent import RecurrentLM
+  from nlm_jax.training import trainer
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  extra = dict(steps=6, train__eval_every=3, optim__ema_decay=0.9, model__dropout=0.1)
+  straight = train(*classify(tmp_path / "a", sst, **extra))
+  assert "out" not in final_state(tmp_path / "a")["params"]["body"]
+  call = RecurrentLM.__call__
+  with monkeypatch.context() as patch:  # the body as classifiers had it: with the output layer
+    patch.setattr(RecurrentLM, "__call__", lambda self, *a, logits=True, **k: call(self, *a, logits=True, **k))
+    train(*classify(tmp_path / "b", sst, **extra, train__stop_after=3))
+  old = final_state(tmp_path / "b", 3)
+  assert {"out"} <= set(old["params"]["body"]) and "out" in old["ema"]["body"]
+
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "b", "--json")
+  assert code == 0, err
+  logged = next(m for m in metrics(tmp_path / "b") if m.get("step") == 3 and "val_loss" in m)
+  assert json.loads(out)["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+
+  run = trainer.make_run(load_config(None, classify(tmp_path / "b", sst, **extra)))
+  ckpts = Checkpoints(str(tmp_path / "b"), read_only=True)
+  with pytest.raises(UserError, match="does not match this run's model"):  # not retired: refused
+    ckpts.restore(3, run.task.abstract_state, retired=lambda names: False)
+  ckpts.close()
+
+  resumed = train(*classify(tmp_path / "b", sst, **extra))
+  assert resumed["final_validation_loss"] == straight["final_validation_loss"]
+  new = final_state(tmp_path / "b")
+  assert "out" not in new["params"]["body"]
+  assert_trees_equal(final_state(tmp_path / "a")["params"], new["params"])
+  assert_trees_equal(final_state(tmp_path / "a")["ema"], new["ema"])
 
 
 def test_classification_loss_matches_numpy():
@@ -297,8 +341,8 @@ def test_backward_classifier_reads_each_text_right_to_left_and_ignores_padding()
     assert set(params) == {"body", "body_backward", "head"}
     logits = model.apply(variables, tokens, mask)
     body = models.build(cfg)
-    features = [pool(body.apply({"params": params[name]}, jnp.asarray(x)).hidden, jnp.asarray(mask), pooling)
-                for name, x in (("body", tokens), ("body_backward", reversed_))]
+    features = [pool(body.apply({"params": params[name]}, jnp.asarray(x), logits=False).hidden, jnp.asarray(mask),
+                     pooling) for name, x in (("body", tokens), ("body_backward", reversed_))]
     want = jnp.concatenate(features, -1) @ params["head"]["kernel"] + params["head"]["bias"]
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
     alone = model.apply(variables, tokens[:1, :4], mask[:1, :4])  # the first text without its padding
@@ -333,7 +377,7 @@ def test_finetune_backward_body_starts_as_the_backward_language_model(tmp_path, 
                 train__eval_every=2)
   train(*classify(tmp_path / "ft", sst, **both, **frozen))
   params = final_state(tmp_path / "ft", 1)["params"]
-  forward, backward = final_state(tmp_path / "fwd")["params"], final_state(tmp_path / "bwd")["params"]
+  forward, backward = (lm_body(final_state(tmp_path / name)["params"]) for name in ("fwd", "bwd"))
   assert not np.array_equal(forward["embed"]["embedding"], backward["embed"]["embedding"])
   assert_trees_equal(params["body"], forward)
   assert_trees_equal(params["body_backward"], backward)
@@ -445,8 +489,8 @@ def test_discriminative_learning_rates_per_layer():
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   rate = lambda tree: float(-np.unique(np.asarray(jax.tree.leaves(tree)[0]))[0])
   assert rate(updates["head"]) == 1.0
-  assert rate(updates["body"]["out"]) == 0.5  # the top of the body: optim.lr × body_lr_scale
-  assert rate(updates["body"]["layer_1"]) == 0.25  # each layer below ÷ 2
+  assert "out" not in updates["body"]  # a classifier's body has no output layer (the top group: × 0.5)
+  assert rate(updates["body"]["layer_1"]) == 0.25  # each layer below the top ÷ 2
   assert rate(updates["body"]["layer_0"]) == 0.125
   assert rate(updates["body"]["embed"]) == 0.0625
 

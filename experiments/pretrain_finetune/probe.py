@@ -49,7 +49,8 @@ def features(workdir: str, texts: list[str], random: bool = False, step: int | N
 
   @jax.jit
   def pooled(params, inputs_BxT, mask_BxT):
-    h_BxTxH = body.apply({"params": params}, inputs_BxT, None, deterministic=True).hidden.astype(jnp.float32)
+    out = body.apply({"params": params}, inputs_BxT, None, deterministic=True, logits=False)
+    h_BxTxH = out.hidden.astype(jnp.float32)
     return classify.pool(h_BxTxH, mask_BxT, "concat")
 
   ids = classify.encode_texts(run.tokenizer, texts, max_len)

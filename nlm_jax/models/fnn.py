@@ -75,12 +75,13 @@ class FNN(nn.Module):
     return jnp.full((batch_size, self.cfg.context - 1), self.cfg.bos_id, jnp.int32)
 
   def __call__(self, tokens_BxT: Array, carry: Optional[Array] = None, *,
-               deterministic: bool = True) -> LMOutput:
+               deterministic: bool = True, logits: bool = True) -> LMOutput:
+    """`logits=False`: no output layers U, W (not created by `init` either); `LMOutput.logits` is None."""
     with layers.matmul_precision(self.cfg.matmul_precision):
-      return self._forward(tokens_BxT, carry, deterministic)
+      return self._forward(tokens_BxT, carry, deterministic, logits)
 
   @nn.compact
-  def _forward(self, tokens_BxT: Array, carry: Optional[Array], deterministic: bool) -> LMOutput:
+  def _forward(self, tokens_BxT: Array, carry: Optional[Array], deterministic: bool, logits: bool) -> LMOutput:
     cfg = self.cfg
     B, T = tokens_BxT.shape
     n, V, dtype, pdt = cfg.context, cfg.vocab_size, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -99,6 +100,8 @@ class FNN(nn.Module):
                                      kernel_init=param_init(nn.initializers.glorot_uniform(), ("window", "hidden")),
                                      bias_init=param_init(nn.initializers.zeros, ("hidden",)),
                                      name="H")(x_BxTxNM))
+    if not logits:
+      return LMOutput(None, w_BxS[:, -(n - 1):], hidden_BxTxH)
     a_BxTxH = nn.Dropout(cfg.dropout)(hidden_BxTxH, deterministic=deterministic)
     y_BxTxV = nn.Dense(V, dtype=dtype, param_dtype=pdt,  # b + U tanh(d + H x)
                        kernel_init=param_init(nn.initializers.glorot_uniform(), ("hidden", "vocab")),

@@ -26,7 +26,8 @@ ONE_HOT_MAX_VOCAB = 4096
 class LMOutput(NamedTuple):
   """What every language model returns.
 
-  logits: (B, T, V) next-token logits; `logits[:, t]` scores token t+1 given tokens ≤ t.
+  logits: (B, T, V) next-token logits; `logits[:, t]` scores token t+1 given tokens ≤ t (None
+    from a call with `logits=False`, which neither computes nor creates the output layer).
   carry: the state to pass to the next call (recurrent state, FNN window, or KV cache).
   hidden: (B, T, D) final hidden states (before the output layer), for task heads.
   """

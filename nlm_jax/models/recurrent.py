@@ -44,12 +44,13 @@ class RecurrentLM(nn.Module):
     return tuple(self.zero_state(self.cfg, batch_size) for _ in range(self.cfg.n_layers))
 
   def __call__(self, tokens_BxT: Array, carry: tuple | None = None, *,
-               deterministic: bool = True) -> LMOutput:
+               deterministic: bool = True, logits: bool = True) -> LMOutput:
+    """`logits=False`: no output layer (not created by `init` either); `LMOutput.logits` is None."""
     with layers.matmul_precision(self.cfg.matmul_precision):
-      return self._forward(tokens_BxT, carry, deterministic)
+      return self._forward(tokens_BxT, carry, deterministic, logits)
 
   @nn.compact
-  def _forward(self, tokens_BxT: Array, carry: tuple | None, deterministic: bool) -> LMOutput:
+  def _forward(self, tokens_BxT: Array, carry: tuple | None, deterministic: bool, logits: bool) -> LMOutput:
     cfg = self.cfg
     if carry is None:
       carry = self.initial_carry(tokens_BxT.shape[0])
@@ -66,6 +67,8 @@ class RecurrentLM(nn.Module):
       if l < cfg.n_layers - 1:
         h_BxTxH = drop(h_BxTxH, deterministic=deterministic)
     hidden_BxTxH = h_BxTxH
+    if not logits:
+      return LMOutput(None, tuple(new_carry), hidden_BxTxH)
     h_BxTxH = drop(h_BxTxH, deterministic=deterministic)
     if cfg.tie_embeddings:
       b_out = self.param("out_bias", param_init(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),

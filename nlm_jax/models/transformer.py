@@ -348,15 +348,16 @@ class Transformer(nn.Module):
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
   def __call__(self, tokens_BxT: Array, carry: Optional[KVCache] = None, *,
-               deterministic: bool = True, prefix_B: Optional[Array] = None) -> LMOutput:
+               deterministic: bool = True, prefix_B: Optional[Array] = None, logits: bool = True) -> LMOutput:
     """`prefix_B` (B,) int: a prefix LM — the first prefix_B[b] positions of row b attend to each
-    other in both directions (e.g. a translation's source), the rest causally (None: causal)."""
+    other in both directions (e.g. a translation's source), the rest causally (None: causal).
+    `logits=False`: no output layer (not created by `init` either); `LMOutput.logits` is None."""
     with layers.matmul_precision(self.cfg.matmul_precision):
-      return self._forward(tokens_BxT, carry, deterministic, prefix_B)
+      return self._forward(tokens_BxT, carry, deterministic, prefix_B, logits)
 
   @nn.compact
   def _forward(self, tokens_BxT: Array, carry: Optional[KVCache], deterministic: bool,
-               prefix_B: Optional[Array] = None) -> LMOutput:
+               prefix_B: Optional[Array] = None, logits: bool = True) -> LMOutput:
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     index = jnp.zeros((), jnp.int32) if carry is None else carry.index
@@ -398,6 +399,9 @@ class Transformer(nn.Module):
       new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
 
     h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
+    new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
+    if not logits:
+      return LMOutput(None, new_carry, h_NxD.reshape(B, T, cfg.d_model))
     if cfg.tie_embeddings:  # in the matmul dtype, accumulated and returned in float32
       logits_NxV = embed.attend(h_NxD, compute_dtype=cfg.dtype)
     else:
@@ -405,5 +409,4 @@ class Transformer(nn.Module):
       logits_NxV = logits_NxV.astype(cfg.residual_dtype)
     logits_BxTxV = constrain(logits_NxV.reshape(B, T, -1), ("batch", "length", "vocab"))
     h_BxTxD = h_NxD.reshape(B, T, cfg.d_model)
-    new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
     return LMOutput(logits_BxTxV, new_carry, h_BxTxD)

@@ -4,7 +4,8 @@
                              "data.files.validation=dev.tsv", "tokenizer.kind=word", "workdir=runs/sst2"])
 
 The network is the language model (the *body*, unchanged, so a pretrained LM's parameters load
-into it: `train.init_from`) and a linear head on its final hidden states h_t:
+into it: `train.init_from`) without its output layer (the next-token softmax, unused here) and a
+linear head on its final hidden states h_t:
 
     pooled = h_{last}                 (pooling 'last': the last non-pad token; a causal model has
                                        read the whole text there)
@@ -41,6 +42,7 @@ are task.text_field / task.label_field), or a TFDS dataset (`data.source=tfds`, 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from typing import Optional
@@ -201,7 +203,10 @@ class Classifier(nn.Module):
 
     def read(name: str, tokens_BxT: Array) -> Array:
       body = models.build(self.body_cfg, name=name)
-      h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, **extra).hidden.astype(jnp.float32)
+      # logits=False: the language model's output layer is neither computed nor kept (at 2,048
+      # wide and 40,000 words it would be half the classifier's parameters, and their optimizer state)
+      h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, logits=False, **extra).hidden
+      h_BxTxD = h_BxTxD.astype(jnp.float32)
       return pool(h_BxTxD, mask_BxT, self.pooling)
 
     pooled_BxD = read("body", tokens_BxT)
@@ -287,6 +292,19 @@ class ClassifyRun(ExamplesRun):
                              example_len=8, grad_accum=cfg.optim.grad_accum, ema_decay=cfg.optim.ema_decay,
                              freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing,
                              word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids)
+
+  def retired_params(self, names: tuple[str, ...]) -> bool:
+    """Whether a parameter is one classifiers no longer keep: the language model's output layer
+    in a body (kept, unused, before 2026-11-27), so that a checkpoint of then still resumes."""
+    return len(names) > 1 and names[0] in (self.body, self.backward_body) and names[1] in self._output_groups
+
+  @functools.cached_property
+  def _output_groups(self) -> set[str]:
+    """The top-level parameter groups a language model has and a classifier's body lacks."""
+    lm, tokens = models.build(self.model_cfg), jnp.zeros((1, 2), jnp.int32)
+    full, body = (set(jax.eval_shape(lambda: lm.init(jax.random.key(0), tokens, logits=x))["params"])
+                  for x in (True, False))
+    return full - body
 
   # ------------------------------------------------------------------------- data
 

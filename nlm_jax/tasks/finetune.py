@@ -6,8 +6,10 @@ freezing the body while a new head learns.
                 `body_backward`: every rate, freezing and reinit below apply to both bodies)
     rates       head: optim.lr; body: optim.lr × finetune.body_lr_scale; with
                 finetune.layer_lr_decay = d (ULMFiT's discriminative fine-tuning, Howard & Ruder
-                2018: d = 2.6) the body's top layer has that rate and each layer below it ÷ d
-                (the embedding is the lowest layer, the output layer and final norm the top one)
+                2018: d = 2.6) the body's top group has that rate and each layer below it ÷ d
+                (the embedding is the lowest layer, the output layer and final norm the top
+                group; a classifier's body has no output layer, so its top recurrent layer gets
+                the body's rate ÷ d and the head's is ÷ d above it, as in ULMFiT)
     freezing    finetune.freeze_body_steps = k: the body gets no update for k optimizer steps
     reinit      finetune.reinit = [group, ...]: these top-level groups of the body ('embed',
                 'layer_0', ...) are not loaded and keep the run's own initialization

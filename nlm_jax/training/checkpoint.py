@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -184,16 +184,21 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     return restored[item]
 
-  def restore(self, step: int, abstract_state: Any, data_iter=None) -> Any:
+  def restore(self, step: int, abstract_state: Any, data_iter=None, retired: Optional[Callable] = None) -> Any:
     """The state at `step`, laid out by the shardings in `abstract_state`; restores `data_iter`
     in place. A checkpoint written before the state had a field (`ema`, for a run without it)
-    restores with that field None."""
+    restores with that field None. `retired(names) -> bool` names parameters the model no longer
+    has (a classifier's language-model output layer): a checkpoint that holds them besides all
+    of this model's parameters restores without them (and their optimizer state); any other extra
+    or missing parameter is a mismatch."""
     meta = self.manager.item_metadata(step)["state"]
-    saved = set((meta.tree if hasattr(meta, "tree") else meta).keys())
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    saved = set(tree.keys())
     fields = [f.name for f in dataclasses.fields(abstract_state)]
     absent = [f for f in fields if f not in saved and getattr(abstract_state, f) is None]
     item = {f: getattr(abstract_state, f) for f in fields if f not in absent}
-    items = {"state": ocp.args.PyTreeRestore(item, restore_args=_restore_args(item))}
+    partial = retired is not None and _only_retired(tree.get("params", {}), abstract_state.params, retired)
+    items = {"state": ocp.args.PyTreeRestore(item, restore_args=_restore_args(item), partial_restore=partial)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
@@ -217,6 +222,17 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _leaf_names(tree: Any) -> set[tuple[str, ...]]:
+  return {tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _only_retired(saved_params: Any, target_params: Any, retired: Callable) -> bool:
+  """Whether the saved parameters are the target's plus at least one retired one, and nothing else."""
+  saved, target = _leaf_names(saved_params), _leaf_names(target_params)
+  extra = saved - target
+  return bool(extra) and target <= saved and all(retired(names) for names in extra)
 
 
 def _val_loss(metrics: dict) -> float:

@@ -575,7 +575,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
 
   data_iter = run.train_iterator()
   if resume_step is not None:
-    state = ckpts.restore(resume_step, run.task.abstract_state, data_iter)
+    state = ckpts.restore(resume_step, run.task.abstract_state, data_iter, getattr(run, "retired_params", None))
     if not ckpt_lib.all_finite(state.params):  # saved before checkpoints were checked for NaN
       raise UserError(f"checkpoint {ckpts.step_dir(resume_step)} holds NaN or Inf parameters; move it "
                       f"out of {ckpts.directory} to resume from an earlier one")
