@@ -2,7 +2,7 @@
 
     nlm-jax train --config FILE [key=value ...]
     nlm-jax config show [--config FILE] [key=value ...]     every key: value, default, meaning
-    nlm-jax eval --workdir DIR [--split NAME] [--json]
+    nlm-jax eval --workdir DIR [--workdir DIR ...] [--split NAME] [--json]   (several classifiers: an ensemble)
     nlm-jax generate --workdir DIR --prompt TEXT [--num-samples N] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S]
     nlm-jax predict --workdir DIR --text TEXT [--text TEXT ...] [--json]     (a classifier)
@@ -51,7 +51,9 @@ def _train(args) -> int:
 def _eval(args) -> int:
   from nlm_jax.training import trainer
 
-  run, params, step = trainer.load_run(args.workdir, args.step, args.best)
+  if len(args.workdir) > 1:
+    return _eval_ensemble(args)
+  run, params, step = trainer.load_run(args.workdir[0], args.step, args.best)
   split = args.split or run.cfg.data.eval_split
   if run.cfg.task.kind == "translate":  # and BLEU of beam-search translations
     result = run.evaluate(params, split, None, bleu=True)
@@ -62,6 +64,32 @@ def _eval(args) -> int:
   if args.json:
     print(json.dumps(json_safe(result), allow_nan=False))
   else:
+    for key, value in result.items():
+      print(f"{key:>14}: {value}")
+  return 0
+
+
+def _eval_ensemble(args) -> int:
+  """Several classification runs as one model: their class probabilities averaged per example."""
+  from nlm_jax.tasks import classify
+  from nlm_jax.training import trainer
+
+  members, steps = [], []
+  for workdir in args.workdir:
+    run, params, step = trainer.load_run(workdir, args.step, args.best)
+    members.append((str(workdir), run, params))
+    steps.append(step)
+  split = args.split or members[0][1].cfg.data.eval_split
+  result = classify.ensemble(members, split)
+  for member, step in zip(result["members"], steps):
+    member["step"] = step
+  result = {"split": split, **result}
+  if args.json:
+    print(json.dumps(json_safe(result), allow_nan=False))
+  else:
+    for member in result.pop("members"):
+      print(f"{'member':>14}: accuracy {member['accuracy']:.6f}  loss {member['loss']:.6f}  step {member['step']}  "
+            f"{member['workdir']}")
     for key, value in result.items():
       print(f"{key:>14}: {value}")
   return 0
@@ -211,7 +239,12 @@ def parser() -> argparse.ArgumentParser:
                               ("translate", _translate, "translations of source sentences by a trained "
                                                         "translation run (beam search)")):
     e = add(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-    e.add_argument("--workdir", required=True, help="the run directory")
+    if name == "eval":
+      e.add_argument("--workdir", required=True, action="append",
+                     help="the run directory; repeated, classification runs scored as one ensemble (their "
+                          "class probabilities averaged per example)")
+    else:
+      e.add_argument("--workdir", required=True, help="the run directory")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     e.add_argument("--best", action="store_true",
                    help="the checkpoint with the best val_loss (default: the latest)")

@@ -258,6 +258,53 @@ def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst,
   assert_trees_equal(final_state(tmp_path / "a")["ema"], new["ema"])
 
 
+def test_eval_of_several_classifiers_is_their_averaged_probabilities(tmp_path, sst):
+  """`nlm-jax eval --workdir A --workdir B`: soft voting, each dev example's class probabilities
+  averaged over the runs (each with its own tokenizer), scored as one model; the members' scores
+  are their own `eval`'s; runs that cannot form one ensemble are a one-line error."""
+  from test_errors import expect_error
+  from nlm_jax.tasks.classify import read_tsv
+  from nlm_jax.training import trainer
+
+  train(*classify(tmp_path / "a", sst, steps=20))
+  train(*classify(tmp_path / "b", sst, steps=20, seed=5, tokenizer__vocab_size=12, task__pooling="mean"))
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / "b", "--json")
+  assert code == 0, err
+  result = json.loads(out)
+  texts, labels = read_tsv(sst["dev"], "sentence", "label")
+  probs = []
+  for name, member in zip("ab", result["members"]):
+    code, out, err = run_cli("eval", "--workdir", tmp_path / name, "--json")
+    alone = json.loads(out)
+    assert member["accuracy"] == alone["accuracy"] and member["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    run, params, _ = trainer.load_run(tmp_path / name)
+    probs.append(run.predict(params, texts))
+  assert result["members"][0]["accuracy"] != result["members"][1]["accuracy"]  # two different models
+  mean = (probs[0] + probs[1]) / 2
+  y = np.asarray([run.labels.index(label) for label in labels])
+  assert result["runs"] == 2 and result["examples"] == len(texts) == 100
+  assert result["accuracy"] == np.mean(mean.argmax(1) == y)
+  assert result["loss"] == pytest.approx(-np.log(mean[np.arange(len(y)), y]).mean(), rel=1e-5)
+  assert sum(c["correct"] for c in result["per_class"].values()) == round(100 * result["accuracy"])
+
+  other = tmp_path / "other"
+  os.makedirs(other)
+  with open(sst["dev"]) as f:
+    lines = f.read().splitlines()
+  with open(other / "dev.tsv", "w") as f:  # one dev sentence changed
+    f.write("\n".join(lines[:1] + ["a new film\t1"] + lines[2:]) + "\n")
+  for split in ("train", "dev"):  # other class names
+    with open(sst[split]) as f:
+      (other / f"{split}_np.tsv").write_text(f.read().replace("\t0\n", "\tneg\n").replace("\t1\n", "\tpos\n"))
+  train(*classify(tmp_path / "c", sst, steps=2, data__files__validation=other / "dev.tsv"))
+  train(*classify(tmp_path / "d", sst, steps=2, data__files__train=other / "train_np.tsv",
+                  data__files__validation=other / "dev_np.tsv"))
+  pretrain(tmp_path / "lm", sst, steps=2)
+  for name, message in (("c", "reads another 'validation' split"), ("d", "has the classes"),
+                        ("lm", "an ensemble needs classification runs")):
+    expect_error("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / name, must_mention=message)
+
+
 def test_classification_loss_matches_numpy():
   from nlm_jax.objectives import classification_nll
 

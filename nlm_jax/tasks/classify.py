@@ -51,9 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from nlm_jax import config as config_lib
-from nlm_jax import models, objectives
+from nlm_jax import models, objectives, parallel
 from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import tfds_fields
 from nlm_jax.data.files import read_text
@@ -353,3 +354,46 @@ class ClassifyRun(ExamplesRun):
     ids = encode_texts(self.tokenizer, texts, self.cfg.task.max_len)
     batch = collate(ids, np.zeros(len(ids), np.int32), len(ids), self.cfg.task.max_len)
     return np.asarray(jax.jit(self.task.predict)(params, batch["inputs"], batch["mask"]))
+
+  def split_probabilities(self, params, split: str) -> np.ndarray:
+    """Class probabilities (N, C) of every example of a split, in the split's order (the batches
+    `evaluate` reads)."""
+    n, B = len(self.examples(split)[0]), self.eval_batch_size()
+    rows, predict, out = parallel.process_rows(B), jax.jit(self.task.predict), []
+    for k in range(-(-n // B)):
+      local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
+      batch = self.global_batch({key: v[rows] for key, v in local.items()}, B)
+      out.append(np.asarray(multihost_utils.process_allgather(predict(params, batch["inputs"], batch["mask"]),
+                                                              tiled=True))[:min(B, n - k * B)])
+    return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+
+def ensemble(members: list, split: str) -> dict:
+  """Soft voting over classification runs: each example's class probabilities averaged over the
+  `members` [(name, ClassifyRun, params), ...], which must have the same classes and read the
+  same examples for `split` (each through its own tokenizer). Loss (mean −log p̄(y)), accuracy and
+  per-class counts of the average, and each member's loss and accuracy."""
+  for name, run, _ in members:
+    if run.cfg.task.kind != "classify":
+      raise UserError(f"{name} is a task.kind={run.cfg.task.kind} run; an ensemble needs classification runs")
+  (first, run0, _), probs, scores = members[0], [], []
+  texts, labels = run0.raw(split)
+  for name, run, params in members:
+    if run.labels != run0.labels:
+      raise UserError(f"{name} has the classes {run.labels}, {first} has {run0.labels}: not one ensemble")
+    if run.raw(split) != (texts, labels):
+      raise UserError(f"{name} reads another {split!r} split than {first} (its data.files or data.tfds differ)")
+    p_NxC = run.split_probabilities(params, split)
+    probs.append(p_NxC)
+    scores.append({"workdir": name, **_scores(p_NxC, run.examples(split)[1], run.labels)})
+  result = _scores(np.mean(probs, 0), run0.examples(split)[1], run0.labels)
+  return {"runs": len(members), **result, "members": scores}
+
+
+def _scores(p_NxC: np.ndarray, y_N: np.ndarray, labels: list[str]) -> dict:
+  right_N = p_NxC.argmax(1) == y_N
+  p_y = np.take_along_axis(p_NxC, y_N[:, None], 1)[:, 0].astype(np.float64)
+  per_class = {label: {"examples": int((y_N == c).sum()), "correct": int(right_N[y_N == c].sum())}
+               for c, label in enumerate(labels)}
+  return {"loss": float(-np.log(np.maximum(p_y, np.finfo(np.float64).tiny)).mean()),
+          "accuracy": float(right_N.mean()), "examples": len(y_N), "per_class": per_class}
