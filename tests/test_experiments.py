@@ -342,3 +342,34 @@ def test_linear_probe_reads_the_body_as_the_classifier_does(tmp_path, monkeypatc
   good, bad = (table[run.tokenizer.index[w]] for w in ("good", "bad"))
   assert probe.similarities(run_dir, [("good", "bad"), ("good", "good")]) == pytest.approx(
       [good @ bad / np.linalg.norm(good) / np.linalg.norm(bad), 1.0])
+
+
+def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_ensemble(tmp_path, monkeypatch):
+  """Each SST-2 arm with ≥ 2 finished seeds is scored as one ensemble by `nlm-jax eval` over all
+  its seeds' runs (and only those); a failing one is left out, and the table shows the rest."""
+  from experiments.pretrain_finetune import run as pf
+
+  record_runs(monkeypatch)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  clock = pf.Clock(None, None)
+  arms = {"scratch": None, "pretrained": [], "x0.5": ["finetune.body_lr_scale=0.5"]}
+  results = {job.name: job.run() for job in pf.jobs_of("sst2", "lstm", 3, str(tmp_path), data, True, clock, arms)}
+  results.pop("sst2/lstm/x0.5/2"), results.pop("sst2/lstm/x0.5/3")  # one seed: no ensemble
+  asked = []
+
+  def fake_command(argv, timeout=None, what=""):
+    runs = argv[argv.index("eval") + 2:-1:2]
+    asked.append(runs)
+    if "pretrained" in runs[0]:
+      return 1, "", "nlm-jax: error: something"
+    return 0, json.dumps({"accuracy": 0.9 + 0.01 * len(runs)}), ""
+
+  monkeypatch.setattr(pf, "nlm_jax_command", fake_command)
+  scores = pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, 3, clock)
+  assert scores == {"sst2/lstm/scratch": pytest.approx(93.0)}
+  assert [len(r) for r in asked] == [3, 3]
+  assert asked[0] == [results[f"sst2/lstm/scratch/{s}"]["workdir"] for s in (1, 2, 3)]
+  assert all("--workdir" not in w and "_scratch_" in w for w in asked[0])
+  text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, 3, True, ensembles=scores)
+  rows = {line.split(" | ")[3]: line for line in text.splitlines()[2:] if line.startswith("| sst2")}
+  assert rows["scratch"].endswith("| 3 of 3 | 93.00 |") and rows["pretrained"].endswith("| 3 of 3 |  |")

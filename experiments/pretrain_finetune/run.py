@@ -11,7 +11,9 @@ and shuffled) by `nlm-jax train --config experiments/configs/pretrain_<task>_<ar
 the task's recipe (`experiments/configs/<task>_<arch>.yaml`) trains from scratch and from the
 pretrained run (`train.init_from`), with the same budget, for each seed. Reported: SST-2 dev
 accuracy; Multi30k test BLEU (sacrebleu, detokenized, beam search; `nlm-jax eval --split test`)
-and validation loss; mean ± std over seeds, and the validation curves of both arms as a PNG.
+and validation loss; mean ± std over seeds (SST-2: also each arm's seeds as one ensemble, their
+class probabilities averaged: `nlm-jax eval` with several --workdir), and the validation curves of
+both arms as a PNG.
 Writes results.json, results.md and <task>_curves.png beside this file (or --out), and the table
 into README.md between its markers.
 """
@@ -209,7 +211,7 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
       with open(stored) as f:
         score = json.load(f)["bleu"]
     return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": summary["wall_s"],
-            "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss")}
+            "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss"), "workdir": workdir}
 
   pre = (f"{task}/{arch}/pretrain",) + ((f"{task}/{arch}/pretrain_backward",) if backward else ())
   jobs = [Job(pre[0], functools.partial(pretrain, pretrained, []))]
@@ -272,12 +274,39 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
   return results, errors
 
 
+def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
+                   clock: Clock) -> dict[str, float]:
+  """{task/arch/arm: SST-2 dev accuracy (%) of the arm's finished seeds as one model} (`nlm-jax
+  eval` with every seed's --workdir: their class probabilities averaged), for arms with ≥ 2 seeds;
+  one that fails or runs out of time is reported and left out."""
+  scores = {}
+  for task, arch in pairs:
+    for arm in arms_of(task) if task == "sst2" else ():
+      runs = [results[k]["workdir"] for k in (f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds + 1))
+              if "workdir" in results.get(k, {})]
+      if len(runs) < 2:
+        continue
+      try:
+        code, out, err = nlm_jax_command(["eval", *(a for w in runs for a in ("--workdir", w)), "--json"],
+                                         clock.left(), f"the ensemble of {task}/{arch}/{arm}")
+      except SystemExit as e:
+        code, err = 1, str(e)
+      if code:
+        print(f"{task}/{arch}/{arm}: no ensemble ({err.strip()[-300:]})", flush=True)
+        continue
+      scores[f"{task}/{arch}/{arm}"] = 100 * json.loads(out)["accuracy"]
+  return scores
+
+
 def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
-          quick: bool, sets: list[str] = (), pretrain_sets: list[str] = ()) -> tuple[str, dict]:
+          quick: bool, sets: list[str] = (), pretrain_sets: list[str] = (),
+          ensembles: dict | None = None) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
-  spread against the first arm, from scratch), and the per-pair rows behind it."""
+  spread against the first arm, from scratch; `ensembles`: the seeds as one model, per arm), and
+  the per-pair rows behind it."""
+  ensembles = ensembles or {}
   lines = ["| task | model | metric | arm | mean ± std over seeds | gain over scratch | seeds' spread (max std) "
-           "| runs done |", "|---|---|---|---|---:|---:|---:|---:|"]
+           "| runs done | the seeds as one ensemble |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
   rows = {}
   for task, arch in pairs:
     pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
@@ -290,8 +319,9 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
       x = pair[arm]["score"]
       gain = f"{statistics.mean(x) - statistics.mean(base):+.2f}" if x and base and arm != arms[0] else ""
       spread = max((statistics.stdev(v) for v in (x, base) if len(v) > 1), default=float("nan"))
+      together = ensembles.get(f"{task}/{arch}/{arm}")
       lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {arm} | {mean_std(x, 2)} | {gain} | "
-                   f"{spread:.2f} | {len(x)} of {seeds} |")
+                   f"{spread:.2f} | {len(x)} of {seeds} | {'' if together is None else f'{together:.2f}'} |")
   for what, overrides in (("fine-tuning run", sets), ("pretraining", pretrain_sets)):
     if overrides:
       lines += ["", f"Every {what} added to its recipe: `{' '.join(overrides)}`."]
@@ -363,14 +393,17 @@ def main() -> None:
   shown_sets = args.set + (["task.backward=true"] if args.backward else [])  # what every fine-tuning added
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
-  def report(results: dict, errors: dict) -> None:
-    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain)
+  def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
+    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain,
+                       ensembles)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "set": args.set,
-                              "pretrain_set": args.pretrain_set, "results": rows, "errors": errors},
+                              "pretrain_set": args.pretrain_set, "results": rows, "errors": errors,
+                              "ensembles": ensembles or {}},
                   update_readme=not args.quick)
+    return text, rows
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain)
+  text, rows = report(results, errors, seed_ensembles(results, pairs, arms_of, args.seeds, clock))
   print(text)
   plot(rows, out)
   if errors:
