@@ -160,6 +160,12 @@ def tag(overrides: list[str]) -> str:
   return "_" + hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:8] if overrides else ""
 
 
+def finetune_sets(sets: list[str], backward: bool) -> list[str]:
+  """The overrides every fine-tuning run adds to its recipe: `sets` (--set), and with --backward
+  task.backward=true."""
+  return list(sets) + (["task.backward=true"] if backward else [])
+
+
 def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock,
             arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = (),
             backward: bool = False) -> list[Job]:
@@ -178,7 +184,7 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
            [f"data.files.{s}={data}/multi30k/{f}" for s, f in (("train", "train"), ("validation", "val"),
                                                                 ("test", "test"))])
   extra = QUICK["translate"] if quick and task == "multi30k" else []
-  sets, pretrain_sets = list(sets) + (["task.backward=true"] if backward else []), list(pretrain_sets)
+  sets, pretrain_sets = finetune_sets(sets, backward), list(pretrain_sets)
   pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}{tag(pretrain_sets)}")
   pretrained_backward = pretrained + "_backward"
   text = unlabelled_text(task, tmp, data)
@@ -390,7 +396,7 @@ def main() -> None:
                              args.pretrain_set, args.backward)]
   jobs.sort(key=lambda job: "/pretrain" not in job.name)  # pretraining first: the longest chains
 
-  shown_sets = args.set + (["task.backward=true"] if args.backward else [])  # what every fine-tuning added
+  shown_sets = finetune_sets(args.set, args.backward)
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
   def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
