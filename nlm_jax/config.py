@@ -122,6 +122,8 @@ class FinetuneConfig:
   layer_lr_decay: Optional[float] = None  # ULMFiT: each body layer gets the one above's rate ÷ this (2.6)
   reinit: List[str] = dataclasses.field(default_factory=list)  # with train.init_from: body parameter groups
   #   ('embed', 'layer_0', ...) not loaded: they keep this run's fresh initialization
+  lm_weight: float = 0.0  # classify: + λ × the body's next-token NLL of each text (GPT-1's auxiliary objective;
+  #   the body keeps its language-model output layer, loaded by train.init_from)
 
 
 @dataclasses.dataclass
@@ -204,6 +206,7 @@ RANGES = {
     "finetune.freeze_body_steps": (0, None, "≥ 0"),
     "finetune.body_lr_scale": (0, None, "≥ 0"),
     "finetune.layer_lr_decay": (1, None, "≥ 1 (or null: off)"),
+    "finetune.lm_weight": (0, None, "≥ 0"),
     "distributed.num_processes": (1, None, "≥ 1"),
     "distributed.process_id": (0, None, "≥ 0"),
 }
@@ -279,6 +282,12 @@ def validate(cfg: Config) -> Config:
   if cfg.task.backward and cfg.train.init_from and not cfg.train.init_backward_from:
     raise UserError("config: task.backward=true with train.init_from needs train.init_backward_from, a language "
                     "model of the reversed text (data.reverse=true) for the backward body")
+  if cfg.finetune.lm_weight and cfg.task.kind != "classify":
+    raise UserError(f"config: finetune.lm_weight is for task.kind=classify, not {cfg.task.kind} (whose loss is "
+                    "next-token prediction already)")
+  if cfg.finetune.lm_weight and cfg.task.prefix_lm:
+    raise UserError("config: finetune.lm_weight needs a causal body; with task.prefix_lm=true every token of the "
+                    "text sees the next one")
   if cfg.finetune.reinit and not cfg.train.init_from:
     raise UserError("config: finetune.reinit names parameters not to load from train.init_from, which is not set")
   if cfg.data.source == "tfds" and not cfg.data.name:

@@ -305,6 +305,69 @@ def test_eval_of_several_classifiers_is_their_averaged_probabilities(tmp_path, s
     expect_error("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / name, must_mention=message)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_path, sst, backward):
+  """finetune.lm_weight = λ (GPT-1's auxiliary objective): the training loss is the classification
+  NLL + λ × each text's mean next-token NLL under the body (and the backward body, over the text
+  reversed), computed here in NumPy; the words predicted are the text's own, not word dropout's
+  <unk>s; the bodies keep their output layers only then."""
+  from nlm_jax import models
+  from nlm_jax.config import load_config
+  from nlm_jax.objectives import classification_nll
+  from nlm_jax.tasks.classify import drop_words
+  from nlm_jax.training import trainer
+
+  lam = 0.7
+  args = classify(tmp_path / "r", sst, task__word_dropout=0.5, task__backward=str(backward).lower(),
+                  finetune__lm_weight=lam)
+  run = trainer.make_run(load_config(None, args))
+  plain = trainer.make_run(load_config(None, classify(tmp_path / "p", sst)))
+  params = jax.device_get(run.task.init(jax.random.key_data(jax.random.key(3))).params)
+  params = jax.tree.map(lambda x: 5 * x, params)  # peaked next-token distributions: a misread word shows
+  assert "out" in params["body"] and "out" not in plain.task.init(jax.random.key_data(jax.random.key(3))).params["body"]
+  batch = {k: jnp.asarray(v) for k, v in run.collate(list(range(6)), "train", 8).items()}
+  key = jax.random.key(11)
+  loss_sum, count, _, _ = jax.jit(lambda p, b, k: run.task._objective(p, b, None, k, deterministic=False))(
+      params, batch, key)
+
+  _, word_key = jax.random.split(key)  # the inputs the network read in that step
+  t = run.task
+  read = np.asarray(drop_words(word_key, batch["inputs"], batch["mask"], 0.5, t.unk_id, t.keep_ids))
+  tokens, mask, weights = (np.asarray(batch[k]) for k in ("inputs", "mask", "weights"))
+  assert (read != tokens).any()  # word dropout did act
+  logits = run.model.apply({"params": params}, jnp.asarray(read), batch["mask"])
+  expected_cls, expected_lm = float(classification_nll(logits, batch["labels"], batch["weights"])[0]), 0.0
+  lm = models.build(run.model_cfg)
+  for name in ("body", "body_backward") if backward else ("body",):
+    seen, words = read.copy(), tokens.copy()
+    if name == "body_backward":
+      for b, n in enumerate(mask.sum(1).astype(int)):
+        seen[b, :n], words[b, :n] = read[b, n - 1::-1], tokens[b, n - 1::-1]
+    logp = np.asarray(jax.nn.log_softmax(lm.apply({"params": params[name]}, jnp.asarray(seen)).logits), np.float64)
+    for b, n in enumerate(mask.sum(1).astype(int)):
+      if weights[b]:  # the batch's padding rows (one token, weight 0) add nothing
+        expected_lm += lam * weights[b] * np.mean([-logp[b, i, words[b, i + 1]] for i in range(n - 1)])
+  assert float(count) == 6
+  np.testing.assert_allclose(float(loss_sum) - expected_cls, expected_lm, rtol=1e-5)
+
+
+def test_lm_weight_fine_tuning_keeps_the_pretrained_output_layer_and_refuses_misuse(tmp_path, sst):
+  from test_errors import expect_error
+
+  pretrain(tmp_path / "pre", sst)
+  train(*classify(tmp_path / "ft", sst, steps=2, train__init_from=tmp_path / "pre", finetune__lm_weight=0.5,
+                  finetune__freeze_body_steps=2, train__checkpoint_every=1, train__keep_checkpoints=10,
+                  train__eval_every=2))
+  assert_trees_equal(final_state(tmp_path / "ft", 1)["params"]["body"], final_state(tmp_path / "pre")["params"])
+  for extra, message in ((dict(finetune__lm_weight=-1), "finetune.lm_weight"),
+                         (dict(finetune__lm_weight=0.5, task__prefix_lm="true", **{"model.arch": "transformer"}),
+                          "needs a causal body")):
+    expect_error("train", *classify(tmp_path / "x", sst, **extra), must_mention=message)
+  expect_error("train", f"workdir={tmp_path / 'y'}", f"data.file={sst['lm']}", "finetune.lm_weight=0.5",
+               must_mention="finetune.lm_weight is for task.kind=classify")
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_classification_loss_matches_numpy():
   from nlm_jax.objectives import classification_nll
 

@@ -23,6 +23,11 @@ With task.backward, a second body of the same architecture reads each text right
 word first; `train.init_backward_from`: a language model trained with data.reverse=true) and the
 head reads both pooled states, [forward; backward] (2 × the features).
 
+With finetune.lm_weight = λ > 0 (GPT-1's auxiliary objective, Radford et al. 2018), the bodies keep
+their output layers and training minimizes the classification NLL + λ × each text's mean
+next-token NLL under each body (`text_lm_nll`; the backward body's over the reversed text): the
+words predicted are the text's own, before word dropout. Evaluation scores the classes only.
+
 With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
 to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
 parameters load the same.
@@ -51,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from nlm_jax import config as config_lib
@@ -172,6 +178,15 @@ def drop_words(key: Array, tokens_BxT: Array, mask_BxT: Array, rate: float, unk_
   return jnp.where(drop_BxT, jnp.asarray(unk_id, tokens_BxT.dtype), tokens_BxT)
 
 
+def text_lm_nll(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array, weights_B: Array) -> Array:
+  """Σ_b weights_b · (1/(n_b − 1)) Σ_{t < n_b − 1} −log p(token_{b,t+1} | tokens_{b,≤t}): each text's
+  mean next-token NLL (n_b: its length, mask 1), summed over the batch's texts."""
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1].astype(jnp.float32), tokens_BxT[:, 1:])
+  w_BxT = mask_BxT[:, 1:].astype(jnp.float32)
+  per_text_B = (nll_BxT * w_BxT).sum(1) / jnp.maximum(w_BxT.sum(1), 1.0)
+  return (per_text_B * weights_B).sum()
+
+
 def reverse_texts(tokens_BxT: Array, mask_BxT: Array) -> Array:
   """Each row's text (its mask-1 tokens, right-padded) last token first; the padding stays where
   it was: row b's token t becomes its token n_b − 1 − t for t < n_b (n_b: the text's length)."""
@@ -193,6 +208,8 @@ class Classifier(nn.Module):
   head_dropout: float = 0.0
   bidirectional: bool = False  # a Transformer body: every token of the text sees all of it (a prefix LM)
   backward: bool = False  # a second body reads the text right to left
+  lm_outputs: bool = False  # the bodies keep their output layers; their next-token logits are sown
+  #   (collection 'intermediates', '<body>_logits') for finetune.lm_weight's auxiliary loss
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, mask_BxT: Optional[Array] = None, *, deterministic: bool = True) -> Array:
@@ -204,11 +221,12 @@ class Classifier(nn.Module):
 
     def read(name: str, tokens_BxT: Array) -> Array:
       body = models.build(self.body_cfg, name=name)
-      # logits=False: the language model's output layer is neither computed nor kept (at 2,048
+      # Without lm_outputs the language model's output layer is neither computed nor kept (at 2,048
       # wide and 40,000 words it would be half the classifier's parameters, and their optimizer state)
-      h_BxTxD = body(tokens_BxT, None, deterministic=deterministic, logits=False, **extra).hidden
-      h_BxTxD = h_BxTxD.astype(jnp.float32)
-      return pool(h_BxTxD, mask_BxT, self.pooling)
+      out = body(tokens_BxT, None, deterministic=deterministic, logits=self.lm_outputs, **extra)
+      if self.lm_outputs:
+        self.sow("intermediates", f"{name}_logits", out.logits)
+      return pool(out.hidden.astype(jnp.float32), mask_BxT, self.pooling)
 
     pooled_BxD = read("body", tokens_BxT)
     if self.backward:
@@ -224,24 +242,36 @@ class ClassifyTask(LMTask):
   batch_keys = ("inputs", "mask", "labels", "weights")
 
   def __init__(self, *args, smoothing: float = 0.0, word_dropout: float = 0.0, unk_id: Optional[int] = None,
-               keep_ids: tuple[int, ...] = (), **kwargs):
-    self.smoothing = smoothing
+               keep_ids: tuple[int, ...] = (), lm_weight: float = 0.0, **kwargs):
+    self.smoothing, self.lm_weight = smoothing, lm_weight
     self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
-  def _logits(self, params, batch, key, deterministic: bool):
+  def _logits(self, params, batch, key, deterministic: bool, lm: bool = False):
+    """The class logits; with `lm`, also {body name: its next-token logits (B, T, V)}."""
     inputs_BxT, rngs = batch["inputs"], None
     if not deterministic:
       if self.word_dropout:
         key, word_key = jax.random.split(key)
         inputs_BxT = drop_words(word_key, inputs_BxT, batch["mask"], self.word_dropout, self.unk_id, self.keep_ids)
       rngs = {"dropout": key}
-    return self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic, rngs=rngs)
+    if not lm:
+      return self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic, rngs=rngs)
+    logits_BxC, sown = self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic,
+                                        rngs=rngs, mutable=["intermediates"])
+    return logits_BxC, {k.removesuffix("_logits"): v[0] for k, v in sown["intermediates"].items()}
 
   def _objective(self, params, batch, carry, key, deterministic: bool):
-    logits_BxC = self._logits(params, batch, key, deterministic)
+    """Σ over the batch's texts of the classification NLL, + λ × each text's mean next-token NLL
+    under every body (finetune.lm_weight = λ; the backward body's over the reversed text). The
+    words the language model predicts are the text's own, before word dropout."""
+    out = self._logits(params, batch, key, deterministic, lm=self.lm_weight > 0)
+    logits_BxC, lm_logits = out if self.lm_weight > 0 else (out, {})
     loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
+    for name, logits_BxTxV in lm_logits.items():
+      tokens_BxT = batch["inputs"] if name == "body" else reverse_texts(batch["inputs"], batch["mask"])
+      loss_sum = loss_sum + self.lm_weight * text_lm_nll(logits_BxTxV, tokens_BxT, batch["mask"], batch["weights"])
     return loss_sum, count, None, {"correct": correct}
 
   def _eval_metrics(self, params, carry, batch):
@@ -282,7 +312,8 @@ class ClassifyRun(ExamplesRun):
     self.tokenizer = tokenizer or tokenizers.train_tokenizer(cfg.tokenizer, "\n".join(self.raw(d.train_split)[0]))
     self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
     check_task_model(t, self.model_cfg)
-    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm, t.backward)
+    self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm, t.backward,
+                            lm_outputs=cfg.finetune.lm_weight > 0)
     unk_id = getattr(self.tokenizer, "unk_id", None)
     if t.word_dropout and unk_id is None:
       raise UserError(f"task.word_dropout needs a tokenizer with an unknown-word token (word, sentencepiece); "
@@ -292,7 +323,8 @@ class ClassifyRun(ExamplesRun):
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=8, grad_accum=cfg.optim.grad_accum, ema_decay=cfg.optim.ema_decay,
                              freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing,
-                             word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids)
+                             word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
+                             lm_weight=cfg.finetune.lm_weight)
 
   def retired_params(self, names: tuple[str, ...]) -> bool:
     """Whether a parameter is one classifiers no longer keep: the language model's output layer
