@@ -60,7 +60,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from nlm_jax import config as config_lib
-from nlm_jax import models, objectives, parallel
+from nlm_jax import models, objectives
 from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import tfds_fields
 from nlm_jax.data.files import read_text
@@ -390,13 +390,10 @@ class ClassifyRun(ExamplesRun):
   def split_probabilities(self, params, split: str) -> np.ndarray:
     """Class probabilities (N, C) of every example of a split, in the split's order (the batches
     `evaluate` reads)."""
-    n, B = len(self.examples(split)[0]), self.eval_batch_size()
-    rows, predict, out = parallel.process_rows(B), jax.jit(self.task.predict), []
-    for k in range(-(-n // B)):
-      local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
-      batch = self.global_batch({key: v[rows] for key, v in local.items()}, B)
-      out.append(np.asarray(multihost_utils.process_allgather(predict(params, batch["inputs"], batch["mask"]),
-                                                              tiled=True))[:min(B, n - k * B)])
+    predict, out = jax.jit(self.task.predict), []
+    for batch, n in self.eval_batches(split):
+      probs_BxC = predict(params, batch["inputs"], batch["mask"])
+      out.append(np.asarray(multihost_utils.process_allgather(probs_BxC, tiled=True))[:n])
     return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
 

@@ -76,17 +76,22 @@ class ExamplesRun:
     return iter(pipeline.length_bucketed(lengths, self.cfg.data.batch_size, self.cfg.seed, self.rows,
                                          lambda chosen: self.collate(chosen, split, len(chosen))))
 
-  def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
-    """The task's eval-step metrics summed over a split's batches (all of them, or the first
-    `max_batches`), in order; the last batch is padded with weight-0 rows."""
+  def eval_batches(self, split: str, max_batches: Optional[int] = None):
+    """(global batch, its number of real examples) for a split's evaluation batches (all of them,
+    or the first `max_batches`), in the split's order; the last is padded with weight-0 rows."""
     n = len(self.examples(split)[0])
     B = self.eval_batch_size()
     rows = parallel.process_rows(B)
     n_batches = -(-n // B) if max_batches is None else min(-(-n // B), max_batches)
-    sums = None
     for k in range(n_batches):
       local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
-      _, m = self.task.eval_step(params, None, self.global_batch({key: v[rows] for key, v in local.items()}, B))
+      yield self.global_batch({key: v[rows] for key, v in local.items()}, B), min(B, n - k * B)
+
+  def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
+    """The task's eval-step metrics summed over a split's batches (`eval_batches`)."""
+    sums = None
+    for batch, _ in self.eval_batches(split, max_batches):
+      _, m = self.task.eval_step(params, None, batch)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
     sums = jax.device_get(sums)
     if sums is None or float(sums["count"]) == 0:
