@@ -209,7 +209,7 @@ class Classifier(nn.Module):
   bidirectional: bool = False  # a Transformer body: every token of the text sees all of it (a prefix LM)
   backward: bool = False  # a second body reads the text right to left
   lm_outputs: bool = False  # the bodies keep their output layers; their next-token logits are sown
-  #   (collection 'intermediates', '<body>_logits') for finetune.lm_weight's auxiliary loss
+  #   (collection 'lm_logits', as '<body>_logits') for finetune.lm_weight's auxiliary loss
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, mask_BxT: Optional[Array] = None, *, deterministic: bool = True) -> Array:
@@ -225,7 +225,7 @@ class Classifier(nn.Module):
       # wide and 40,000 words it would be half the classifier's parameters, and their optimizer state)
       out = body(tokens_BxT, None, deterministic=deterministic, logits=self.lm_outputs, **extra)
       if self.lm_outputs:
-        self.sow("intermediates", f"{name}_logits", out.logits)
+        self.sow("lm_logits", f"{name}_logits", out.logits)
       return pool(out.hidden.astype(jnp.float32), mask_BxT, self.pooling)
 
     pooled_BxD = read("body", tokens_BxT)
@@ -247,26 +247,24 @@ class ClassifyTask(LMTask):
     self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
-  def _logits(self, params, batch, key, deterministic: bool, lm: bool = False):
-    """The class logits; with `lm`, also {body name: its next-token logits (B, T, V)}."""
+  def _logits(self, params, batch, key, deterministic: bool):
+    """(class logits, {body name: its next-token logits (B, T, V)}: none unless the bodies keep
+    their output layers, finetune.lm_weight)."""
     inputs_BxT, rngs = batch["inputs"], None
     if not deterministic:
       if self.word_dropout:
         key, word_key = jax.random.split(key)
         inputs_BxT = drop_words(word_key, inputs_BxT, batch["mask"], self.word_dropout, self.unk_id, self.keep_ids)
       rngs = {"dropout": key}
-    if not lm:
-      return self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic, rngs=rngs)
     logits_BxC, sown = self.model.apply({"params": params}, inputs_BxT, batch["mask"], deterministic=deterministic,
-                                        rngs=rngs, mutable=["intermediates"])
-    return logits_BxC, {k.removesuffix("_logits"): v[0] for k, v in sown["intermediates"].items()}
+                                        rngs=rngs, mutable=["lm_logits"])
+    return logits_BxC, {k.removesuffix("_logits"): v[0] for k, v in sown.get("lm_logits", {}).items()}
 
   def _objective(self, params, batch, carry, key, deterministic: bool):
     """Σ over the batch's texts of the classification NLL, + λ × each text's mean next-token NLL
     under every body (finetune.lm_weight = λ; the backward body's over the reversed text). The
     words the language model predicts are the text's own, before word dropout."""
-    out = self._logits(params, batch, key, deterministic, lm=self.lm_weight > 0)
-    logits_BxC, lm_logits = out if self.lm_weight > 0 else (out, {})
+    logits_BxC, lm_logits = self._logits(params, batch, key, deterministic)
     loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     for name, logits_BxTxV in lm_logits.items():
@@ -275,7 +273,7 @@ class ClassifyTask(LMTask):
     return loss_sum, count, None, {"correct": correct}
 
   def _eval_metrics(self, params, carry, batch):
-    logits_BxC = self._logits(params, batch, None, deterministic=True)
+    logits_BxC, _ = self._logits(params, batch, None, deterministic=True)
     nll_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"])
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     onehot_BxC = jax.nn.one_hot(batch["labels"], logits_BxC.shape[-1]) * batch["weights"][:, None]
