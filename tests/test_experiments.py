@@ -358,7 +358,7 @@ def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_ensemble(tmp_path
   asked = []
 
   def fake_command(argv, timeout=None, what=""):
-    runs = argv[argv.index("eval") + 2:-1:2]
+    runs = [argv[i + 1] for i, a in enumerate(argv) if a == "--workdir"]
     asked.append(runs)
     if "pretrained" in runs[0]:
       return 1, "", "nlm-jax: error: something"

@@ -130,11 +130,13 @@ class Clock:
     return None if self.kill_at is None else max(1.0, self.kill_at - (time.monotonic() - self.t0))
 
 
-def evaluate(workdir: str, split: str, timeout: float | None = None) -> dict:
-  code, out, err = nlm_jax_command(["eval", "--workdir", workdir, "--split", split, "--json"], timeout,
-                                   f"nlm-jax eval of {workdir}")
+def evaluate(workdirs: str | list[str], split: str, timeout: float | None = None) -> dict:
+  """`nlm-jax eval --json` of a run on `split` (several runs: as one ensemble); SystemExit if it fails."""
+  workdirs = [workdirs] if isinstance(workdirs, str) else workdirs
+  code, out, err = nlm_jax_command(["eval", *(a for w in workdirs for a in ("--workdir", w)), "--split", split,
+                                    "--json"], timeout, f"nlm-jax eval of {', '.join(workdirs)}")
   if code:
-    raise SystemExit(f"nlm-jax eval failed for {workdir}:\n{err[-2000:]}")
+    raise SystemExit(f"nlm-jax eval failed for {', '.join(workdirs)}:\n{err[-2000:]}")
   return json.loads(out)
 
 
@@ -293,14 +295,9 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
       if len(runs) < 2:
         continue
       try:
-        code, out, err = nlm_jax_command(["eval", *(a for w in runs for a in ("--workdir", w)), "--json"],
-                                         clock.left(), f"the ensemble of {task}/{arch}/{arm}")
+        scores[f"{task}/{arch}/{arm}"] = 100 * evaluate(runs, TASKS[task]["split"], clock.left())["accuracy"]
       except SystemExit as e:
-        code, err = 1, str(e)
-      if code:
-        print(f"{task}/{arch}/{arm}: no ensemble ({err.strip()[-300:]})", flush=True)
-        continue
-      scores[f"{task}/{arch}/{arm}"] = 100 * json.loads(out)["accuracy"]
+        print(f"{task}/{arch}/{arm}: no ensemble ({str(e).strip()[-300:]})", flush=True)
   return scores
 
 
