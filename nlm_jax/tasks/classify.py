@@ -247,7 +247,11 @@ class ClassifyTask(LMTask):
     self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
-  def _logits(self, params, batch, key, deterministic: bool):
+  def _logits(self, params, batch, key, deterministic: bool) -> Array:
+    """The class logits (B, C) of a batch."""
+    return self._outputs(params, batch, key, deterministic)[0]
+
+  def _outputs(self, params, batch, key, deterministic: bool):
     """(class logits, {body name: its next-token logits (B, T, V)}: none unless the bodies keep
     their output layers, finetune.lm_weight)."""
     inputs_BxT, rngs = batch["inputs"], None
@@ -264,7 +268,7 @@ class ClassifyTask(LMTask):
     """Σ over the batch's texts of the classification NLL, + λ × each text's mean next-token NLL
     under every body (finetune.lm_weight = λ; the backward body's over the reversed text). The
     words the language model predicts are the text's own, before word dropout."""
-    logits_BxC, lm_logits = self._logits(params, batch, key, deterministic)
+    logits_BxC, lm_logits = self._outputs(params, batch, key, deterministic)
     loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     for name, logits_BxTxV in lm_logits.items():
@@ -273,7 +277,7 @@ class ClassifyTask(LMTask):
     return loss_sum, count, None, {"correct": correct}
 
   def _eval_metrics(self, params, carry, batch):
-    logits_BxC, _ = self._logits(params, batch, None, deterministic=True)
+    logits_BxC = self._logits(params, batch, None, deterministic=True)
     nll_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"])
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     onehot_BxC = jax.nn.one_hot(batch["labels"], logits_BxC.shape[-1]) * batch["weights"][:, None]
