@@ -328,7 +328,7 @@ def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_pat
   assert set(params["body"]) - set(plain_body) == ({"out"} if arch == "lstm" else set())  # the Transformer's is tied
   batch = {k: jnp.asarray(v) for k, v in run.collate(list(range(6)), "train", 8).items()}
   key = jax.random.key(11)
-  loss_sum, count, _, _ = jax.jit(lambda p, b, k: run.task._objective(p, b, None, k, deterministic=False))(
+  loss_sum, count, _, extra = jax.jit(lambda p, b, k: run.task._objective(p, b, None, k, deterministic=False))(
       params, batch, key)
 
   _, word_key = jax.random.split(key)  # the inputs the network read in that step
@@ -340,6 +340,7 @@ def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_pat
   expected_cls, expected_lm = float(classification_nll(logits, batch["labels"], batch["weights"])[0]), 0.0
   lm = models.build(run.model_cfg)
   for name in ("body", "body_backward") if backward else ("body",):
+    body_lm = 0.0
     seen, words = read.copy(), tokens.copy()
     if name == "body_backward":
       for b, n in enumerate(mask.sum(1).astype(int)):
@@ -347,9 +348,51 @@ def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_pat
     logp = np.asarray(jax.nn.log_softmax(lm.apply({"params": params[name]}, jnp.asarray(seen)).logits), np.float64)
     for b, n in enumerate(mask.sum(1).astype(int)):
       if weights[b]:  # the batch's padding rows (one token, weight 0) add nothing
-        expected_lm += lam * weights[b] * np.mean([-logp[b, i, words[b, i + 1]] for i in range(n - 1)])
+        body_lm += weights[b] * np.mean([-logp[b, i, words[b, i + 1]] for i in range(n - 1)])
+    # the training log's parts of the loss (train_class_loss, train_lm_loss[_backward]) read these
+    np.testing.assert_allclose(float(extra[f"{name}_lm_nll_sum"]), body_lm, rtol=1e-5)
+    expected_lm += lam * body_lm
   assert float(count) == 6
   np.testing.assert_allclose(float(loss_sum) - expected_cls, expected_lm, rtol=1e-5)
+  np.testing.assert_allclose(float(extra["class_nll_sum"]), expected_cls, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_training_log_has_the_accuracy_and_the_loss_s_parts_of_the_batches_trained_on(tmp_path, sst, lm_weight):
+  """metrics.jsonl's train_accuracy at step 2 is the accuracy of step 1's parameters (its
+  checkpoint) over the two micro-batches of step 2 (optim.grad_accum=2: the third and fourth
+  training batches); with finetune.lm_weight the log splits train_loss into train_class_loss +
+  λ · train_lm_loss, and a plain run's log has no such keys."""
+  from nlm_jax.config import load_config
+  from nlm_jax.objectives import accuracy, classification_nll
+  from nlm_jax.training import trainer
+
+  args = classify(tmp_path / "r", sst, steps=2, optim__grad_accum=2, train__checkpoint_every=1,
+                  train__keep_checkpoints=5, model__dropout=0, task__head_dropout=0, finetune__lm_weight=lm_weight)
+  train(*args)
+  record = metrics(tmp_path / "r")[1]
+  assert record["step"] == 2
+  run = trainer.make_run(load_config(None, args))
+  batches = run.train_iterator()
+  params = jax.tree.map(jnp.asarray, final_state(tmp_path / "r", step=1)["params"])
+  correct = count = class_nll = 0.0
+  for k in range(4):
+    batch = {key: jnp.asarray(v) for key, v in next(batches).items()}
+    if k >= 2:
+      logits = run.task._logits(params, batch, None, deterministic=True)  # dropout 0: training's logits
+      correct += float(accuracy(logits, batch["labels"], batch["weights"])[0])
+      count += float(batch["weights"].sum())
+      class_nll += float(classification_nll(logits, batch["labels"], batch["weights"])[0])
+  assert 0 < correct < count  # an accuracy that tells the batches apart
+  np.testing.assert_allclose(record["train_accuracy"], correct / count, rtol=1e-6)
+  if lm_weight:
+    np.testing.assert_allclose(record["train_class_loss"], class_nll / count, rtol=1e-5)
+    np.testing.assert_allclose(record["train_class_loss"] + lm_weight * record["train_lm_loss"],
+                               record["train_loss"], rtol=1e-5)
+    assert record["train_lm_loss"] > 1.0  # a next-token NLL, not the classification's
+  else:
+    np.testing.assert_allclose(record["train_loss"], class_nll / count, rtol=1e-5)
+    assert not {"train_class_loss", "train_lm_loss"} & set(record)
 
 
 def test_lm_weight_fine_tuning_keeps_the_pretrained_output_layer_and_refuses_misuse(tmp_path, sst):

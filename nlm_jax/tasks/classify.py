@@ -271,10 +271,26 @@ class ClassifyTask(LMTask):
     logits_BxC, lm_logits = self._outputs(params, batch, key, deterministic)
     loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
+    extra = {"correct": correct}
+    if lm_logits:
+      extra["class_nll_sum"] = loss_sum
     for name, logits_BxTxV in lm_logits.items():
       tokens_BxT = batch["inputs"] if name == "body" else reverse_texts(batch["inputs"], batch["mask"])
-      loss_sum = loss_sum + self.lm_weight * text_lm_nll(logits_BxTxV, tokens_BxT, batch["mask"], batch["weights"])
-    return loss_sum, count, None, {"correct": correct}
+      extra[f"{name}_lm_nll_sum"] = text_lm_nll(logits_BxTxV, tokens_BxT, batch["mask"], batch["weights"])
+      loss_sum = loss_sum + self.lm_weight * extra[f"{name}_lm_nll_sum"]
+    return loss_sum, count, None, extra
+
+  def train_scores(self, metrics: list[dict]) -> dict:
+    """train_accuracy of the micro-batches since the last log; with finetune.lm_weight also the two
+    parts of train_loss: train_class_loss (the classification loss, smoothed as trained) and, per body, its mean
+    next-token NLL per text (train_lm_loss, train_lm_loss_backward)."""
+    count = sum(float(m["count"]) for m in metrics)
+    out = {"train_accuracy": sum(float(m["correct"]) for m in metrics) / count}
+    for key, name in (("class_nll_sum", "train_class_loss"), ("body_lm_nll_sum", "train_lm_loss"),
+                      ("body_backward_lm_nll_sum", "train_lm_loss_backward")):
+      if key in metrics[0]:
+        out[name] = sum(float(m[key]) for m in metrics) / count
+    return out
 
   def _eval_metrics(self, params, carry, batch):
     logits_BxC = self._logits(params, batch, None, deterministic=True)

@@ -127,6 +127,11 @@ class LMTask:
     nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
     return nll_sum, count, out.carry, {}
 
+  def train_scores(self, metrics: list[dict]) -> dict:
+    """Numbers of the task's own for the training log, from the (fetched) metrics of the
+    micro-batches since the last log: none for language modelling (train_loss says it all)."""
+    return {}
+
   def _eval_metrics(self, params, carry, batch):
     """(new carry, summed metrics) of an evaluation batch, in eval mode."""
     nll_sum, count, new_carry, extra = self._objective(params, batch, carry, None, deterministic=True)

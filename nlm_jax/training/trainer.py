@@ -6,7 +6,8 @@
 Run directory:
     resolved_config.yaml   the config after overrides (what eval / generate rebuild from)
     tokenizer.json         the vocabulary
-    metrics.jsonl          one JSON object per log / eval step (train_loss; val_loss and eval_train_loss,
+    metrics.jsonl          one JSON object per log / eval step (train_loss, and a task's own numbers
+                           such as classification's train_accuracy; val_loss and eval_train_loss,
                            the periodic estimates); the same numbers as TensorBoard events in tb/,
                            which also get the final whole-split final_<split>_* of summary.json
     checkpoints/<step>/    Orbax: state, data-iterator state, config, tokenizer
@@ -635,7 +636,7 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
           elapsed = time.time() - window_start
           record = {"step": step, run.unit: step * tokens_per_step, "train_loss": loss,
                     "train_perplexity": math.exp(min(loss, 700.0)),
-                    "grad_norm": float(fetched[-1]["grad_norm"]),
+                    **run.task.train_scores(fetched), "grad_norm": float(fetched[-1]["grad_norm"]),
                     "lr": float(run.lr_schedule(step - 1)) * float(state.plateau.scale),
                     f"{run.unit}_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                     "elapsed_s": round(time.time() - t_loop, 3)}  # this process's loop so far (evals included)
