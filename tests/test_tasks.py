@@ -220,24 +220,30 @@ def test_a_checkpoint_without_the_ema_field_resumes(tmp_path, sst, monkeypatch):
   assert_trees_equal(final_state(tmp_path / "a")["params"], final_state(tmp_path / "b")["params"])
 
 
-def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst, monkeypatch):
-  """Classifiers kept their body's (unused) next-token output layer until 2026-11-27: such a run
-  resumes bitwise without it, and evaluates; any other extra parameter is still a mismatch."""
+@pytest.mark.parametrize("arch,extra", [("lstm", {}), ("lstm", dict(task__backward="true")),
+                                        ("transformer", dict(model__tie_embeddings="false"))])
+def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst, monkeypatch, arch, extra):
+  """Classifiers kept their bodies' (unused) next-token output layers until 2026-11-27: such a run
+  (forward body, both ways, a Transformer with its own output layer) resumes bitwise without them,
+  and evaluates; any other extra parameter is still a mismatch."""
   from nlm_jax.config import load_config
   from nlm_jax.errors import UserError
   from nlm_jax.models.recurrent import RecurrentLM
+  from nlm_jax.models.transformer import Transformer
   from nlm_jax.training import trainer
   from nlm_jax.training.checkpoint import Checkpoints
 
-  extra = dict(steps=6, train__eval_every=3, optim__ema_decay=0.9, model__dropout=0.1)
+  extra = dict(arch=arch, steps=6, train__eval_every=3, optim__ema_decay=0.9, model__dropout=0.1, **extra)
+  bodies = ["body", "body_backward"] if "task__backward" in extra else ["body"]
   straight = train(*classify(tmp_path / "a", sst, **extra))
-  assert "out" not in final_state(tmp_path / "a")["params"]["body"]
-  call = RecurrentLM.__call__
+  assert not any("out" in final_state(tmp_path / "a")["params"][b] for b in bodies)
+  model = Transformer if arch == "transformer" else RecurrentLM
+  call = model.__call__
   with monkeypatch.context() as patch:  # the body as classifiers had it: with the output layer
-    patch.setattr(RecurrentLM, "__call__", lambda self, *a, logits=True, **k: call(self, *a, logits=True, **k))
+    patch.setattr(model, "__call__", lambda self, *a, logits=True, **k: call(self, *a, logits=True, **k))
     train(*classify(tmp_path / "b", sst, **extra, train__stop_after=3))
   old = final_state(tmp_path / "b", 3)
-  assert {"out"} <= set(old["params"]["body"]) and "out" in old["ema"]["body"]
+  assert all("out" in old["params"][b] and "out" in old["ema"][b] for b in bodies)
 
   code, out, err = run_cli("eval", "--workdir", tmp_path / "b", "--json")
   assert code == 0, err
@@ -253,7 +259,7 @@ def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst,
   resumed = train(*classify(tmp_path / "b", sst, **extra))
   assert resumed["final_validation_loss"] == straight["final_validation_loss"]
   new = final_state(tmp_path / "b")
-  assert "out" not in new["params"]["body"]
+  assert not any("out" in new["params"][b] for b in bodies)
   assert_trees_equal(final_state(tmp_path / "a")["params"], new["params"])
   assert_trees_equal(final_state(tmp_path / "a")["ema"], new["ema"])
 
