@@ -373,3 +373,27 @@ def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_ensemble(tmp_path
   text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, 3, True, ensembles=scores)
   rows = {line.split(" | ")[3]: line for line in text.splitlines()[2:] if line.startswith("| sst2")}
   assert rows["scratch"].endswith("| 3 of 3 | 93.00 |") and rows["pretrained"].endswith("| 3 of 3 |  |")
+
+
+@pytest.mark.parametrize("scratch_seeds", [1, 0])
+def test_pretrain_finetune_scratch_seeds_gives_the_scratch_arm_its_own_number_of_runs(tmp_path, monkeypatch,
+                                                                                     scratch_seeds):
+  """--scratch-seeds N: the scratch arm runs seeds 1..N, every other arm --seeds; the table counts
+  each arm's runs against its own number, and a scratch arm without runs leaves the gain blank."""
+  from experiments.pretrain_finetune import run as pf
+
+  record_runs(monkeypatch)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  arms = {"scratch": None, "pretrained": [], "x0.5": ["finetune.body_lr_scale=0.5"]}
+  seeds = {"scratch": scratch_seeds, "pretrained": 3, "x0.5": 3}
+  jobs = pf.jobs_of("sst2", "lstm", seeds, str(tmp_path), data, True, pf.Clock(None, None), arms)
+  expected = {"sst2/lstm/pretrain"} | {f"sst2/lstm/scratch/{s}" for s in range(1, scratch_seeds + 1)} | \
+             {f"sst2/lstm/{arm}/{s}" for arm in ("pretrained", "x0.5") for s in (1, 2, 3)}
+  assert {job.name for job in jobs} == expected
+  results = {job.name: {"score": 80.0 + i, "val_loss": 0.5, "wall_s": 1.0, "curve": []}
+             for i, job in enumerate(jobs) if not job.name.endswith("/pretrain")}
+  text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, seeds, True)
+  rows = {line.split(" | ")[3]: line.split(" | ") for line in text.splitlines()[2:] if line.startswith("| sst2")}
+  assert rows["scratch"][7] == f"{scratch_seeds} of {scratch_seeds}"
+  assert rows["pretrained"][7] == rows["x0.5"][7] == "3 of 3"
+  assert (rows["pretrained"][5] == "") == (scratch_seeds == 0)  # the gain over scratch

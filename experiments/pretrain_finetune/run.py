@@ -162,16 +162,22 @@ def tag(overrides: list[str]) -> str:
   return "_" + hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:8] if overrides else ""
 
 
+def seeds_of(seeds: int | dict[str, int], arm: str) -> int:
+  """How many seeds an arm runs: `seeds`, or `seeds[arm]` (--scratch-seeds gives the scratch arm
+  its own number)."""
+  return seeds if isinstance(seeds, int) else seeds[arm]
+
+
 def finetune_sets(sets: list[str], backward: bool) -> list[str]:
   """The overrides every fine-tuning run adds to its recipe: `sets` (--set), and with --backward
   task.backward=true."""
   return list(sets) + (["task.backward=true"] if backward else [])
 
 
-def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, clock: Clock,
+def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: str, quick: bool, clock: Clock,
             arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = (),
             backward: bool = False) -> list[Job]:
-  """One pretraining run, then `seeds` fine-tuning runs per arm. `arms`: name → None (from
+  """One pretraining run, then `seeds` fine-tuning runs per arm (`seeds_of`). `arms`: name → None (from
   scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run. `sets`: the
   overrides every fine-tuning run adds to its recipe, `pretrain_sets` the pretraining's. With
   `backward` (classification), a second language model reads the text right to left
@@ -225,8 +231,10 @@ def jobs_of(task: str, arch: str, seeds: int, tmp: str, data: str, quick: bool, 
   jobs = [Job(pre[0], functools.partial(pretrain, pretrained, []))]
   if backward:
     jobs.append(Job(pre[1], functools.partial(pretrain, pretrained_backward, ["data.reverse=true"])))
-  for seed in range(1, seeds + 1):
+  for seed in range(1, max(seeds_of(seeds, arm) for arm in arms) + 1):
     for arm, overrides in arms.items():
+      if seed > seeds_of(seeds, arm):
+        continue
       jobs.append(Job(f"{task}/{arch}/{arm}/{seed}", functools.partial(finetune, arm, seed),
                       () if overrides is None else pre))
   return jobs
@@ -282,7 +290,8 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
   return results, errors
 
 
-def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
+def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
+                   seeds: int | dict[str, int],
                    clock: Clock) -> dict[str, float]:
   """{task/arch/arm: SST-2 dev accuracy (%) of the arm's finished seeds as one model} (`nlm-jax
   eval` with every seed's --workdir: their class probabilities averaged), for arms with ≥ 2 seeds;
@@ -290,7 +299,7 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
   scores = {}
   for task, arch in pairs:
     for arm in arms_of(task) if task == "sst2" else ():
-      runs = [results[k]["workdir"] for k in (f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds + 1))
+      runs = [results[k]["workdir"] for k in (f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1))
               if "workdir" in results.get(k, {})]
       if len(runs) < 2:
         continue
@@ -301,7 +310,8 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
   return scores
 
 
-def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict], seeds: int,
+def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
+          seeds: int | dict[str, int],
           quick: bool, sets: list[str] = (), pretrain_sets: list[str] = (),
           ensembles: dict | None = None) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
@@ -315,7 +325,8 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
     pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
     arms = list(arms_of(task))
     for arm in arms:
-      done = [results[f"{task}/{arch}/{arm}/{s}"] for s in range(1, seeds + 1) if f"{task}/{arch}/{arm}/{s}" in results]
+      keys = [f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1)]
+      done = [results[k] for k in keys if k in results]
       pair[arm] = {k: [r[k] for r in done] for k in ("score", "val_loss", "wall_s", "curve")}
     base = pair[arms[0]]["score"]
     for arm in arms:
@@ -324,7 +335,7 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
       spread = max((statistics.stdev(v) for v in (x, base) if len(v) > 1), default=float("nan"))
       together = ensembles.get(f"{task}/{arch}/{arm}")
       lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {arm} | {mean_std(x, 2)} | {gain} | "
-                   f"{spread:.2f} | {len(x)} of {seeds} | {'' if together is None else f'{together:.2f}'} |")
+                   f"{spread:.2f} | {len(x)} of {seeds_of(seeds, arm)} | {'' if together is None else f'{together:.2f}'} |")
   for what, overrides in (("fine-tuning run", sets), ("pretraining", pretrain_sets)):
     if overrides:
       lines += ["", f"Every {what} added to its recipe: `{' '.join(overrides)}`."]
@@ -357,6 +368,9 @@ def main() -> None:
                   help="an override the pretraining runs add to theirs, e.g. tokenizer.vocab_size=40000 "
                        "(tokenizer.* ones reach the pretrained arms too: their tokenizer is the pretrained one)")
   ap.add_argument("--seeds", type=int, default=3)
+  ap.add_argument("--scratch-seeds", type=int, default=None,
+                  help="seeds of the scratch arm (default: --seeds): fewer leave a fixed time to the "
+                       "pretrained arms")
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
                                                        "hold several of these small models)")
@@ -384,12 +398,16 @@ def main() -> None:
       raise SystemExit(f"--arm {spec!r}: expected a new NAME=OVERRIDES, e.g. 'body lr x0.25=finetune.body_lr_scale=0.25'")
     arms[name.strip()] = overrides.split()
   arm_tasks = args.arm_tasks.split(",") if args.arm_tasks else list(TASKS)
+  if args.seeds < 1 or (args.scratch_seeds or 0) < 0:
+    raise SystemExit("--seeds must be ≥ 1 and --scratch-seeds ≥ 0")
+  seeds = args.seeds if args.scratch_seeds is None else {**{arm: args.seeds for arm in arms},
+                                                         "scratch": args.scratch_seeds}
 
   def arms_of(task: str) -> dict[str, list[str] | None]:
     return {name: o for i, (name, o) in enumerate(arms.items()) if i < 2 or task in arm_tasks}
 
   jobs = [job for task, arch in pairs
-          for job in jobs_of(task, arch, args.seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
+          for job in jobs_of(task, arch, seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
                              args.pretrain_set, args.backward)]
   jobs.sort(key=lambda job: "/pretrain" not in job.name)  # pretraining first: the longest chains
 
@@ -397,16 +415,17 @@ def main() -> None:
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
   def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
-    text, rows = table(results, errors, pairs, arms_of, args.seeds, args.quick, shown_sets, shown_pretrain,
+    text, rows = table(results, errors, pairs, arms_of, seeds, args.quick, shown_sets, shown_pretrain,
                        ensembles)
-    write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "set": args.set,
+    write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "scratch_seeds": args.scratch_seeds,
+                              "set": args.set,
                               "pretrain_set": args.pretrain_set, "results": rows, "errors": errors,
                               "ensembles": ensembles or {}},
                   update_readme=not args.quick)
     return text, rows
 
   results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = report(results, errors, seed_ensembles(results, pairs, arms_of, args.seeds, clock))
+  text, rows = report(results, errors, seed_ensembles(results, pairs, arms_of, seeds, clock))
   print(text)
   plot(rows, out)
   if errors:
