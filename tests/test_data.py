@@ -266,3 +266,37 @@ def test_tokenizing_in_chunks_of_lines_gives_the_same_ids(tmp_path, kind):
                   TokenizerConfig(kind=kind))
   np.testing.assert_array_equal(corpus._encode(text, "train", chunk_chars=50), corpus.tokenizer.encode(text))
   np.testing.assert_array_equal(corpus.tokens("train"), corpus.tokenizer.encode(text))
+
+
+def _pad_to_longest(lengths):
+  """A collate: each chosen example a row of its index, padded (-1) to the batch's longest."""
+  def collate(chosen):
+    T = int(max(lengths[chosen]))
+    ids = np.full((len(chosen), T), -1)
+    for b, i in enumerate(chosen):
+      ids[b, :lengths[i]] = i
+    return {"ids": ids}
+  return collate
+
+
+def test_length_bucketed_gives_every_process_its_rows_of_the_global_batch():
+  """Each process's part of a training batch is its rows of the batch all processes make together,
+  padded to the whole batch's longest example (the parts of a global array must agree in shape)."""
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 60, 300)
+  halves = [iter(pipeline.length_bucketed(lengths, 16, 3, rows, _pad_to_longest(lengths)))
+            for rows in (slice(0, 8), slice(8, 16))]
+  whole = iter(pipeline.length_bucketed(lengths, 16, 3, slice(None), _pad_to_longest(lengths)))
+  for _ in range(60):
+    a, b, full = next(halves[0])["ids"], next(halves[1])["ids"], next(whole)["ids"]
+    np.testing.assert_array_equal(np.concatenate([a, b]), full)
+
+
+def test_length_bucketed_reads_every_example_even_the_longest():
+  """The n mod batch_size examples an epoch leaves out are random ones, not the longest of a set
+  smaller than one sort chunk (which were then never read); within an epoch none repeats."""
+  lengths = np.arange(1, 101)  # 100 examples, batches of 16: 4 left out per epoch
+  batches = iter(pipeline.length_bucketed(lengths, 16, 0, slice(None), _pad_to_longest(lengths)))
+  epochs = [np.concatenate([next(batches)["ids"].max(1) for _ in range(6)]) for _ in range(8)]
+  assert all(len(set(e)) == 96 for e in epochs)
+  assert set(np.concatenate(epochs)) == set(range(100))

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from support import metrics, overrides, run_cli, train, write_corpus
+from support import metrics, overrides, run_cli, train, write_corpus, write_sentiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = ("data8", "fsdp8", "data2_tensor4")
@@ -144,9 +144,26 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  corpus = write_corpus(tmp_path / "c.txt")
-  args = overrides(tmp_path / "one", corpus, steps=8, train__log_every=1, train__eval_every=4)
+def _classify_args(workdir, tmp_path) -> list[str]:
+  """A tiny SST-style classification run whose batches pad to 16 or 32 tokens by their longest text
+  (with this seed, batch 9 has a longest text of ≤ 16 tokens in one half and > 16 in the other)."""
+  sst = write_sentiment(tmp_path)
+  return [f"workdir={workdir}", "task.kind=classify", f"data.files.train={sst['train']}",
+          f"data.files.validation={sst['dev']}", "tokenizer.kind=word", "data.batch_size=16", "task.max_len=32",
+          "train.steps=24", "train.log_every=1", "train.eval_every=12", "train.progress=false", "optim.lr=1e-2",
+          "seed=1", "model.arch=lstm", "model.d_embed=16", "model.d_hidden=16", "model.n_layers=1"]
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_two_processes_match_one_process(tmp_path, task):
+  """Two processes of two devices each train as one process does: the LM, and a classifier whose
+  training batches have as many padded lengths as texts have (each process's rows of a batch must
+  be padded to the whole batch's longest text, or the processes' parts disagree)."""
+  if task == "lm":
+    args = overrides(tmp_path / "one", write_corpus(tmp_path / "c.txt"), steps=8, train__log_every=1,
+                     train__eval_every=4)
+  else:
+    args = _classify_args(tmp_path / "one", tmp_path)
   train(*args)
   port = _free_port()
   two = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
@@ -165,4 +182,4 @@ def test_two_processes_match_one_process(tmp_path):
   np.testing.assert_allclose([r["train_loss"] for r in two], [r["train_loss"] for r in one], rtol=1e-5)
   np.testing.assert_allclose([r["val_loss"] for r in two if "val_loss" in r],
                              [r["val_loss"] for r in one if "val_loss" in r], rtol=1e-5)
-  assert os.path.isdir(tmp_path / "two" / "checkpoints" / "8")
+  assert os.path.isdir(tmp_path / "two" / "checkpoints" / str(one[-1]["step"]))

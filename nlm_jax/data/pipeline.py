@@ -80,10 +80,12 @@ def contiguous_streams(tokens: np.ndarray, batch_size: int, seq_len: int,
 def length_bucketed(lengths, batch_size: int, seed: int, rows: slice, collate,
                     sort_chunk: int = 32) -> grain.IterDataset:
   """Infinite batches of examples of similar length (texts of a classification or translation
-  task): each epoch shuffles the examples (seed, epoch), sorts each chunk of `sort_chunk` batches'
-  worth by length, cuts it into batches and shuffles the batches; the last incomplete batch of an
-  epoch is dropped. `collate(indices)` makes a batch of the examples at `indices` (this process's
-  `rows` of them). A Grain iterator: its position is checkpointed, a resumed run reads on exactly."""
+  task): each epoch shuffles the examples (seed, epoch) and leaves out n mod batch_size of them
+  (random ones: a different few each epoch), sorts each chunk of `sort_chunk` batches' worth by
+  length, cuts it into batches and shuffles the batches. `collate(indices)` makes the whole batch
+  of the examples at `indices`, padded to its longest; each process keeps its `rows` of it, so
+  that every process's part has the global batch's shape. A Grain iterator: its position is
+  checkpointed, a resumed run reads on exactly."""
   import functools
 
   lengths = np.asarray(lengths)
@@ -95,14 +97,15 @@ def length_bucketed(lengths, batch_size: int, seed: int, rows: slice, collate,
   @functools.lru_cache(maxsize=2)
   def plan(epoch: int) -> np.ndarray:
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)
+    kept = rng.permutation(n)[:n_batches * batch_size]  # not the longest: they would be left out every epoch
     chunk = batch_size * sort_chunk
-    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(perm, range(chunk, n, chunk))])
-    batches = order[:n_batches * batch_size].reshape(n_batches, batch_size)
-    return batches[rng.permutation(n_batches)]
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                            for c in np.split(kept, range(chunk, len(kept), chunk))])
+    return order.reshape(n_batches, batch_size)[rng.permutation(n_batches)]
 
   def batch(index: int, _):
-    return collate(plan(index // n_batches)[index % n_batches][rows])
+    whole = collate(plan(index // n_batches)[index % n_batches])
+    return {key: value[rows] for key, value in whole.items()}
 
   return grain.MapDataset.range(n_batches).repeat().map_with_index(batch).to_iter_dataset(READ_OPTIONS)
 
