@@ -115,3 +115,28 @@ def test_grad_accumulation_equals_one_big_batch():
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(u_first))  # no step mid-accumulation
   u2, _ = tx2.update(g_b, s2, PARAMS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+
+
+@pytest.mark.parametrize("name", ["adamw", "momentum"])
+def test_a_frozen_body_s_optimizer_starts_at_its_unfreezing(name):
+  """With `freeze` = (k, mask), the masked parameters' updates after k frozen steps (zero
+  gradients) are those of a fresh optimizer fed the same gradients (Adam's bias correction counts
+  from the unfreezing), and the other parameters' updates are those without freezing."""
+  cfg = OptimConfig(name=name, lr=0.1, weight_decay=0.0)
+  k = 50
+  params = {"body": jnp.zeros(3), "head": jnp.zeros(2)}
+  held = optim.make_optimizer(cfg, 1000, freeze=(k, lambda p: {"body": True, "head": False}))
+  plain = optim.make_optimizer(cfg, 1000)
+  fresh = optim.make_optimizer(cfg, 1000)
+  rng = np.random.default_rng(0)
+  grads = [{"body": jnp.asarray(rng.normal(size=3), jnp.float32), "head": jnp.asarray(rng.normal(size=2), jnp.float32)}
+           for _ in range(k + 20)]
+  s_held, s_plain, s_fresh = held.init(params), plain.init(params), fresh.init(params)
+  for t, g in enumerate(grads):
+    body_g = g["body"] if t >= k else jnp.zeros(3)  # what the train step gives a frozen body
+    u_held, s_held = held.update({"body": body_g, "head": g["head"]}, s_held, params)
+    u_plain, s_plain = plain.update({"body": body_g, "head": g["head"]}, s_plain, params)
+    np.testing.assert_allclose(u_held["head"], u_plain["head"], rtol=1e-6)  # (its own Adam: to the ulp)
+    if t >= k:
+      u_fresh, s_fresh = fresh.update({"body": g["body"], "head": g["head"]}, s_fresh, params)
+      np.testing.assert_allclose(u_held["body"], u_fresh["body"], rtol=1e-6)

@@ -112,6 +112,8 @@ def tree_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     if isinstance(leaf, nn.Partitioned):
       value = leaf.value
       names = leaf.names
+      if not hasattr(value, "shape"):  # a box around no array: optax's MaskedNode (multi_transform)
+        return value
     else:
       value, names = leaf, None
     shape = getattr(value, "shape", ())

@@ -337,10 +337,12 @@ class ClassifyRun(ExamplesRun):
       raise UserError(f"task.word_dropout needs a tokenizer with an unknown-word token (word, sentencepiece); "
                       f"tokenizer.kind={self.tokenizer.kind} has none")
     keep_ids = tuple(sorted({self.tokenizer.start_id, getattr(self.tokenizer, "eos_id", self.tokenizer.start_id)}))
-    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"))
+    frozen = finetune.freeze(cfg, head="head")
+    self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"),
+                                   frozen)
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=8, grad_accum=cfg.optim.grad_accum, ema_decay=cfg.optim.ema_decay,
-                             freeze=finetune.freeze(cfg, head="head"), smoothing=t.label_smoothing,
+                             freeze=frozen, smoothing=t.label_smoothing,
                              word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
                              lm_weight=cfg.finetune.lm_weight)
 

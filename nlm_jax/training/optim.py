@@ -50,13 +50,20 @@ def decay_mask(exclude: list[str]):
   return lambda params: jax.tree_util.tree_map_with_path(lambda p, x: not excluded(p, x), params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, lr_groups=None) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, lr_groups=None, freeze=None) -> optax.GradientTransformation:
   """The Optax chain for `cfg`; with `grad_accum` > 1 wrapped in `optax.MultiSteps`.
 
   `lr_groups`: (labels, {label: factor}) — `labels(params)` names each parameter's group, whose
   learning rate is η_t × factor (`optax.multi_transform` of `optax.scale` after the schedule:
   clipping and the optimizer's statistics stay those of the whole network). Fine-tuning uses it
-  for the body's and the head's rates and ULMFiT's per-layer ones."""
+  for the body's and the head's rates and ULMFiT's per-layer ones.
+
+  `freeze`: (k, mask_fn), as `finetune.freeze` gives: the parameters where `mask_fn(params)` is
+  True (a frozen body) have an optimizer state of their own that starts at optimizer step k
+  (`optax.transforms.conditionally_transform`): Adam's bias correction then counts the body's
+  steps from its unfreezing, as for a fresh optimizer, not from the run's start (with the shared
+  count, its first updates after 1,000 frozen steps were 2-5x a fresh Adam's). The train step
+  gives the frozen parameters zero gradients and keeps them exactly (`steps.LMTask`)."""
   mode = cfg.weight_decay_mode or ("decoupled" if cfg.name == "adamw" else "l2")
   mask = decay_mask(list(cfg.decay_exclude))
   parts = []
@@ -64,12 +71,20 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, lr_groups=None) -> optax.
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   if cfg.weight_decay and mode == "l2":
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
+  direction = None
   if cfg.name == "momentum":
-    parts.append(optax.trace(decay=cfg.momentum, nesterov=False))
+    direction = optax.trace(decay=cfg.momentum, nesterov=False)
   elif cfg.name == "nesterov":
-    parts.append(optax.trace(decay=cfg.momentum, nesterov=True))
+    direction = optax.trace(decay=cfg.momentum, nesterov=True)
   elif cfg.name in ("adam", "adamw"):
-    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if direction is not None and freeze is not None:
+    k, frozen = freeze
+    held = optax.transforms.conditionally_transform(direction, lambda step: step >= k)
+    direction = optax.multi_transform({"held": held, "free": direction},
+                                      lambda params: jax.tree.map(lambda m: "held" if m else "free", frozen(params)))
+  if direction is not None:
+    parts.append(direction)
   if cfg.weight_decay and mode == "decoupled":
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(schedule(cfg, total_steps)))
