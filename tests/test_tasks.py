@@ -751,6 +751,15 @@ def test_translation_loss_counts_the_target_only():
   assert batch["mask"][1].sum() == 0  # a padding row
   seqs, starts, cut = encode_pairs(tok, ["a b c"], ["x y x y x y"], max_len=8)
   assert len(seqs[0]) == 9 and cut == 1  # the target is cut to max_len predictions
+  assert seqs[0].tolist() == [eos, *ids("a b c"), eos, *ids("x y x y")]
+  # a long source with a short target: the pair fits, so the source is whole
+  seqs, starts, cut = encode_pairs(tok, ["a b c a b c a"], ["x"], max_len=10)
+  assert seqs[0].tolist() == [eos, *ids("a b c a b c a"), eos, *ids("x"), eos] and cut == 0
+  # it does not fit: the source keeps what the target leaves, at least max_len // 2 + 1 ids
+  seqs, starts, cut = encode_pairs(tok, ["a b c a b c a"], ["x"], max_len=9)
+  assert seqs[0].tolist() == [eos, *ids("a b c a b c a"), *ids("x"), eos] and starts[0] == 8 and cut == 1
+  seqs, starts, cut = encode_pairs(tok, ["a b c a b c a"], ["x y x y x y"], max_len=9)
+  assert seqs[0].tolist() == [eos, *ids("a b c a"), *ids("x y x y x")] and cut == 1
 
 
 def test_parallel_files_of_different_lengths_are_one_line_error(tmp_path):

@@ -18,7 +18,8 @@ dropped), or a TFDS translation dataset (`data.source=tfds`, `data.name=wmt14_tr
 whose features are the language codes. The tokenizer of a run trained from scratch is fitted to
 the training split's source and target lines together (a joint vocabulary: with
 `tokenizer.kind=sentencepiece`, a joint BPE). Training pairs longer than task.max_len tokens are
-cut (the target's end); their count is reported once.
+cut (the source's end, if it is over half of them, then the target's); their count is reported
+once. Translating, a source keeps its first task.max_len // 2 tokens (warned).
 """
 
 from __future__ import annotations
@@ -82,16 +83,20 @@ def encode_line(tokenizer, line: str) -> np.ndarray:
 
 
 def encode_pairs(tokenizer, sources: list[str], targets: list[str], max_len: int):
-  """(sequence ids, where the target starts) of each pair: [start] + source + target, the
-  target cut so that the whole is at most max_len + 1 ids (max_len predictions)."""
+  """(sequence ids, where the target starts, how many pairs were cut) of each pair: [start] +
+  source + target, whole when it is at most max_len + 1 ids (max_len predictions); a longer pair
+  is cut to that: the source keeps at least max_len // 2 + 1 ids with [start] (what `translate`
+  keeps of a source), or more when the target needs less, and the target keeps the rest."""
   start = np.asarray([tokenizer.start_id], np.int32)
   seqs, starts, cut = [], [], 0
   for src, tgt in zip(sources, targets):
-    prefix = np.concatenate([start, encode_line(tokenizer, src)])[:max_len // 2 + 1]
+    prefix = np.concatenate([start, encode_line(tokenizer, src)])
     target = encode_line(tokenizer, tgt)
-    room = max_len + 1 - len(prefix)
-    cut += len(target) > room
-    seqs.append(np.concatenate([prefix, target[:room]]))
+    if len(prefix) + len(target) > max_len + 1:
+      cut += 1
+      prefix = prefix[:max(max_len // 2 + 1, max_len + 1 - len(target))]
+      target = target[:max_len + 1 - len(prefix)]
+    seqs.append(np.concatenate([prefix, target]))
     starts.append(len(prefix))
   return seqs, np.asarray(starts, np.int32), cut
 
@@ -179,7 +184,7 @@ class TranslateRun(ExamplesRun):
       seqs, starts, cut = encode_pairs(self.tokenizer, *self.pairs(split), self.cfg.task.max_len)
       if cut and split == self.cfg.data.train_split and jax.process_index() == 0:
         ckpt_lib.warn(f"{cut} of {len(seqs)} training pairs are longer than task.max_len={self.cfg.task.max_len} "
-                      "tokens: their targets are cut")
+                      "tokens: they are cut")
       self._encoded[split] = seqs, starts
     return self._encoded[split]
 
@@ -210,7 +215,12 @@ class TranslateRun(ExamplesRun):
     beam_size = beam_size or t.beam_size
     alpha = t.length_penalty if length_penalty is None else length_penalty
     start = np.asarray([self.tokenizer.start_id], np.int32)
-    prompts = [list(np.concatenate([start, encode_line(self.tokenizer, s)])[:t.max_len // 2 + 1]) for s in sources]
+    prompts = [list(np.concatenate([start, encode_line(self.tokenizer, s)])) for s in sources]
+    long = sum(len(p) > t.max_len // 2 + 1 for p in prompts)
+    if long and jax.process_index() == 0:
+      ckpt_lib.warn(f"{long} of {len(prompts)} source lines are longer than task.max_len // 2 = {t.max_len // 2} "
+                    "tokens: translated from their first ones")
+    prompts = [p[:t.max_len // 2 + 1] for p in prompts]
     limit = max_len or t.max_decode_len
     context = getattr(self.model_cfg, "context", None) if self.model_cfg.arch == "transformer" else None
     if context is not None:  # the prompt and the translation share the context
