@@ -609,6 +609,13 @@ def test_word_dropout_needs_an_unknown_word_token(tmp_path, sst):
   assert len(err.strip().splitlines()) == 1
 
 
+def test_a_transformer_with_a_context_under_eight_tokens_classifies(tmp_path, sst):
+  """The network is initialized on an example of min(8, task.max_len) tokens: a Transformer whose
+  context is shorter than 8 builds (it failed with a traceback)."""
+  out = train(*classify(tmp_path / "r", sst, "transformer", steps=2, model__context=6, task__max_len=6))
+  assert out["steps"] == 2
+
+
 def test_prefix_lm_classification_needs_a_transformer(tmp_path, sst):
   code, _, err = run_cli("train", *classify(tmp_path / "r", sst, "lstm", task__prefix_lm="true"))
   assert code != 0 and "task.prefix_lm=true needs model.arch=transformer" in err

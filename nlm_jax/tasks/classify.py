@@ -341,8 +341,8 @@ class ClassifyRun(ExamplesRun):
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"),
                                    frozen)
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
-                             example_len=8, grad_accum=cfg.optim.grad_accum, ema_decay=cfg.optim.ema_decay,
-                             freeze=frozen, smoothing=t.label_smoothing,
+                             example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
+                             ema_decay=cfg.optim.ema_decay, freeze=frozen, smoothing=t.label_smoothing,
                              word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
                              lm_weight=cfg.finetune.lm_weight)
 

@@ -163,7 +163,8 @@ class TranslateRun(ExamplesRun):
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
     finetune.freeze(cfg, head=None)  # no new head: refused if asked for
     self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
-                              example_len=8, grad_accum=cfg.optim.grad_accum, ema_decay=cfg.optim.ema_decay,
+                              example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
+                              ema_decay=cfg.optim.ema_decay,
                               smoothing=t.label_smoothing, prefix_lm=t.prefix_lm)
 
   # ------------------------------------------------------------------------- data
