@@ -609,6 +609,18 @@ def test_word_dropout_needs_an_unknown_word_token(tmp_path, sst):
   assert len(err.strip().splitlines()) == 1
 
 
+def test_tsv_lines_end_at_newlines_only_and_an_empty_label_is_an_error(tmp_path):
+  from nlm_jax.errors import UserError
+  from nlm_jax.tasks.classify import read_tsv
+
+  path = tmp_path / "a.tsv"
+  path.write_bytes("sentence\tlabel\r\nit was\u2028 fine\x0c here\t1\r\n\ndull\t0\n".encode())
+  assert read_tsv(str(path), "sentence", "label") == (["it was\u2028 fine\x0c here", "dull"], ["1", "0"])
+  path.write_text("sentence\tlabel\ngood\t1\nno label here\t\n")
+  with pytest.raises(UserError, match="a.tsv:3: the label .* is empty"):
+    read_tsv(str(path), "sentence", "label")
+
+
 def test_a_transformer_with_a_context_under_eight_tokens_classifies(tmp_path, sst):
   """The network is initialized on an example of min(8, task.max_len) tokens: a Transformer whose
   context is shorter than 8 builds (it failed with a traceback)."""

@@ -83,7 +83,9 @@ def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], l
   text = read_text(path)
   if not text.strip():
     raise UserError(f"data file {path} is empty")
-  reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+  # lines end at "\n" (and "\r\n") only: str.splitlines would also split a text at U+2028, \x85, ...
+  reader = csv.reader([line.removesuffix("\r") for line in text.split("\n")], delimiter="\t",
+                      quoting=csv.QUOTE_NONE)
   header = next(reader)
   for field, key in ((text_field, "task.text_field"), (label_field, "task.label_field")):
     if field not in header:
@@ -95,6 +97,8 @@ def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], l
       continue
     if len(row) != len(header):
       raise UserError(f"{path}:{line_no}: {len(row)} tab-separated fields, the header has {len(header)}")
+    if not row[i_label].strip():
+      raise UserError(f"{path}:{line_no}: the label ({label_field!r}) is empty")
     texts.append(row[i_text])
     labels.append(row[i_label].strip())
   if not texts:
