@@ -115,6 +115,18 @@ class TaskConfig:
   decode_batch_size: int = 64  # translate: sentences decoded at once
 
 
+# The task.* keys and the task kinds that read them: set to anything but its default under
+# another kind, a key is an error (it would be ignored).
+TASK_KEYS = {
+    "source_lang": ("translate",), "target_lang": ("translate",), "beam_size": ("translate",),
+    "length_penalty": ("translate",), "max_decode_len": ("translate",), "decode_batch_size": ("translate",),
+    "text_field": ("classify",), "label_field": ("classify",), "pooling": ("classify",),
+    "head_dropout": ("classify",), "word_dropout": ("classify",), "backward": ("classify",),
+    "max_len": ("classify", "translate"), "label_smoothing": ("classify", "translate"),
+    "prefix_lm": ("classify", "translate"),
+}
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
   freeze_body_steps: int = 0  # with train.init_from: the body is not updated for the first k steps
@@ -274,8 +286,16 @@ def validate(cfg: Config) -> Config:
   if cfg.data.reverse and cfg.task.kind != "lm":
     raise UserError(f"config: data.reverse=true is for language models, not task.kind={cfg.task.kind} (a classifier "
                     "also reads its text right to left with task.backward=true)")
-  if cfg.task.backward and cfg.task.kind != "classify":
-    raise UserError(f"config: task.backward=true is for task.kind=classify, not {cfg.task.kind}")
+  defaults = TaskConfig()
+  for key, kinds in TASK_KEYS.items():
+    value = getattr(cfg.task, key)
+    if cfg.task.kind not in kinds and value != getattr(defaults, key):
+      shown = str(value).lower() if isinstance(value, bool) else value
+      raise UserError(f"config: task.{key}={shown} is for task.kind={' or '.join(kinds)}, not {cfg.task.kind} "
+                      "(it would be ignored)")
+  if cfg.train.eval_estimator == "random_windows" and cfg.task.kind != "lm":
+    raise UserError(f"config: train.eval_estimator=random_windows is for task.kind=lm (windows of a text), not "
+                    f"{cfg.task.kind}")
   if cfg.train.init_backward_from and not (cfg.task.backward and cfg.train.init_from):
     raise UserError("config: train.init_backward_from loads the backward body: it needs task.backward=true and "
                     "train.init_from (the forward language model)")

@@ -54,3 +54,25 @@ def test_bad_overrides_name_the_key(override, mentions):
   base = ["workdir=w", "data.file=f", "model.arch=fnn"]
   with pytest.raises(UserError, match=mentions.replace("[", r"\[")):
     config_lib.load_config(None, base + [override])
+
+
+def test_every_task_key_names_the_kinds_that_read_it():
+  import dataclasses
+
+  assert set(config_lib.TASK_KEYS) == {f.name for f in dataclasses.fields(config_lib.TaskConfig)} - {"kind"}
+
+
+@pytest.mark.parametrize("kind,override,mentions", [
+    ("lm", "task.label_smoothing=0.5", "task.label_smoothing=0.5 is for task.kind=classify or translate, not lm"),
+    ("lm", "task.prefix_lm=true", "task.prefix_lm=true is for task.kind=classify or translate"),
+    ("translate", "task.pooling=mean", "task.pooling=mean is for task.kind=classify, not translate"),
+    ("translate", "task.word_dropout=0.1", "task.word_dropout=0.1 is for task.kind=classify"),
+    ("classify", "task.beam_size=2", "task.beam_size=2 is for task.kind=translate, not classify"),
+    ("lm", "task.backward=true", "task.backward=true is for task.kind=classify, not lm"),
+    ("classify", "train.eval_estimator=random_windows", "random_windows is for task.kind=lm"),
+])
+def test_a_task_setting_another_kind_would_ignore_is_an_error(kind, override, mentions):
+  base = ["workdir=w", "data.file=f", "model.arch=lstm", f"task.kind={kind}"]
+  config_lib.load_config(None, base + ["task.max_len=128"] if kind != "lm" else base)  # the defaults pass
+  with pytest.raises(UserError, match=mentions):
+    config_lib.load_config(None, base + [override])
