@@ -109,9 +109,10 @@ QUICK = {  # tiny models and budgets for --quick
            "tokenizer.vocab_size=null"],
     "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
                     "tokenizer.kind=word", "tokenizer.vocab_size=null"],
-    "budget": ["train.steps=20", "train.eval_every=10", "train.log_every=10", "data.batch_size=8", "task.max_len=32",
+    "budget": ["train.steps=20", "train.eval_every=10", "train.log_every=10", "data.batch_size=8",
                "data.eval_batch_size=16"],
-    "translate": ["task.max_len=32", "task.max_decode_len=12", "task.beam_size=2"],
+    "finetune": ["task.max_len=32"],  # (a language model has no task.max_len: an error there)
+    "translate": ["task.max_decode_len=12", "task.beam_size=2"],
     "pretrain": ["data.seq_len=16", "train.eval_batches=2"],
 }
 
@@ -191,7 +192,7 @@ def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: s
            if task == "sst2" else
            [f"data.files.{s}={data}/multi30k/{f}" for s, f in (("train", "train"), ("validation", "val"),
                                                                 ("test", "test"))])
-  extra = QUICK["translate"] if quick and task == "multi30k" else []
+  extra = (QUICK["finetune"] + (QUICK["translate"] if task == "multi30k" else [])) if quick else []
   sets, pretrain_sets = finetune_sets(sets, backward), list(pretrain_sets)
   pretrained = os.path.join(tmp, f"pretrain_{task}_{arch}{tag(pretrain_sets)}")
   pretrained_backward = pretrained + "_backward"
