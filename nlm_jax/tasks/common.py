@@ -91,10 +91,6 @@ class ExamplesRun:
     sums = None
     for batch, _ in self.eval_batches(split, max_batches):
       _, m = self.task.eval_step(params, None, batch)
-      if jax.process_count() > 1:
-        # One batch at a time, summed here: several processes' CPU collectives (Gloo) deadlocked
-        # with the batches' independent computations in flight together (a two-process classifier)
-        m = jax.device_get(m)
       sums = m if sums is None else jax.tree.map(lambda a, b: a + b, sums, m)
     sums = jax.device_get(sums)
     if sums is None or float(sums["count"]) == 0:

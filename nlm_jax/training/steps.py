@@ -88,9 +88,9 @@ class LMTask:
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
     # The eval carry's batch size may differ from training's: XLA picks its layout.
-    self.eval_step = jax.jit(self._eval_step,
-                             in_shardings=(self.state_sharding.params, None, batch_sh),
-                             out_shardings=(None, self.replicated))
+    self._eval_step_jit = jax.jit(self._eval_step,
+                                  in_shardings=(self.state_sharding.params, None, batch_sh),
+                                  out_shardings=(None, self.replicated))
     self.update_plateau = jax.jit(self._update_plateau, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.replicated),
                                   out_shardings=self.state_sharding)
@@ -126,6 +126,13 @@ class LMTask:
                            rngs=rngs)
     nll_sum, count = objectives.next_token_nll(out.logits, batch["targets"], batch["mask"])
     return nll_sum, count, out.carry, {}
+
+  def eval_step(self, params, carry, batch):
+    """(new carry, summed metrics) of an evaluation batch (compiled). In a multi-process run it
+    returns once the batch is computed: independent evaluation batches in flight together
+    deadlocked two processes' CPU collectives (Gloo) inside an all-reduce."""
+    out = self._eval_step_jit(params, carry, batch)
+    return jax.block_until_ready(out) if jax.process_count() > 1 else out
 
   def train_scores(self, metrics: list[dict]) -> dict:
     """Numbers of the task's own for the training log, from the (fetched) metrics of the

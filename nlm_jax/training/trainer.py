@@ -195,8 +195,6 @@ class Run:
     nll_sum, count, previous = 0.0, 0.0, None
     for local in pipeline.eval_batches(tokens, batching, batch_size, d.seq_len, max_batches, seed, rows):
       carry, m = self.task.eval_step(params, carry, self.global_batch(local, batch_size))
-      if jax.process_count() > 1:  # one at a time: see ExamplesRun.eval_sums (a Gloo deadlock)
-        jax.block_until_ready(m)
       nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
       if previous is not None:  # the bar follows the device, one batch behind the host
         jax.block_until_ready(previous)
