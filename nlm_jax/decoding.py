@@ -10,14 +10,18 @@ prompt token while t is inside its prompt, else its newest generated token — s
 and positions stay exact. A row's first generated token comes from the logits after its last
 prompt token.
 
-Beam search keeps, per row, up to K alive hypotheses and the K best finished ones: each step
-scores the K·V extensions of the alive beams by their summed log-probability and takes the best
-K; those that end in `eos_id` join the finished set, scored by log P / lp(length) with GNMT's
-lp(n) = ((5 + n) / 6)^α (Wu et al. 2016), and leave the beam; the others stay alive (their
-carries reordered by parent). A hypothesis still alive after `max_len` tokens is finished there.
-The result per row is the finished hypothesis with the best score (the end token removed).
-K = 1 is exactly greedy search (batched); a K as large as the number of possible hypotheses
-makes the search exhaustive.
+Beam search keeps, per row, K alive hypotheses and the K best finished ones (as tensor2tensor's
+and fairseq's do): each step scores the K·V extensions of the alive beams by their summed
+log-probability and takes the best 2K; those that end in `eos_id` join the finished set, scored
+by log P / lp(length) with GNMT's lp(n) = ((5 + n) / 6)^α (Wu et al. 2016); the best K of the
+others stay alive (their carries reordered by parent). At most K candidates end (one per beam),
+so a hypothesis that ends never costs the beam a slot. A hypothesis still alive after `max_len`
+tokens is finished there. A row stops once no alive beam can beat its best finished one (a
+beam's log P only falls as it grows, so its best possible score is log P now over the largest
+length penalty still ahead), and the loop once every row has stopped: the same result as
+searching to `max_len`, sooner. The result per row is the finished hypothesis with the best score
+(the end token removed). K = 1 is greedy search (batched: one candidate per step, whatever the
+length penalty); a K as large as the number of possible hypotheses makes the search exhaustive.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
   B, P = prompts_BxP.shape
   K = beam_size
   N = B * K
+  V = model.cfg.vocab_size
+  # Candidates per step: at most K of 2K end, so K stay alive; one beam is greedy search.
+  C = 1 if K == 1 else min(2 * K, K * V)
   axes = _batch_axes(model, N)
   carry = model.initial_carry(N)
   first = 0
@@ -71,16 +78,16 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
     carry = model.apply({"params": params}, prefix, carry, prefix_B=jnp.full((N,), P - 1, jnp.int32)).carry
     first = P - 1
   steps = P + max_len - 1  # tokens fed: the longest prompt, then up to max_len − 1 generated ones
-  V = model.cfg.vocab_size
   alive_seq = jnp.zeros((B, K, max_len), jnp.int32)
   alive_logp = jnp.tile(jnp.asarray([0.0] + [NEG] * (K - 1), jnp.float32), (B, 1))
   finished_seq = jnp.zeros((B, K, max_len), jnp.int32)
   finished_score = jnp.full((B, K), NEG, jnp.float32)
   finished_len = jnp.zeros((B, K), jnp.int32)
+  done_B = jnp.zeros((B,), bool)
   prompts_NxP = jnp.repeat(prompts_BxP, K, axis=0)
 
-  def step(t, loop):
-    carry, alive_seq, alive_logp, finished_seq, finished_score, finished_len = loop
+  def step(loop):
+    t, carry, alive_seq, alive_logp, finished_seq, finished_score, finished_len, done_B = loop
     i = t + 1 - lengths_B  # (B,) the index of the token this step's logits choose, per row
     # The token fed at step t: the prompt's while inside it, else the beam's newest token.
     last_gen = jnp.take_along_axis(alive_seq, jnp.clip(i - 1, 0, max_len - 1)[:, None, None], axis=2)[..., 0]
@@ -89,9 +96,9 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
     out = model.apply({"params": params}, fed_N[:, None], carry)
     logp_BxKxV = jax.nn.log_softmax(out.logits[:, -1].astype(jnp.float32)).reshape(B, K, V)
 
-    # Extend every alive beam by every token; the best K of the K·V candidates.
+    # Extend every alive beam by every token; the best C of the K·V candidates.
     cand_BxKV = (alive_logp[:, :, None] + logp_BxKxV).reshape(B, K * V)
-    top_logp, top_idx = jax.lax.top_k(cand_BxKV, K)
+    top_logp, top_idx = jax.lax.top_k(cand_BxKV, C)
     parent, token = top_idx // V, top_idx % V
     seq = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
     seq = jnp.where(jnp.arange(max_len)[None, None] == i[:, None, None], token[:, :, None], seq)
@@ -107,21 +114,32 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
     new_fin_score, fin_idx = jax.lax.top_k(all_score, K)
     new_fin_seq = jnp.take_along_axis(all_seq, fin_idx[:, :, None], axis=1)
     new_fin_len = jnp.take_along_axis(all_len, fin_idx, axis=1)
-    # Alive: those of them that did not end (an ended one leaves its slot empty: NEG).
-    new_alive_logp, new_alive_seq, new_parent = jnp.where(ends, NEG, top_logp), seq, parent
+    # Alive: the best K of the candidates that did not end.
+    new_alive_logp, alive_idx = jax.lax.top_k(jnp.where(ends, NEG, top_logp), K)
+    new_alive_seq = jnp.take_along_axis(seq, alive_idx[:, :, None], axis=1)
+    new_parent = jnp.take_along_axis(parent, alive_idx, axis=1)
 
-    # Rows still reading their prompt (i < 0) or already done (i ≥ max_len) keep their beams.
-    active = ((i >= 0) & (i < max_len))[:, None]
+    # Rows still reading their prompt (i < 0), past their last token or done keep their beams.
+    active = ((i >= 0) & (i < max_len) & ~done_B)[:, None]
     keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 2)), new, old)
     parent_N = (jnp.where(active, new_parent, jnp.arange(K)[None]) + K * jnp.arange(B)[:, None]).reshape(N)
     carry = _reorder(out.carry, axes, parent_N)
-    return (carry, keep(new_alive_seq, alive_seq), keep(new_alive_logp, alive_logp),
-            keep(new_fin_seq, finished_seq), keep(new_fin_score, finished_score), keep(new_fin_len, finished_len))
+    alive_seq, alive_logp = keep(new_alive_seq, alive_seq), keep(new_alive_logp, alive_logp)
+    finished_seq, finished_score = keep(new_fin_seq, finished_seq), keep(new_fin_score, finished_score)
+    finished_len = keep(new_fin_len, finished_len)
+    # A row is done once no alive beam can beat its best finished hypothesis: log-probabilities
+    # only fall as a beam grows, so a beam's final score is at most its log P now divided by the
+    # largest length penalty still ahead (lp is monotone in the length: its value at one end).
+    longest = jnp.maximum(length_penalty(length + 1, alpha), length_penalty(float(max_len), alpha))[:, 0]
+    bound = alive_logp.max(axis=1) / longest
+    done_B = done_B | (i >= max_len - 1) | ((i >= 0) & (bound < finished_score[:, 0]))
+    return t + 1, carry, alive_seq, alive_logp, finished_seq, finished_score, finished_len, done_B
 
-  loop = jax.lax.fori_loop(first, steps, step, (carry, alive_seq, alive_logp, finished_seq, finished_score,
-                                                finished_len))
-  _, _, _, finished_seq, finished_score, finished_len = loop
-  return finished_seq[:, 0], finished_len[:, 0], finished_score[:, 0]
+  loop = jax.lax.while_loop(lambda loop: (loop[0] < steps) & ~jnp.all(loop[-1]), step,
+                            (jnp.asarray(first, jnp.int32), carry, alive_seq, alive_logp, finished_seq,
+                             finished_score, finished_len, done_B))
+  t, _, _, _, finished_seq, finished_score, finished_len, _ = loop
+  return finished_seq[:, 0], finished_len[:, 0], finished_score[:, 0], t  # t: the tokens fed
 
 
 def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, beam_size: int = 4,
@@ -159,7 +177,7 @@ def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, be
       lengths[b] = len(p)
     if prefix_lm:  # the rows filling the call repeat a real prompt (one length)
       padded[rows:], lengths[rows:] = padded[0], lengths[0]
-    seq, length, score = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+    seq, length, score, _ = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
                                                      eos_id=int(eos_id), beam_size=beam_size, max_len=max_len,
                                                      alpha=float(length_penalty), prefix_lm=prefix_lm))
     for b, i in enumerate(call):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import conftest
 import jax
@@ -827,6 +828,108 @@ def test_beam_search_is_exhaustive_when_the_beam_holds_every_hypothesis():
     assert out == (best[1][:-1] if best[1][-1] == eos else best[1])
     assert score == pytest.approx(best[0], abs=1e-5)
   assert any(len(out) > 0 for out in found)  # not only the trivial immediate end
+
+
+def reference_beam_search(model, params, prompt, eos, K, max_len, alpha):
+  """Beam search as the textbook states it, each prefix's distribution recomputed from scratch:
+  per step the best 2K extensions of the K alive beams; those that end (or reach max_len) are
+  finished, scored log P / lp(n); the best K of the others stay alive. Runs to max_len."""
+  from nlm_jax.decoding import length_penalty
+
+  V = model.cfg.vocab_size
+  next_logp = jax.jit(lambda seq: jax.nn.log_softmax(model.apply({"params": params}, seq[None]).logits[0, -1]))
+  alive, finished = [(0.0, [])], []
+  for n in range(1, max_len + 1):
+    cands = []
+    for logp, cont in alive:
+      dist = np.asarray(next_logp(jnp.asarray(prompt + cont)), np.float64)
+      cands += [(logp + float(dist[v]), cont + [v]) for v in range(V)]
+    cands = sorted(cands, key=lambda c: -c[0])[:2 * K]
+    finished += [(logp / float(length_penalty(n, alpha)), cont) for logp, cont in cands
+                 if cont[-1] == eos or n == max_len]
+    alive = [c for c in cands if c[1][-1] != eos][:K]
+  score, cont = max(finished)
+  return (cont[:-1] if cont[-1] == eos else cont), score
+
+
+@dataclasses.dataclass(frozen=True)
+class Bigram:
+  """A first-order Markov language model with the library's calling convention (the carry is the
+  last token): `params["logits"][a, b]` is the logit of b after a. Its search spaces are easy to
+  design by hand."""
+  vocab_size: int
+
+  @property
+  def cfg(self):
+    return types.SimpleNamespace(vocab_size=self.vocab_size, arch="bigram")
+
+  def initial_carry(self, n):
+    return jnp.zeros((n,), jnp.int32)
+
+  def apply(self, variables, tokens, carry=None):
+    return types.SimpleNamespace(logits=variables["params"]["logits"][tokens], carry=tokens[:, -1])
+
+
+def test_an_ending_hypothesis_does_not_cost_the_beam_a_slot():
+  from nlm_jax.decoding import beam_search
+
+  # After the prompt (id 0): 1 (p .45), the end 4 (p .30), 2 (p .25). After 1 every id is as
+  # likely (a dead end); after 2 the end is certain. With two beams and α = 1, "2 <end>" scores
+  # log .25 / lp(2) = −1.188 and beats "<end>" (log .30 / lp(1) = −1.204): a search that let the
+  # early end take one of its two slots keeps only 1 alive and never sees 2.
+  logits = np.zeros((5, 5), np.float32)
+  logits[0, :] = np.log([1e-9, 0.45, 0.25, 1e-9, 0.30])
+  logits[2, :] = np.log([1e-9, 1e-9, 1e-9, 1e-9, 1.0])
+  found = beam_search(Bigram(5), {"logits": jnp.asarray(logits)}, [[0]], 4, beam_size=2, max_len=4,
+                      length_penalty=1.0)
+  assert found == [[2]]
+  # and the search stops after those two tokens: the best alive beam, "1 x" (log P = −2.41), can
+  # score at most −2.41 / lp(4) = −1.61 < −1.188
+  from nlm_jax.decoding import _beam_search
+
+  fed = _beam_search(Bigram(5), {"logits": jnp.asarray(logits)}, jnp.zeros((1, 1), jnp.int32),
+                     jnp.ones((1,), jnp.int32), eos_id=4, beam_size=2, max_len=4, alpha=1.0)[-1]
+  assert int(fed) == 2
+
+
+def test_beam_search_does_not_stop_while_a_longer_hypothesis_can_still_win():
+  from nlm_jax.decoding import beam_search
+
+  # After the prompt (id 0): the end 5 (p .45, score log .45 = −0.80), 4 (p .35, a dead end:
+  # every id equally likely after it) and 1 (p .20); after 1 the text runs 2 3 2 3 ... with
+  # certainty, never ending. With α = 2, "1 2 3 2 3 2" (cut at max_len 6) scores log .2 / lp(6) =
+  # −0.48 and wins. After two tokens its log P (−1.61) over lp(3) is −0.91, below the end's −0.80:
+  # a search that bounded a beam's future by the next length's penalty, not the largest one
+  # ahead, would stop there and return the end.
+  logits = np.zeros((6, 6), np.float32)
+  logits[0, :] = np.log([1e-9, 0.20, 1e-9, 1e-9, 0.35, 0.45])
+  for a, b in [(1, 2), (2, 3), (3, 2)]:
+    logits[a, :] = np.log(np.where(np.arange(6) == b, 1.0, 1e-9))
+  found, scores = beam_search(Bigram(6), {"logits": jnp.asarray(logits)}, [[0]], 5, beam_size=2, max_len=6,
+                              length_penalty=2.0, return_scores=True)
+  assert found == [[1, 2, 3, 2, 3, 2]] and scores[0] == pytest.approx(np.log(0.2) / (11 / 6) ** 2, abs=1e-5)
+
+
+def test_beam_search_equals_the_reference_beam_search():
+  """Random sharp bigram models whose best continuations have many lengths: the batched search
+  (rows of different prompt lengths together, stopped early once no alive beam can win) returns
+  what the textbook search to max_len returns, hypothesis and score."""
+  from nlm_jax.decoding import beam_search
+
+  V, eos, max_len = 7, 6, 8
+  prompts = [[1, 2, 0], [2], [4, 4], [3, 1, 2, 4], [0], [5, 1], [3], [2, 2, 5]]
+  lengths = set()
+  for seed in range(3):
+    logits = 2.5 * jax.random.normal(jax.random.key(seed), (V, V))
+    params = {"logits": logits.at[:, eos].add(-1.0)}
+    for K, alpha in [(2, 0.6), (3, 1.0), (4, 0.0)]:
+      found, scores = beam_search(Bigram(V), params, prompts, eos, beam_size=K, max_len=max_len,
+                                  length_penalty=alpha, batch_size=4, return_scores=True)
+      for prompt, out, score in zip(prompts, found, scores):
+        want, want_score = reference_beam_search(Bigram(V), params, prompt, eos, K, max_len, alpha)
+        assert (out, score) == (want, pytest.approx(want_score, abs=1e-5)), (seed, K, alpha, prompt)
+        lengths.add(len(out))
+  assert len(lengths) >= 4, lengths  # not only immediate ends, or only max_len
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer", "fnn"])
