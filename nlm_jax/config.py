@@ -112,6 +112,7 @@ class TaskConfig:
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
   max_decode_len: int = 64  # translate: most tokens a translation may have
+  min_decode_len: int = 1  # translate: fewest tokens before the end (0: a translation may be empty)
   decode_batch_size: int = 64  # translate: sentences decoded at once
 
 
@@ -119,7 +120,8 @@ class TaskConfig:
 # another kind, a key is an error (it would be ignored).
 TASK_KEYS = {
     "source_lang": ("translate",), "target_lang": ("translate",), "beam_size": ("translate",),
-    "length_penalty": ("translate",), "max_decode_len": ("translate",), "decode_batch_size": ("translate",),
+    "length_penalty": ("translate",), "max_decode_len": ("translate",), "min_decode_len": ("translate",),
+    "decode_batch_size": ("translate",),
     "text_field": ("classify",), "label_field": ("classify",), "pooling": ("classify",),
     "head_dropout": ("classify",), "word_dropout": ("classify",), "backward": ("classify",),
     "max_len": ("classify", "translate"), "label_smoothing": ("classify", "translate"),
@@ -214,6 +216,7 @@ RANGES = {
     "task.beam_size": (1, None, "≥ 1"),
     "task.length_penalty": (0, None, "≥ 0"),
     "task.max_decode_len": (1, None, "≥ 1"),
+    "task.min_decode_len": (0, None, "≥ 0"),
     "task.decode_batch_size": (1, None, "≥ 1"),
     "finetune.freeze_body_steps": (0, None, "≥ 0"),
     "finetune.body_lr_scale": (0, None, "≥ 0"),

@@ -61,9 +61,10 @@ def _reorder(carry, axes, index_N: Array):
   return jax.tree.map(lambda c, ax: c if ax is None else jnp.take(c, index_N, axis=ax), carry, axes)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id", "prefix_lm"))
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id", "prefix_lm",
+                                             "min_len"))
 def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id: int, beam_size: int,
-                 max_len: int, alpha: float, prefix_lm: bool = False):
+                 max_len: int, alpha: float, prefix_lm: bool = False, min_len: int = 0):
   B, P = prompts_BxP.shape
   K = beam_size
   N = B * K
@@ -95,6 +96,9 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
     fed_N = jnp.where(jnp.repeat(t < lengths_B, K), prompt_tok, last_gen.reshape(N))
     out = model.apply({"params": params}, fed_N[:, None], carry)
     logp_BxKxV = jax.nn.log_softmax(out.logits[:, -1].astype(jnp.float32)).reshape(B, K, V)
+    if min_len:  # no end before min_len tokens
+      early_end = (jnp.arange(V) == eos_id)[None, None] & (i < min_len)[:, None, None]
+      logp_BxKxV = jnp.where(early_end, NEG, logp_BxKxV)
 
     # Extend every alive beam by every token; the best C of the K·V candidates.
     cand_BxKV = (alive_logp[:, :, None] + logp_BxKxV).reshape(B, K * V)
@@ -144,13 +148,15 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
 
 def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, beam_size: int = 4,
                 max_len: int = 64, length_penalty: float = 0.0, batch_size: int = 64,
-                return_scores: bool = False, prefix_lm: bool = False):
+                return_scores: bool = False, prefix_lm: bool = False, min_len: int = 0):
   """The best continuation of each prompt (a list of ids, without the end token), `batch_size`
   prompts per compiled call. `length_penalty` is α of lp(n) = ((5 + n)/6)^α (0: none).
   With `return_scores`, also each continuation's score (log P / lp(n), the end token counted).
   `prefix_lm` (a Transformer trained as a prefix LM): all but the last token of each prompt are
   its bidirectional prefix; they enter the KV cache in one call, so the prompts of a call must
-  have one length (calls are made per length; each new length compiles once)."""
+  have one length (calls are made per length; each new length compiles once). `min_len`: the
+  fewest tokens a continuation has before its end (fairseq's min_len; its default of 1 keeps a
+  translation from being empty, the empty one often being the model's most probable)."""
   if beam_size < 1 or max_len < 1:
     raise ValueError("beam_size and max_len must be ≥ 1")
   context = getattr(model.cfg, "context", None) if model.cfg.arch == "transformer" else None
@@ -179,7 +185,8 @@ def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, be
       padded[rows:], lengths[rows:] = padded[0], lengths[0]
     seq, length, score, _ = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
                                                      eos_id=int(eos_id), beam_size=beam_size, max_len=max_len,
-                                                     alpha=float(length_penalty), prefix_lm=prefix_lm))
+                                                     alpha=float(length_penalty), prefix_lm=prefix_lm,
+                                                     min_len=int(min_len)))
     for b, i in enumerate(call):
       ids = [int(x) for x in seq[b, :length[b]]]
       outputs[i] = ids[:-1] if ids and ids[-1] == eos_id else ids

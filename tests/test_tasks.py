@@ -830,10 +830,11 @@ def test_beam_search_is_exhaustive_when_the_beam_holds_every_hypothesis():
   assert any(len(out) > 0 for out in found)  # not only the trivial immediate end
 
 
-def reference_beam_search(model, params, prompt, eos, K, max_len, alpha):
+def reference_beam_search(model, params, prompt, eos, K, max_len, alpha, min_len=0):
   """Beam search as the textbook states it, each prefix's distribution recomputed from scratch:
-  per step the best 2K extensions of the K alive beams; those that end (or reach max_len) are
-  finished, scored log P / lp(n); the best K of the others stay alive. Runs to max_len."""
+  per step the best 2K extensions of the K alive beams (no end among the first min_len tokens);
+  those that end (or reach max_len) are finished, scored log P / lp(n); the best K of the others
+  stay alive. Runs to max_len."""
   from nlm_jax.decoding import length_penalty
 
   V = model.cfg.vocab_size
@@ -843,7 +844,7 @@ def reference_beam_search(model, params, prompt, eos, K, max_len, alpha):
     cands = []
     for logp, cont in alive:
       dist = np.asarray(next_logp(jnp.asarray(prompt + cont)), np.float64)
-      cands += [(logp + float(dist[v]), cont + [v]) for v in range(V)]
+      cands += [(logp + float(dist[v]), cont + [v]) for v in range(V) if v != eos or n > min_len]
     cands = sorted(cands, key=lambda c: -c[0])[:2 * K]
     finished += [(logp / float(length_penalty(n, alpha)), cont) for logp, cont in cands
                  if cont[-1] == eos or n == max_len]
@@ -922,11 +923,12 @@ def test_beam_search_equals_the_reference_beam_search():
   for seed in range(3):
     logits = 2.5 * jax.random.normal(jax.random.key(seed), (V, V))
     params = {"logits": logits.at[:, eos].add(-1.0)}
-    for K, alpha in [(2, 0.6), (3, 1.0), (4, 0.0)]:
+    for K, alpha, min_len in [(2, 0.6, 0), (3, 1.0, 0), (4, 0.0, 0), (3, 0.6, 2)]:
       found, scores = beam_search(Bigram(V), params, prompts, eos, beam_size=K, max_len=max_len,
-                                  length_penalty=alpha, batch_size=4, return_scores=True)
+                                  length_penalty=alpha, batch_size=4, return_scores=True, min_len=min_len)
       for prompt, out, score in zip(prompts, found, scores):
-        want, want_score = reference_beam_search(Bigram(V), params, prompt, eos, K, max_len, alpha)
+        want, want_score = reference_beam_search(Bigram(V), params, prompt, eos, K, max_len, alpha, min_len)
+        assert len(out) >= min_len
         assert (out, score) == (want, pytest.approx(want_score, abs=1e-5)), (seed, K, alpha, prompt)
         lengths.add(len(out))
   assert len(lengths) >= 4, lengths  # not only immediate ends, or only max_len

@@ -228,7 +228,7 @@ class TranslateRun(ExamplesRun):
       limit = min(limit, context + 1 - max(len(p) for p in prompts))
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths decode together
     out = decoding.beam_search(self.model, params, [prompts[i] for i in order], self.eol, beam_size, limit, alpha,
-                               batch_size=t.decode_batch_size, prefix_lm=t.prefix_lm)
+                               batch_size=t.decode_batch_size, prefix_lm=t.prefix_lm, min_len=t.min_decode_len)
     texts = [""] * len(sources)
     for i, ids in zip(order, out):
       texts[i] = self.tokenizer.decode(ids).strip()
