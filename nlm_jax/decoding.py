@@ -63,8 +63,10 @@ def _reorder(carry, axes, index_N: Array):
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len", "alpha", "eos_id", "prefix_lm",
                                              "min_len"))
-def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id: int, beam_size: int,
-                 max_len: int, alpha: float, prefix_lm: bool = False, min_len: int = 0):
+def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, n_rows: Array | None = None, *, eos_id: int,
+                 beam_size: int, max_len: int, alpha: float, prefix_lm: bool = False, min_len: int = 0):
+  """(best sequence, its length, its score, tokens fed) per row; rows from `n_rows` on only fill
+  the batch: they count as done from the start, so they never keep the loop going."""
   B, P = prompts_BxP.shape
   K = beam_size
   N = B * K
@@ -84,7 +86,7 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, *, eos_id:
   finished_seq = jnp.zeros((B, K, max_len), jnp.int32)
   finished_score = jnp.full((B, K), NEG, jnp.float32)
   finished_len = jnp.zeros((B, K), jnp.int32)
-  done_B = jnp.zeros((B,), bool)
+  done_B = jnp.zeros((B,), bool) if n_rows is None else jnp.arange(B) >= n_rows
   prompts_NxP = jnp.repeat(prompts_BxP, K, axis=0)
 
   def step(loop):
@@ -183,10 +185,10 @@ def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, be
       lengths[b] = len(p)
     if prefix_lm:  # the rows filling the call repeat a real prompt (one length)
       padded[rows:], lengths[rows:] = padded[0], lengths[0]
-    seq, length, score, _ = jax.device_get(_beam_search(model, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                                     eos_id=int(eos_id), beam_size=beam_size, max_len=max_len,
-                                                     alpha=float(length_penalty), prefix_lm=prefix_lm,
-                                                     min_len=int(min_len)))
+    seq, length, score, _ = jax.device_get(_beam_search(
+        model, params, jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(rows, jnp.int32), eos_id=int(eos_id),
+        beam_size=beam_size, max_len=max_len, alpha=float(length_penalty), prefix_lm=prefix_lm,
+        min_len=int(min_len)))
     for b, i in enumerate(call):
       ids = [int(x) for x in seq[b, :length[b]]]
       outputs[i] = ids[:-1] if ids and ids[-1] == eos_id else ids

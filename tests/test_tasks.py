@@ -6,6 +6,7 @@ task interface."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -888,9 +889,14 @@ def test_an_ending_hypothesis_does_not_cost_the_beam_a_slot():
   # score at most −2.41 / lp(4) = −1.61 < −1.188
   from nlm_jax.decoding import _beam_search
 
-  fed = _beam_search(Bigram(5), {"logits": jnp.asarray(logits)}, jnp.zeros((1, 1), jnp.int32),
-                     jnp.ones((1,), jnp.int32), eos_id=4, beam_size=2, max_len=4, alpha=1.0)[-1]
-  assert int(fed) == 2
+  search = functools.partial(_beam_search, Bigram(5), {"logits": jnp.asarray(logits)}, eos_id=4, beam_size=2,
+                             max_len=4, alpha=1.0)
+  assert int(search(jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))[-1]) == 2
+  # Rows that only fill a batch (from n_rows on) do not keep it going: here three with 4-token
+  # prompts, which alone would take the loop past their prompts.
+  lengths = jnp.asarray([1, 4, 4, 4])
+  assert int(search(jnp.zeros((4, 4), jnp.int32), lengths, jnp.asarray(1))[-1]) == 2
+  assert int(search(jnp.zeros((4, 4), jnp.int32), lengths)[-1]) > 4
 
 
 def test_beam_search_does_not_stop_while_a_longer_hypothesis_can_still_win():
