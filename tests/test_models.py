@@ -246,6 +246,28 @@ def test_kv_cache_decoding_equals_full_forward(transformer_config, variant):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5, err_msg=f"prefill {k}")
 
 
+def test_kv_cache_overflow_is_an_error_or_nan(transformer_config):
+  """The cache holds model.context positions; feeding past them (dynamic_update_slice clamps its
+  start, so the newest keys would overwrite cached ones) raises when called eagerly, and gives
+  NaN, not plausible wrong numbers, under jit."""
+  cfg = dataclasses.replace(transformer_config, pos_encoding="rotary")
+  model, variables, tokens = init_model(cfg, T=cfg.context)
+  carry = model.apply(variables, tokens[:, :cfg.context - 2], model.initial_carry(2)).carry
+  with pytest.raises(ValueError, match="KV cache overflow"):
+    model.apply(variables, tokens[:, :4], carry)
+  assert bool(jnp.isfinite(compiled_apply(cfg)(variables, tokens[:, :2], carry).logits).all())  # fills it
+  assert bool(jnp.isnan(compiled_apply(cfg)(variables, tokens[:, :4], carry).logits).all())
+
+
+def test_cudnn_attention_refuses_a_prefix_mask(transformer_config):
+  """cuDNN's fused attention is causal only: asked for with a prefix-LM mask it raises rather than
+  drop the mask (the fused call is not reached: this holds on a CPU too)."""
+  cfg = dataclasses.replace(transformer_config, dtype="bfloat16")
+  _, variables, tokens = init_model(cfg, T=6)  # initialized with XLA's attention (no cuDNN here)
+  with pytest.raises(ValueError, match="prefix-LM mask"):
+    build(dataclasses.replace(cfg, attention="cudnn")).apply(variables, tokens, prefix_B=jnp.asarray([3, 0]))
+
+
 @pytest.mark.parametrize("arch", ["fnn", "rnn", "lstm"])
 def test_stepwise_with_carry_equals_full_forward(request, arch):
   cfg = request.getfixturevalue(f"{arch}_config")

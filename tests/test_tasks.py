@@ -633,6 +633,10 @@ def test_a_transformer_with_a_context_under_eight_tokens_classifies(tmp_path, ss
 def test_prefix_lm_classification_needs_a_transformer(tmp_path, sst):
   code, _, err = run_cli("train", *classify(tmp_path / "r", sst, "lstm", task__prefix_lm="true"))
   assert code != 0 and "task.prefix_lm=true needs model.arch=transformer" in err
+  code, _, err = run_cli("train", *classify(tmp_path / "c", sst, "transformer", task__prefix_lm="true",
+                                            **{"model.attention": "cudnn", "model.dtype": "bfloat16",
+                                               "train.deterministic": "false"}))
+  assert code != 0 and "task.prefix_lm=true needs model.attention=auto or xla" in err
 
 
 def test_pooling_against_numpy():

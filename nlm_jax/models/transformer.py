@@ -257,6 +257,9 @@ class MultiHeadAttention(nn.Module):
     impl = attention_impl(cfg, dropout_key is not None, cache is not None or prefix_B is not None)
     fused = None
     if cache is None and impl == "cudnn":
+      if prefix_B is not None:  # 'auto' never gets here with a prefix (cached=True above)
+        raise ValueError("model.attention=cudnn cannot apply a prefix-LM mask (prefix_B): cuDNN's fused "
+                         "attention is causal only; use attention=auto or xla")
       fused = cudnn_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.causal, required=cfg.attention == "cudnn")
     if fused is not None:
       out_BxTxHxK, new_cache = fused, None
@@ -361,6 +364,9 @@ class Transformer(nn.Module):
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     index = jnp.zeros((), jnp.int32) if carry is None else carry.index
+    if carry is not None:  # the cache holds cfg.context positions; past them it would overwrite
+      if T > cfg.context or (not isinstance(index, jax.core.Tracer) and int(index) + T > cfg.context):
+        raise ValueError(f"KV cache overflow: {T} tokens after {index} cached exceed model.context={cfg.context}")
     positions_T = index + jnp.arange(T, dtype=jnp.int32)
 
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, nn.initializers.normal(0.02), method=cfg.embed_method,
@@ -400,6 +406,8 @@ class Transformer(nn.Module):
 
     h_NxD = _layer_norm(cfg, "ln_f")(h_NxD)
     new_carry = None if carry is None else KVCache(new_kv[0], new_kv[1], index + T)
+    if carry is not None and isinstance(index, jax.core.Tracer):  # traced: an overflow makes NaN, not a wrong number
+      h_NxD = jnp.where(index + T <= cfg.context, h_NxD, jnp.nan)
     if not logits:
       return LMOutput(None, new_carry, h_NxD.reshape(B, T, cfg.d_model))
     if cfg.tie_embeddings:  # in the matmul dtype, accumulated and returned in float32

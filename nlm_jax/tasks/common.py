@@ -37,6 +37,9 @@ def check_task_model(task_cfg, model_cfg) -> None:
   if task_cfg.prefix_lm and model_cfg.arch != "transformer":
     raise UserError(f"config: task.prefix_lm=true needs model.arch=transformer (a {model_cfg.arch} reads "
                     "left to right)")
+  if task_cfg.prefix_lm and getattr(model_cfg, "attention", None) == "cudnn":
+    raise UserError("config: task.prefix_lm=true needs model.attention=auto or xla (cuDNN's fused attention is "
+                    "causal only: the prefix mask would be lost)")
 
 
 class ExamplesRun:
