@@ -350,6 +350,21 @@ def test_damaged_tokenizer_json(run):
     one_line_error(code, err, "tokenizer.json is damaged")
 
 
+def test_damaged_sentencepiece_model_in_a_tokenizer_file(tmp_path):
+  """A sentencepiece model its library cannot parse (it raises RuntimeError) is a damaged file too."""
+  import base64
+
+  from nlm_jax.data import tokenizers
+  from nlm_jax.errors import UserError
+
+  good = tokenizers.SentencePieceTokenizer.train("the cat sat on the mat\nthe dog sat\n" * 20, vocab_size=30)
+  proto = base64.b64decode(good.to_dict()["model"])
+  path = tmp_path / "tokenizer.json"
+  path.write_text(json.dumps({"kind": "sentencepiece", "model": base64.b64encode(proto[:len(proto) // 2]).decode()}))
+  with pytest.raises(UserError, match="tokenizer.json is damaged"):
+    tokenizers.load(str(path))
+
+
 def test_yaml_whose_top_level_is_a_list(tmp_path):
   recipe = tmp_path / "recipe.yaml"
   recipe.write_text("- model\n- data\n")

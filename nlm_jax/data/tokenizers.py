@@ -266,6 +266,7 @@ def load(path: str) -> Tokenizer:
       return from_dict(json.load(f))
   except FileNotFoundError:
     raise UserError(f"tokenizer file not found: {path}") from None
-  except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a tokenizer's
+  # not JSON, not a tokenizer's, or (RuntimeError) a sentencepiece model its library cannot parse
+  except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
     raise UserError(f"tokenizer file {path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
                     "from checkpoints/<step>/tokenizer or retrain") from None
