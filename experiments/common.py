@@ -26,15 +26,23 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
   returns its wall time. A failure stops the experiment with the command's last error lines.
   A run this function finished before (a kept `--runs` folder) is not started again: its first
   wall time, stored beside its summary.json, is returned, so a rerun reports the same times.
-  `timeout` (seconds): a run still going then is stopped (its last checkpoint stays: resumable)."""
+  `timeout` (seconds): a run still going then is stopped (SIGTERM: it saves a checkpoint, so it
+  resumes; see `nlm_jax_command`). One stopped after it finished, its summary.json written (in its
+  final evaluation's last moments or on its way out), counts as finished."""
   stored = os.path.join(workdir, "experiment_wall_s.json")
   if os.path.exists(stored) and os.path.exists(os.path.join(workdir, "summary.json")):
     with open(stored) as f:
       return json.load(f)["wall_s"]
   argv = ["train", *(["--config", config] if config else []), f"workdir={workdir}", "train.progress=false",
           *overrides]
-  t = time.perf_counter()
-  code, _, err = nlm_jax_command(argv, timeout, f"nlm-jax train of {workdir}")
+  t, started = time.perf_counter(), time.time()
+  summary = os.path.join(workdir, "summary.json")
+  try:
+    code, _, err = nlm_jax_command(argv, timeout, f"nlm-jax train of {workdir}")
+  except SystemExit:
+    if not (os.path.exists(summary) and os.path.getmtime(summary) >= started and _complete(summary)):
+      raise
+    code = 0
   if code:
     raise SystemExit(f"nlm-jax train failed for {workdir}:\n{err[-2000:]}")
   wall = time.perf_counter() - t
@@ -43,7 +51,17 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
   return wall
 
 
+def _complete(summary_path: str) -> bool:
+  """Whether a summary.json is a finished run's: it holds the final evaluation (final_*)."""
+  try:
+    with open(summary_path) as f:
+      return any(k.startswith("final_") for k in json.load(f))
+  except (OSError, ValueError):
+    return False
+
+
 _IN_PROCESS = False
+STOP_GRACE_S = 10.0  # after SIGTERM, how long a stopped run has to save a checkpoint and exit
 
 
 def train_in_process(enabled: bool) -> None:
@@ -66,12 +84,19 @@ def nlm_jax_command(argv: list[str], timeout: float | None = None, what: str = "
   after `timeout` seconds (SystemExit naming `what`), or this one (`train_in_process`)."""
   if _IN_PROCESS:
     return _in_process(argv)
+  proc = subprocess.Popen([sys.executable, "-m", "nlm_jax", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   try:
-    proc = subprocess.run([sys.executable, "-m", "nlm_jax", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    out, err = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
+    proc.terminate()  # SIGTERM: a training run saves a checkpoint and stops (SIGKILL if it takes too long)
+    try:
+      proc.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.communicate()
     raise SystemExit(f"{what} stopped after {timeout:.0f} s (the time limit)") from None
-  return proc.returncode, proc.stdout, proc.stderr
+  return proc.returncode, out, err
 
 
 def _in_process(argv: list[str]) -> tuple[int, str, str]:

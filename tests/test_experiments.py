@@ -375,6 +375,69 @@ def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_ensemble(tmp_path
   assert rows["scratch"].endswith("| 3 of 3 | 93.00 |") and rows["pretrained"].endswith("| 3 of 3 |  |")
 
 
+def test_pretrain_finetune_scores_an_arm_s_ensemble_once_all_its_seeds_have_ended(tmp_path, monkeypatch):
+  """While runs go on (`errors` given), an arm is scored as soon as each of its seeds has finished
+  or failed, once (`tried`), so a --kill-at that stops another arm's runs does not leave it no time."""
+  from experiments.pretrain_finetune import run as pf
+
+  clock = pf.Clock(None, None)
+  arms = {"scratch": None, "pretrained": []}
+  results = {f"sst2/lstm/{arm}/{s}": {"workdir": f"/runs/{arm}{s}"} for arm in arms for s in (1, 2)}
+  asked = []
+  monkeypatch.setattr(pf, "nlm_jax_command", lambda argv, timeout=None, what="": (
+      asked.append([argv[i + 1] for i, a in enumerate(argv) if a == "--workdir"]) or (0, '{"accuracy": 0.9}', "")))
+  tried = set()
+  score = lambda errors: pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, 3, clock, errors, tried)
+  assert score({}) == {} and asked == []  # seed 3 of each arm still runs
+  assert score({"sst2/lstm/scratch/3": "stopped"}) == {"sst2/lstm/scratch": pytest.approx(90.0)}
+  assert asked == [["/runs/scratch1", "/runs/scratch2"]]
+  assert score({"sst2/lstm/scratch/3": "stopped"}) == {} and len(asked) == 1  # not again
+  results["sst2/lstm/pretrained/3"] = {"workdir": "/runs/pretrained3"}
+  assert set(score({"sst2/lstm/scratch/3": "stopped"})) == {"sst2/lstm/pretrained"} and len(asked[-1]) == 3
+
+
+def test_a_run_stopped_after_it_finished_counts_as_finished(tmp_path, monkeypatch):
+  """nlm_jax_train: a run whose time limit came after it wrote its final summary.json is finished;
+  one stopped before is not (its summary, if any, is not a finished run's)."""
+  import experiments.common as common
+
+  workdir = tmp_path / "r"
+  workdir.mkdir()
+
+  def stopped_after(summary):
+    def command(argv, timeout=None, what=""):
+      if summary is not None:
+        (workdir / "summary.json").write_text(json.dumps(summary))
+      raise SystemExit(f"{what} stopped after 1 s (the time limit)")
+    return command
+
+  monkeypatch.setattr(common, "nlm_jax_command", stopped_after({"steps": 10, "final_validation_loss": 0.5}))
+  assert common.nlm_jax_train(str(workdir), [], timeout=1) >= 0
+  for summary in (None, {"steps": 5}):  # stopped mid-run; or a train.stop_after run's partial summary
+    (workdir / "summary.json").unlink(missing_ok=True)
+    (workdir / "experiment_wall_s.json").unlink(missing_ok=True)
+    monkeypatch.setattr(common, "nlm_jax_command", stopped_after(summary))
+    with pytest.raises(SystemExit, match="time limit"):
+      common.nlm_jax_train(str(workdir), [], timeout=1)
+
+
+def test_a_time_limit_stops_a_training_run_with_sigterm_so_it_saves(tmp_path):
+  """nlm_jax_command's time limit sends SIGTERM first: the trainer saves a checkpoint on its way
+  out (the run resumes), rather than dying at its last periodic save."""
+  import experiments.common as common
+
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("the cat sat on the mat. " * 400)
+  workdir = tmp_path / "r"
+  with pytest.raises(SystemExit, match="time limit"):
+    common.nlm_jax_train(str(workdir), ["data.source=text", f"data.file={corpus}", "tokenizer.kind=char",
+                                        "model.arch=lstm", "model.d_embed=8", "model.d_hidden=8", "data.seq_len=16",
+                                        "data.batch_size=4", "train.steps=100000000", "train.eval_every=100000000",
+                                        "train.checkpoint_every=100000000", "train.log_every=50"], timeout=40)
+  saved = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert saved and int(saved[0]) > 0, os.listdir(workdir / "checkpoints")
+
+
 @pytest.mark.parametrize("scratch_seeds", [1, 0])
 def test_pretrain_finetune_scratch_seeds_gives_the_scratch_arm_its_own_number_of_runs(tmp_path, monkeypatch,
                                                                                      scratch_seeds):

@@ -292,18 +292,27 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
 
 
 def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
-                   seeds: int | dict[str, int],
-                   clock: Clock) -> dict[str, float]:
+                   seeds: int | dict[str, int], clock: Clock, errors: dict | None = None,
+                   tried: set | None = None) -> dict[str, float]:
   """{task/arch/arm: SST-2 dev accuracy (%) of the arm's finished seeds as one model} (`nlm-jax
   eval` with every seed's --workdir: their class probabilities averaged), for arms with ≥ 2 seeds;
-  one that fails or runs out of time is reported and left out."""
+  one that fails or runs out of time is reported and left out. With `errors` (the runs that
+  ended unfinished so far), only arms whose every seed has ended, so an arm's ensemble can be
+  scored while other runs still train, not after --kill-at; arms named in `tried` are skipped,
+  and those scored or tried here are added to it."""
   scores = {}
   for task, arch in pairs:
     for arm in arms_of(task) if task == "sst2" else ():
-      runs = [results[k]["workdir"] for k in (f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1))
-              if "workdir" in results.get(k, {})]
+      keys = [f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1)]
+      name = f"{task}/{arch}/{arm}"
+      if (tried is not None and name in tried) or (errors is not None and
+                                                   not all(k in results or k in errors for k in keys)):
+        continue
+      runs = [results[k]["workdir"] for k in keys if "workdir" in results.get(k, {})]
       if len(runs) < 2:
         continue
+      if tried is not None:
+        tried.add(name)
       try:
         scores[f"{task}/{arch}/{arm}"] = 100 * evaluate(runs, TASKS[task]["split"], clock.left())["accuracy"]
       except SystemExit as e:
@@ -425,8 +434,15 @@ def main() -> None:
                   update_readme=not args.quick)
     return text, rows
 
-  results, errors = run_jobs(jobs, args.jobs, clock, report)
-  text, rows = report(results, errors, seed_ensembles(results, pairs, arms_of, seeds, clock))
+  ensembles, tried = {}, set()
+
+  def on_done(results: dict, errors: dict) -> None:  # an arm whose seeds have all ended: its ensemble now
+    ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried))
+    report(results, errors, ensembles)
+
+  results, errors = run_jobs(jobs, args.jobs, clock, on_done)
+  ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried))
+  text, rows = report(results, errors, ensembles)
   print(text)
   plot(rows, out)
   if errors:
