@@ -29,14 +29,13 @@ def nlm_jax_train(workdir: str, overrides: list[str], config: str | None = None,
   `timeout` (seconds): a run still going then is stopped (SIGTERM: it saves a checkpoint, so it
   resumes; see `nlm_jax_command`). One stopped after it finished, its summary.json written (in its
   final evaluation's last moments or on its way out), counts as finished."""
-  stored = os.path.join(workdir, "experiment_wall_s.json")
-  if os.path.exists(stored) and os.path.exists(os.path.join(workdir, "summary.json")):
+  stored, summary = os.path.join(workdir, "experiment_wall_s.json"), os.path.join(workdir, "summary.json")
+  if os.path.exists(stored) and os.path.exists(summary):
     with open(stored) as f:
       return json.load(f)["wall_s"]
   argv = ["train", *(["--config", config] if config else []), f"workdir={workdir}", "train.progress=false",
           *overrides]
   t, started = time.perf_counter(), time.time()
-  summary = os.path.join(workdir, "summary.json")
   try:
     code, _, err = nlm_jax_command(argv, timeout, f"nlm-jax train of {workdir}")
   except SystemExit:

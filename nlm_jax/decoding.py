@@ -157,8 +157,9 @@ def beam_search(model, params, prompts: Sequence[Sequence[int]], eos_id: int, be
   `prefix_lm` (a Transformer trained as a prefix LM): all but the last token of each prompt are
   its bidirectional prefix; they enter the KV cache in one call, so the prompts of a call must
   have one length (calls are made per length; each new length compiles once). `min_len`: the
-  fewest tokens a continuation has before its end (fairseq's min_len; its default of 1 keeps a
-  translation from being empty, the empty one often being the model's most probable)."""
+  fewest tokens a continuation has before its end (fairseq's min_len, which defaults to 1, as the
+  translate task's task.min_decode_len does: the empty translation is often the model's most
+  probable)."""
   if beam_size < 1 or max_len < 1:
     raise ValueError("beam_size and max_len must be ≥ 1")
   context = getattr(model.cfg, "context", None) if model.cfg.arch == "transformer" else None

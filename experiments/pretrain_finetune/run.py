@@ -314,9 +314,9 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
       if tried is not None:
         tried.add(name)
       try:
-        scores[f"{task}/{arch}/{arm}"] = 100 * evaluate(runs, TASKS[task]["split"], clock.left())["accuracy"]
+        scores[name] = 100 * evaluate(runs, TASKS[task]["split"], clock.left())["accuracy"]
       except SystemExit as e:
-        print(f"{task}/{arch}/{arm}: no ensemble ({str(e).strip()[-300:]})", flush=True)
+        print(f"{name}: no ensemble ({str(e).strip()[-300:]})", flush=True)
   return scores
 
 
