@@ -438,6 +438,48 @@ def test_a_time_limit_stops_a_training_run_with_sigterm_so_it_saves(tmp_path):
   assert saved and int(saved[0]) > 0, os.listdir(workdir / "checkpoints")
 
 
+def test_pretrain_finetune_keeps_the_curve_of_a_run_stopped_before_its_end(tmp_path, monkeypatch):
+  """A run stopped at --kill-at (or failed) keeps what it logged: its validation curve is plotted
+  (dotted) and its last evaluation named under the table, never counted in the arm's mean."""
+  from experiments.pretrain_finetune import run as pf
+
+  def fake_train_summary(workdir, overrides, config=None, timeout=None):
+    os.makedirs(workdir, exist_ok=True)
+    stopped = "seed=2" in overrides and "_pretrained_" in workdir
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for step in (10, 20) if stopped else (10, 20, 30):
+        f.write(json.dumps({"step": step, "val_accuracy": 0.7 + step / 1000}) + "\n")
+    if stopped:
+      raise SystemExit("nlm-jax train stopped after 5 s (the time limit)")
+    return {"wall_s": 1.0, "final_validation_loss": 0.5, "final_validation_accuracy": 0.73}
+
+  monkeypatch.setattr(pf, "train_summary", fake_train_summary)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  arms = {"scratch": None, "pretrained": []}
+  jobs = pf.jobs_of("sst2", "lstm", 2, str(tmp_path), data, True, pf.Clock(None, None), arms)
+  partial = {}
+  results, errors = pf.run_jobs(jobs, 1, pf.Clock(None, None), lambda r, e: None, partial)
+  assert set(errors) == {"sst2/lstm/pretrained/2"} and set(partial) == {"sst2/lstm/pretrained/2"}
+  assert partial["sst2/lstm/pretrained/2"]["curve"] == [(10, pytest.approx(0.71)), (20, pytest.approx(0.72))]
+  text, rows = pf.table(results, errors, [("sst2", "lstm")], lambda task: arms, 2, True, partial=partial)
+  assert "sst2/lstm/pretrained/2 (nlm-jax train stopped after 5 s (the time limit); its last evaluation: " \
+         "0.7200 at step 20)" in text
+  pretrained = rows["sst2/lstm"]["pretrained"]
+  assert pretrained["score"] == [pytest.approx(73.0)] and len(pretrained["curve"]) == 1
+  assert pretrained["stopped"] == [partial["sst2/lstm/pretrained/2"]["curve"]]
+  assert rows["sst2/lstm"]["scratch"]["stopped"] == []
+  pf.plot(rows, str(tmp_path))
+  assert (tmp_path / "sst2_lstm_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # a run that failed before logging anything: no curve, no "last evaluation"
+  monkeypatch.setattr(pf, "train_summary", lambda *a, **k: (_ for _ in ()).throw(SystemExit("bad config")))
+  partial.clear()
+  (tmp_path / "other").mkdir()
+  jobs = pf.jobs_of("sst2", "lstm", 1, str(tmp_path / "other"), data, True, pf.Clock(None, None), arms)
+  results, errors = pf.run_jobs(jobs, 1, pf.Clock(None, None), lambda r, e: None, partial)
+  assert partial["sst2/lstm/scratch/1"]["curve"] == [] and "last evaluation" not in \
+      pf.table(results, errors, [("sst2", "lstm")], lambda task: arms, 1, True, partial=partial)[0]
+
+
 @pytest.mark.parametrize("scratch_seeds", [1, 0])
 def test_pretrain_finetune_scratch_seeds_gives_the_scratch_arm_its_own_number_of_runs(tmp_path, monkeypatch,
                                                                                      scratch_seeds):

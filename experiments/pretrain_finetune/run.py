@@ -147,6 +147,16 @@ def curve(workdir: str, key: str) -> list[tuple[int, float]]:
   return [(r["step"], r[key]) for r in read_metrics(workdir) if key in r]
 
 
+def partial_curve(workdir: str, key: str) -> list[tuple[int, float]]:
+  """`curve` of a run that did not finish: [] where it logged nothing."""
+  from nlm_jax.errors import UserError
+
+  try:
+    return curve(workdir, key)
+  except UserError:
+    return []
+
+
 class Job(NamedTuple):
   name: str
   run: Callable[[], dict]
@@ -213,8 +223,12 @@ def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: s
     workdir = os.path.join(tmp, f"{task}_{arch}_{slug(arm)}_seed{seed}"
                                 f"{tag(sets if arms[arm] is None else sets + ['|'] + pretrain_sets)}")
     # the final whole-validation-split numbers (and, translating, its BLEU)
-    summary = train_summary(workdir, [*paths, *model, *budget, *extra, *init, *sets, f"seed={seed}"], config=recipe,
-                            timeout=clock.left())
+    try:
+      summary = train_summary(workdir, [*paths, *model, *budget, *extra, *init, *sets, f"seed={seed}"],
+                              config=recipe, timeout=clock.left())
+    except (Exception, SystemExit) as e:  # stopped at --kill-at, or failed: keep what it logged on the way
+      e.partial = {"curve": partial_curve(workdir, key), "workdir": workdir}
+      raise
     if task == "sst2":
       score = 100 * summary["final_validation_accuracy"]
     else:  # Multi30k: BLEU of the test split, kept beside the run (a rerun over kept runs reads it)
@@ -226,8 +240,9 @@ def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: s
       with open(stored) as f:
         score = json.load(f)["bleu"]
     return {"score": score, "val_loss": summary["final_validation_loss"], "wall_s": summary["wall_s"],
-            "curve": curve(workdir, "val_accuracy" if task == "sst2" else "val_loss"), "workdir": workdir}
+            "curve": curve(workdir, key), "workdir": workdir}
 
+  key = "val_accuracy" if task == "sst2" else "val_loss"
   pre = (f"{task}/{arch}/pretrain",) + ((f"{task}/{arch}/pretrain_backward",) if backward else ())
   jobs = [Job(pre[0], functools.partial(pretrain, pretrained, []))]
   if backward:
@@ -257,9 +272,11 @@ class _Inline(contextlib.AbstractContextManager):
     return None
 
 
-def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dict], None]) -> tuple[dict, dict]:
+def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dict], None],
+             partial: dict | None = None) -> tuple[dict, dict]:
   """Runs `jobs` (each after the jobs it needs), `n` at a time, in the order given; a failed job
-  is reported and fails the jobs that need it, the others go on. Returns (results, errors)."""
+  is reported and fails the jobs that need it, the others go on. Returns (results, errors); a
+  failed job's `partial` attribute (what it did before it ended) goes into `partial`."""
   results, errors, pending, running = {}, {}, list(jobs), {}
   with (_Inline() if n <= 1 else concurrent.futures.ThreadPoolExecutor(n)) as pool:
     while pending or running:
@@ -286,6 +303,8 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
                 flush=True)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - one run's failure is reported, the rest go on
           errors[job.name] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+          if partial is not None and getattr(e, "partial", None) is not None:
+            partial[job.name] = e.partial
           print(f"{job.name} FAILED: {str(e)[-3000:]}", flush=True)
         on_done(results, errors)
   return results, errors
@@ -323,11 +342,13 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
 def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
           seeds: int | dict[str, int],
           quick: bool, sets: list[str] = (), pretrain_sets: list[str] = (),
-          ensembles: dict | None = None) -> tuple[str, dict]:
+          ensembles: dict | None = None, partial: dict | None = None) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
   spread against the first arm, from scratch; `ensembles`: the seeds as one model, per arm), and
-  the per-pair rows behind it."""
-  ensembles = ensembles or {}
+  the per-pair rows behind it. `partial`: the validation curves of runs that did not finish (stopped
+  at --kill-at), named with their last evaluation under the table and kept apart in the rows
+  ("stopped"), never in the means."""
+  ensembles, partial = ensembles or {}, partial or {}
   lines = ["| task | model | metric | arm | mean ± std over seeds | gain over scratch | seeds' spread (max std) "
            "| runs done | the seeds as one ensemble |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
   rows = {}
@@ -338,6 +359,7 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
       keys = [f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1)]
       done = [results[k] for k in keys if k in results]
       pair[arm] = {k: [r[k] for r in done] for k in ("score", "val_loss", "wall_s", "curve")}
+      pair[arm]["stopped"] = [partial[k]["curve"] for k in keys if k not in results and partial.get(k, {}).get("curve")]
     base = pair[arms[0]]["score"]
     for arm in arms:
       x = pair[arm]["score"]
@@ -349,8 +371,12 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
   for what, overrides in (("fine-tuning run", sets), ("pretraining", pretrain_sets)):
     if overrides:
       lines += ["", f"Every {what} added to its recipe: `{' '.join(overrides)}`."]
+  def last_evaluation(name: str) -> str:
+    c = partial.get(name, {}).get("curve")
+    return f"; its last evaluation: {c[-1][1]:.4f} at step {c[-1][0]}" if c else ""
+
   if errors:
-    lines += ["", "Not finished: " + "; ".join(f"{k} ({v})" for k, v in sorted(errors.items()))]
+    lines += ["", "Not finished: " + "; ".join(f"{k} ({v}{last_evaluation(k)})" for k, v in sorted(errors.items()))]
   if quick:
     lines += ["", "QUICK MODE on toy data, not a result."]
   return "\n".join(lines), rows
@@ -424,9 +450,11 @@ def main() -> None:
   shown_sets = finetune_sets(args.set, args.backward)
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
+  ensembles, tried, partial = {}, set(), {}
+
   def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
     text, rows = table(results, errors, pairs, arms_of, seeds, args.quick, shown_sets, shown_pretrain,
-                       ensembles)
+                       ensembles, partial)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "scratch_seeds": args.scratch_seeds,
                               "set": args.set,
                               "pretrain_set": args.pretrain_set, "results": rows, "errors": errors,
@@ -434,13 +462,11 @@ def main() -> None:
                   update_readme=not args.quick)
     return text, rows
 
-  ensembles, tried = {}, set()
-
   def on_done(results: dict, errors: dict) -> None:  # an arm whose seeds have all ended: its ensemble now
     ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried))
     report(results, errors, ensembles)
 
-  results, errors = run_jobs(jobs, args.jobs, clock, on_done)
+  results, errors = run_jobs(jobs, args.jobs, clock, on_done, partial)
   ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried))
   text, rows = report(results, errors, ensembles)
   print(text)
@@ -462,6 +488,9 @@ def plot(results: dict, out: str) -> None:
     for arm, color in zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
       for j, c in enumerate(rows[arm]["curve"]):
         ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.8, label=arm if j == 0 else None)
+      for j, c in enumerate(rows[arm].get("stopped", [])):  # runs stopped before their last step: dotted
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.8, linestyle=":",
+                label=f"{arm} (stopped)" if j == 0 else None)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation accuracy" if task == "sst2" else "validation loss (nats/target token)")
     ax.set_title(f"{task}, {arch}: from scratch vs pretrained arms")
