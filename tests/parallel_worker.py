@@ -23,7 +23,8 @@ CONFIGS = {
     "rnn": models.RNNConfig(vocab_size=V, d_embed=32, d_hidden=32, n_layers=2),
     "fnn": models.FNNConfig(vocab_size=V, context=3, d_embed=16, d_hidden=32),
 }
-MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_tensor4": (2, 1, 4)}
+MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_tensor4": (2, 1, 4),
+          "data2_fsdp2_tensor2": (2, 2, 2)}
 
 
 def batches(n_steps: int, seed: int = 0):
@@ -45,7 +46,7 @@ def run(arch: str, mesh_name: str, n_steps: int):
   mesh = parallel.make_mesh(data, fsdp, tensor, devices=devices)
   cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.01, clip_norm=1.0)
   task = LMTask(models.build(CONFIGS[arch]), optim.make_optimizer(cfg, n_steps), optim.plateau(cfg), mesh, B,
-                carry_state=arch != "transformer", example_len=T)
+                carry_state=arch != "transformer", example_len=T, gather_fsdp=arch in parallel.GATHER_FSDP_ARCHS)
   state = task.init(jax.random.key_data(jax.random.key(0)))
   losses = []
   for b in batches(n_steps):

@@ -1086,3 +1086,28 @@ def test_eval_train_loss_reads_as_many_batches_as_validation(eval_batches, eval_
   run = Run()
   run.periodic_evaluation(None, 10)
   assert run.calls == expected
+
+
+@pytest.mark.parametrize("kind", ["lm", "classify", "translate"])
+def test_every_task_gathers_recurrent_parameters_over_fsdp_in_its_train_step(tmp_path, sst, kind):
+  """The RNN/LSTM train step all-gathers its parameters' fsdp dimensions before use (XLA gets their
+  gradient wrong on a data × fsdp × tensor mesh otherwise: test_parallel's data2_fsdp2_tensor2),
+  in every task's run, and only theirs; the state itself stays sharded as configured."""
+  from nlm_jax import parallel
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  def task_of(arch):
+    if kind == "lm":
+      args = [f"workdir={tmp_path / arch}", f"data.file={sst['lm']}", "tokenizer.kind=word", "data.batch_size=8",
+              "data.seq_len=16", *BODIES[arch]]
+    elif kind == "classify":
+      args = classify(tmp_path / arch, sst, arch)
+    else:
+      args = translation(tmp_path / arch, write_parallel(tmp_path), arch=arch)
+    return trainer.make_run(load_config(None, args)).task
+
+  lstm, transformer = task_of("lstm"), task_of("transformer")
+  assert transformer.gathered is None and lstm.gathered is not None
+  assert jax.tree.structure(lstm.gathered) == jax.tree.structure(lstm.state_sharding.params)
+  assert "lstm" in parallel.GATHER_FSDP_ARCHS and "rnn" in parallel.GATHER_FSDP_ARCHS

@@ -135,6 +135,31 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
     raise UserError(f"{what}={batch_size} does not divide over {jax.process_count()} processes")
 
 
+# The architectures whose train step all-gathers the parameters' fsdp dimensions first
+# (`LMTask(gather_fsdp=True)`). XLA's SPMD partitioner (jax 0.10.2; with Shardy and without)
+# miscompiles the gradient of the recurrent pattern h @ U, h's units split over tensor and U's
+# input side over fsdp, once data, fsdp and tensor are all > 1: the loss is right, the gradients
+# are not (a plain-JAX reproduction, tanh(tanh(x @ U) @ U), is off by 27% of the gradient's size on
+# a 2×2×2 mesh and exact on 1×2×2 and 2×2×1). Gathered first, U meets h as on a data×tensor mesh.
+# A recurrent layer uses all of U at every time step anyway; the Transformer and the FNN are
+# exact without it and keep XLA's own placement of FSDP's gathers.
+GATHER_FSDP_ARCHS = ("rnn", "lstm")
+
+
+def without_axis(shardings, axis: str):
+  """The NamedShardings of a tree with mesh axis `axis` taken out of every spec (those dimensions
+  replicated over it): e.g. FSDP's parameters all-gathered for use."""
+
+  def one(sh: NamedSharding) -> NamedSharding:
+    dims = []
+    for d in sh.spec:
+      kept = tuple(a for a in ((d,) if isinstance(d, str) else (d or ())) if a != axis)
+      dims.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return NamedSharding(sh.mesh, P(*dims))
+
+  return jax.tree.map(one, shardings)
+
+
 def process_rows(batch_size: int) -> slice:
   """The rows of a global batch that this process loads."""
   per = batch_size // jax.process_count()

@@ -64,6 +64,9 @@ class LMTask:
   `freeze`: (steps, mask_fn) — the parameters where `mask_fn(params)` (a pytree of bools) is
   True get no gradient and stay bit-identical for the first `steps` optimizer steps (fine-tuning
   a pretrained body under a new head).
+
+  `gather_fsdp`: the train step all-gathers the parameters' fsdp-sharded dimensions before the
+  forward pass (the RNN and LSTM need it: see `Run`'s use).
   """
 
   batch_keys: tuple[str, ...] = ("inputs", "targets", "mask", "reset")
@@ -71,7 +74,7 @@ class LMTask:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
                carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None,
-               ema_decay: float | None = None):
+               ema_decay: float | None = None, gather_fsdp: bool = False):
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
     self.grad_accum, self.freeze, self.ema_decay = grad_accum, freeze, ema_decay
@@ -80,6 +83,7 @@ class LMTask:
     self.replicated = NamedSharding(mesh, P())
     abstract = jax.eval_shape(self._init_boxed, jax.random.key_data(jax.random.key(0)))
     self.state_sharding = parallel.tree_shardings(abstract, mesh)
+    self.gathered = parallel.without_axis(self.state_sharding.params, "fsdp") if gather_fsdp else None
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
         self.state_sharding)
@@ -151,6 +155,8 @@ class LMTask:
       carry = reset_carry(state.carry, self.initial_carry(self.batch_size), batch["reset"])
 
     def loss_fn(params):
+      if self.gathered is not None:
+        params = jax.lax.with_sharding_constraint(params, self.gathered)
       loss_sum, count, new_carry, extra = self._objective(params, batch, carry, key, deterministic=False)
       return loss_sum / count, (loss_sum, count, new_carry, extra)
 
