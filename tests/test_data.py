@@ -204,6 +204,25 @@ def test_full_evaluation_scores_every_token_once(batching, n_tokens, batch_size)
       assert (np.diff(row[m]) == 1).all()
 
 
+@pytest.mark.parametrize("batching,max_batches", [("windows", None), ("windows", 3), ("streams", None)])
+def test_evaluation_batches_padded_for_the_mesh_are_the_same_batches_and_mask_0_rows(batching, max_batches):
+  """pad_to: each batch gets rows of mask 0 after the batch_size rows of data, which are what they
+  are without it (the streams' layout, the random windows drawn), so devices do not change them."""
+  tokens = np.arange(1, 200, dtype=np.int32)
+  plain = list(pipeline.eval_batches(tokens, batching, 3, 8, max_batches, seed=1))
+  padded = list(pipeline.eval_batches(tokens, batching, 3, 8, max_batches, seed=1, pad_to=8))
+  assert len(plain) == len(padded) > 0
+  for a, b in zip(plain, padded):
+    assert b["inputs"].shape == (8, 8) and b["reset"].shape == (8,)
+    for key in ("inputs", "targets", "mask"):
+      np.testing.assert_array_equal(b[key][:3], a[key])
+    assert not b["mask"][3:].any()
+  halves = [list(pipeline.eval_batches(tokens, batching, 3, 8, max_batches, seed=1, pad_to=8, rows=r))
+            for r in (slice(0, 4), slice(4, 8))]
+  for whole, top, bottom in zip(padded, *halves):
+    np.testing.assert_array_equal(np.concatenate([top["inputs"], bottom["inputs"]]), whole["inputs"])
+
+
 def test_estimates_count_their_batches_and_are_never_the_whole_split():
   tokens = np.arange(200, dtype=np.int32)
   assert pipeline.eval_batch_count(200, "windows", 4, 8, max_batches=3) == (3, False)

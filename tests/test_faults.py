@@ -248,6 +248,12 @@ def test_when_every_checkpoint_is_damaged_the_trainer_refuses_to_start_over(run)
         kept.append(hashlib.sha256(f.read()).hexdigest())
   assert sorted(kept) == before  # moved aside, byte for byte, not deleted
   assert not (workdir / "metrics.jsonl").read_text().count('"step": 1,')
+  # and again at the next try, whatever its config: nothing is left in checkpoints/ now, yet the
+  # damaged run's records are not a new run's to overwrite
+  records = {f: (workdir / f).read_bytes() for f in ("metrics.jsonl", "resolved_config.yaml")}
+  code, _, err = run_cli("train", *args_for(workdir, corpus), "seed=7")
+  one_line_error(code, err, "no intact checkpoint is left")
+  assert {f: (workdir / f).read_bytes() for f in records} == records
 
 
 def test_a_checkpoint_without_checksums_is_used_with_a_warning(run):
@@ -312,6 +318,28 @@ def test_resume_on_changed_data_is_refused_unless_allowed(run):
     code, out, err = run_cli("train", *args_for(workdir, corpus), "train.allow_data_change=true",
                              "train.stop_after=11")
     assert code == 0 and any("text changed" in w for w in warnings_of(err)), err[-3000:]
+  finally:
+    with open(corpus, "w") as f:
+      f.write(original)
+
+
+def test_a_resume_refused_by_its_checkpoint_leaves_the_run_s_records_as_they_were(run):
+  """A resume that passes the config checks and fails restoring (another optimizer state: a clip
+  norm added) writes nothing: the recorded config and data fingerprint stay, so the changed-data
+  check still refuses the next try."""
+  workdir, corpus = run
+  records = {f: (workdir / f).read_bytes() for f in ("resolved_config.yaml", "data_fingerprint.json",
+                                                      "tokenizer.json")}
+  original = open(corpus).read()
+  try:
+    write_corpus(corpus, seed=5)
+    code, _, err = run_cli("train", *args_for(workdir, corpus), "train.allow_data_change=true",
+                           "optim.clip_norm=1.0")
+    one_line_error(code, err, "does not match this run's model or optimizer")
+    assert not any("now records them" in w for w in warnings_of(err))
+    assert {f: (workdir / f).read_bytes() for f in records} == records
+    code, _, err = run_cli("train", *args_for(workdir, corpus))
+    one_line_error(code, err, "text changed since this run started")
   finally:
     with open(corpus, "w") as f:
       f.write(original)

@@ -144,6 +144,32 @@ def test_save_on_8_devices_evaluate_on_1_and_back(tmp_path):
   assert [r["step"] for r in metrics(tmp_path / "r1")][-1] == 14
 
 
+def test_evaluation_does_not_depend_on_the_devices(tmp_path):
+  """An evaluation batch that the devices do not divide is padded with mask-0 rows: an LSTM's
+  streams (whose layout depends on the number of rows) and the random windows of an estimate
+  are those of data.eval_batch_size rows on any mesh."""
+  corpus = write_corpus(tmp_path / "c.txt")
+  env8 = env_with_devices(8, str(tmp_path / "cache"))
+  for arch, batching, key in (("lstm", "streams", "loss"), ("transformer", "windows", "val_loss")):
+    workdir = tmp_path / arch
+    if key == "loss":  # the whole split, read as 3 streams
+      one = train(*overrides(workdir, corpus, arch=arch, batching=batching, steps=4), "data.batch_size=3")
+      proc = nlm_jax("eval", "--workdir", workdir, "--json", env=env8)
+      assert proc.returncode == 0, proc.stderr[-2000:]
+      assert json.loads(proc.stdout)["loss"] == pytest.approx(one["final_validation_loss"], rel=2e-6)
+    else:  # train.eval_batches=4 batches of 3 random windows, then on 4 × 2 devices: resumed from step 2
+      two, extra = tmp_path / "eight", ["data.batch_size=4", "data.eval_batch_size=3", "train.eval_every=2",
+                                         "train.checkpoint_every=2"]
+      one = train(*overrides(workdir, corpus, arch=arch, batching=batching, steps=4), *extra)
+      train(*overrides(two, corpus, arch=arch, batching=batching, steps=4), *extra, "train.stop_after=2")
+      proc = nlm_jax("train", *overrides(two, corpus, arch=arch, batching=batching, steps=4), *extra,
+                     "mesh.data=4", "mesh.tensor=2", env=env8)
+      assert proc.returncode == 0, proc.stderr[-2000:]
+      estimates = [[(r["step"], r[key]) for r in metrics(w) if key in r and r["step"] > 2] for w in (workdir, two)]
+      assert estimates[0] and [s for s, _ in estimates[0]] == [s for s, _ in estimates[1]]
+      np.testing.assert_allclose([v for _, v in estimates[1]], [v for _, v in estimates[0]], rtol=2e-6)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -160,12 +186,14 @@ def _classify_args(workdir, tmp_path) -> list[str]:
           "seed=1", "model.arch=lstm", "model.d_embed=16", "model.d_hidden=16", "model.n_layers=1"]
 
 
-@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("task", ["lm", "classify", "lm_tensor_over_processes"])
 def test_two_processes_match_one_process(tmp_path, task):
   """Two processes of two devices each train as one process does: the LM, and a classifier whose
   training batches have as many padded lengths as texts have (each process's rows of a batch must
-  be padded to the whole batch's longest text, or the processes' parts disagree)."""
-  if task == "lm":
+  be padded to the whole batch's longest text, or the processes' parts disagree); and the LM with
+  its tensor axis over both processes (each then loads the whole batch: it crashed)."""
+  mesh = ["mesh.data=1", "mesh.tensor=4"] if task == "lm_tensor_over_processes" else []
+  if task != "classify":
     args = overrides(tmp_path / "one", write_corpus(tmp_path / "c.txt"), steps=8, train__log_every=1,
                      train__eval_every=4)
   else:
@@ -174,7 +202,7 @@ def test_two_processes_match_one_process(tmp_path, task):
   port = _free_port()
   two = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args]
   procs = [subprocess.Popen([sys.executable, "-m", "nlm_jax", "train", *two,
-                             f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                             *mesh, f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                              f"distributed.process_id={i}"], env=env_with_devices(2, str(tmp_path / f"cache{i}")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]

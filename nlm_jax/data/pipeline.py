@@ -132,8 +132,11 @@ def eval_batch_count(n_tokens: int, batching: str, batch_size: int, seq_len: int
 
 
 def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: int,
-                 max_batches: int | None = None, seed: int = 0, rows: slice = slice(None)):
-  """Evaluation batches over a split, each (B, T) with a mask on padding.
+                 max_batches: int | None = None, seed: int = 0, rows: slice = slice(None),
+                 pad_to: int | None = None):
+  """Evaluation batches over a split, each (B, T) with a mask on padding; with `pad_to` (≥ B:
+  the rows the mesh's shards need) each batch is padded to that many rows with mask 0, so the
+  numbers do not depend on the devices (`rows`: this process's part of the padded batch).
 
   windows: max_batches=None scores every token once (consecutive non-overlapping windows);
            otherwise `max_batches` batches of random windows, the same ones for a given seed.
@@ -143,14 +146,17 @@ def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: in
   """
   count, _ = eval_batch_count(len(tokens), batching, batch_size, seq_len, max_batches)
   n_targets = len(tokens) - 1
+  B = max(pad_to or batch_size, batch_size)
   if batching == "windows":
     if max_batches is not None:
       ds = grain.MapDataset.range(len(tokens) - seq_len).shuffle(seed=seed)
       offsets_T1 = np.arange(seq_len + 1)
       for k in range(count):
-        starts = np.asarray([ds[k * batch_size + b] for b in range(batch_size)])[rows]
+        starts = np.asarray([ds[k * batch_size + b] for b in range(batch_size)])
         w_BxT1 = tokens[starts[:, None] + offsets_T1]
-        yield _full_batch(w_BxT1[:, :-1], w_BxT1[:, 1:], k == 0)
+        batch = _full_batch(w_BxT1[:, :-1], w_BxT1[:, 1:], k == 0)
+        yield {key: _padded(value, B, 0)[rows] if key != "reset" else np.full((B,), k == 0)[rows]
+               for key, value in batch.items()}
       return
     n_windows = -(-n_targets // seq_len)
     inputs = _padded(tokens[:-1], n_windows * seq_len, 0).reshape(n_windows, seq_len)
@@ -158,17 +164,17 @@ def eval_batches(tokens: np.ndarray, batching: str, batch_size: int, seq_len: in
     mask = (np.arange(n_windows * seq_len) < n_targets).astype(np.float32).reshape(n_windows, seq_len)
     for k in range(count):
       sl = slice(k * batch_size, (k + 1) * batch_size)
-      batch = {"inputs": _padded(inputs[sl], batch_size, 0).astype(np.int32),
-               "targets": _padded(targets[sl], batch_size, 0).astype(np.int32),
-               "mask": _padded(mask[sl], batch_size, 0),
-               "reset": np.full((batch_size,), k == 0)}
+      batch = {"inputs": _padded(inputs[sl], B, 0).astype(np.int32),
+               "targets": _padded(targets[sl], B, 0).astype(np.int32),
+               "mask": _padded(mask[sl], B, 0),
+               "reset": np.full((B,), k == 0)}
       yield {key: value[rows] for key, value in batch.items()}
     return
 
-  L = -(-n_targets // batch_size)
-  inputs_BxL = _padded(tokens[:-1], batch_size * L, 0).reshape(batch_size, L)[rows]
-  targets_BxL = _padded(tokens[1:], batch_size * L, 0).reshape(batch_size, L)[rows]
-  mask_BxL = (np.arange(batch_size * L) < n_targets).astype(np.float32).reshape(batch_size, L)[rows]
+  L = -(-n_targets // batch_size)  # the streams of `batch_size` rows; rows past it are all padding
+  inputs_BxL = _padded(_padded(tokens[:-1], batch_size * L, 0).reshape(batch_size, L), B, 0)[rows]
+  targets_BxL = _padded(_padded(tokens[1:], batch_size * L, 0).reshape(batch_size, L), B, 0)[rows]
+  mask_BxL = _padded((np.arange(batch_size * L) < n_targets).astype(np.float32).reshape(batch_size, L), B, 0)[rows]
   for k in range(count):
     cols = slice(k * seq_len, (k + 1) * seq_len)
     yield {"inputs": _padded(inputs_BxL[:, cols], seq_len, 1).astype(np.int32),

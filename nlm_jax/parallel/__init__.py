@@ -131,8 +131,6 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
   n = _mesh_axis_size(mesh, BATCH)
   if batch_size % n:
     raise UserError(f"{what}={batch_size} does not divide over the mesh's data×fsdp = {n} devices")
-  if batch_size % jax.process_count():
-    raise UserError(f"{what}={batch_size} does not divide over {jax.process_count()} processes")
 
 
 # The architectures whose train step all-gathers the parameters' fsdp dimensions first
@@ -160,10 +158,16 @@ def without_axis(shardings, axis: str):
   return jax.tree.map(one, shardings)
 
 
-def process_rows(batch_size: int) -> slice:
-  """The rows of a global batch that this process loads."""
-  per = batch_size // jax.process_count()
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def process_rows(batch_size: int, mesh: Mesh) -> slice:
+  """The rows of a global batch that this process loads: those its devices hold under
+  `batch_sharding(mesh)` (all of them where the batch is not split over processes, e.g. a tensor
+  axis that spans hosts)."""
+  spans = [idx[0].indices(batch_size)[:2]
+           for idx in batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()]
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in set(spans)) != stop - start:
+    raise UserError(f"this process's devices hold rows that are not one block of the batch: {sorted(set(spans))}")
+  return slice(start, stop)
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:

@@ -53,7 +53,7 @@ class ExamplesRun:
     self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     parallel.check_batch(cfg.data.batch_size, self.mesh)
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
-    self.rows = parallel.process_rows(cfg.data.batch_size)
+    self.rows = parallel.process_rows(cfg.data.batch_size, self.mesh)
 
   def raw(self, split: str) -> tuple:
     """The split's examples as read (cached): from `data.files[split]` or the TFDS dataset."""
@@ -83,7 +83,7 @@ class ExamplesRun:
     or the first `max_batches`), in the split's order; the last is padded with weight-0 rows."""
     n = len(self.examples(split)[0])
     B = self.eval_batch_size()
-    rows = parallel.process_rows(B)
+    rows = parallel.process_rows(B, self.mesh)
     n_batches = -(-n // B) if max_batches is None else min(-(-n // B), max_batches)
     for k in range(n_batches):
       local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
@@ -161,5 +161,5 @@ class ExamplesRun:
   def eval_batch_size(self) -> int:
     """data.eval_batch_size (or batch_size) rows, padded to a multiple of the batch's shards."""
     d = self.cfg.data
-    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
+    n_shards = math.lcm(math.prod(self.mesh.shape[a] for a in parallel.BATCH), jax.process_count())
     return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards

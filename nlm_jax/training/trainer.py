@@ -126,7 +126,7 @@ class Run:
                        self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum,
                        ema_decay=cfg.optim.ema_decay,
                        gather_fsdp=self.model_cfg.arch in parallel.GATHER_FSDP_ARCHS)
-    self.rows = parallel.process_rows(cfg.data.batch_size)
+    self.rows = parallel.process_rows(cfg.data.batch_size, self.mesh)
 
   def units_per_step(self) -> int:
     """Training tokens per optimizer step."""
@@ -170,16 +170,17 @@ class Run:
     return parallel.global_batch(local, self.task.batch_sharding, batch_size)
 
   def eval_batch_size(self) -> int:
-    """The evaluation batch: data.eval_batch_size rows (or batch_size), padded to the mesh's shards."""
+    """The evaluation batch's rows on the mesh: data.eval_batch_size (or batch_size) rows of data,
+    padded with mask-0 rows to a multiple of the batch's shards (and of the processes)."""
     d = self.cfg.data
-    n_shards = math.prod(self.mesh.shape[a] for a in parallel.BATCH) * jax.process_count()
-    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards  # padded rows carry mask 0
+    n_shards = math.lcm(math.prod(self.mesh.shape[a] for a in parallel.BATCH), jax.process_count())
+    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards
 
   def eval_plan(self, split: str, max_batches: Optional[int], batching: Optional[str] = None) -> tuple[int, bool]:
     """(batches, whether they score every token of the split) of `evaluate` with these arguments."""
     d = self.cfg.data
     return pipeline.eval_batch_count(len(self.corpus.tokens(split)), batching or d.batching,
-                                     self.eval_batch_size(), d.seq_len, max_batches)
+                                     d.eval_batch_size or d.batch_size, d.seq_len, max_batches)
 
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0,
                batching: Optional[str] = None) -> dict[str, float]:
@@ -188,13 +189,14 @@ class Run:
     d = self.cfg.data
     batching = batching or d.batching
     tokens = self.corpus.tokens(split)
-    batch_size = self.eval_batch_size()
-    rows = parallel.process_rows(batch_size)
+    batch_size = self.eval_batch_size()  # the data's rows (the same on any mesh), then mask-0 ones
+    rows = parallel.process_rows(batch_size, self.mesh)
     carry = self.task.initial_carry(batch_size) if self.uses_carry and batching == "streams" else None
     n_batches, _ = self.eval_plan(split, max_batches, batching)
     bar = progress_bar(self.cfg, total=n_batches, desc=f"eval {split}", unit="batch")
     nll_sum, count, previous = 0.0, 0.0, None
-    for local in pipeline.eval_batches(tokens, batching, batch_size, d.seq_len, max_batches, seed, rows):
+    for local in pipeline.eval_batches(tokens, batching, d.eval_batch_size or d.batch_size, d.seq_len, max_batches,
+                                       seed, rows, pad_to=batch_size):
       carry, m = self.task.eval_step(params, carry, self.global_batch(local, batch_size))
       nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
       if previous is not None:  # the bar follows the device, one batch behind the host
@@ -352,7 +354,8 @@ def data_fingerprint(run: "Run") -> dict[str, str]:
 
 
 def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: bool) -> None:
-  """Refuses (or warns, with train.allow_data_change) to resume on data whose tokens changed."""
+  """Refuses (or warns, with train.allow_data_change) to resume on data whose tokens changed.
+  Writes nothing: `_record_run` does, once the run is known to start."""
   path = os.path.join(workdir, FINGERPRINT_FILE)
   if resuming and os.path.exists(path):
     try:
@@ -367,8 +370,6 @@ def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: b
       if not allow_change:
         raise UserError(f"{what}; restore the data, use a new workdir, or set train.allow_data_change=true")
       ckpt_lib.warn(f"{what}; continuing (train.allow_data_change=true)")
-  if is_main_process():
-    _write_atomically(path, json.dumps(fingerprint, indent=2))
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -401,10 +402,12 @@ def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
     return None, None, None, None
   ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
   # A damaged newer step is moved aside: this run will save its step number again.
-  step = ckpts.newest_intact(set_aside=os.path.join(workdir, "checkpoints.damaged"))
-  if step is None and ckpts.set_aside:
+  damaged = os.path.join(workdir, "checkpoints.damaged")
+  step = ckpts.newest_intact(set_aside=damaged)
+  if step is None and (ckpts.set_aside or (os.path.isdir(damaged) and os.listdir(damaged))):
+    # now or at an earlier try: starting over would write a new run over this one's records
     raise UserError(f"no intact checkpoint is left in {ckpts.directory} (the damaged ones were moved to "
-                    f"{os.path.dirname(ckpts.set_aside[0])}); to start over, use a new workdir")
+                    f"{damaged}); to start over, use a new workdir")
   if step is None:
     return ckpts, None, None, None
   saved = ckpts.read_json(step, "config")
@@ -565,23 +568,27 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
   if init_from is not None:  # before anything is written (a backward body has the same groups)
     finetune.check_reinit(list(cfg.finetune.reinit), run.task.abstract_state.params, bodies[0])
   run.check_data()
-  if resume_step is not None:
-    _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
-  _check_data(workdir, run.data_fingerprint(), resume_step is not None, cfg.train.allow_data_change)
-  if is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
-    tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
-    run.save_files(workdir)
-  ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+  fingerprint = run.data_fingerprint()
+  _check_data(workdir, fingerprint, resume_step is not None, cfg.train.allow_data_change)
 
+  # Everything that can refuse the run comes before anything is written into its workdir: a
+  # refused resume must leave the run's records (its config, its data fingerprint) as they were.
   data_iter = run.train_iterator()
   if resume_step is not None:
     state = ckpts.restore(resume_step, run.task.abstract_state, data_iter, getattr(run, "retired_params", None))
     if not ckpt_lib.all_finite(state.params):  # saved before checkpoints were checked for NaN
       raise UserError(f"checkpoint {ckpts.step_dir(resume_step)} holds NaN or Inf parameters; move it "
                       f"out of {ckpts.directory} to resume from an earlier one")
-  else:
+    _check_resume_changes(saved_cfg, cfg_dict, cfg.train.allow_schedule_change)
+  if is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_yaml(cfg))
+    tokenizers.save(run.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
+    run.save_files(workdir)
+    _write_atomically(os.path.join(workdir, FINGERPRINT_FILE), json.dumps(fingerprint, indent=2))
+  ckpts = ckpts or ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
+
+  if resume_step is None:
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
     if init_from is not None:
       initial = state.params
