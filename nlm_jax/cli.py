@@ -314,6 +314,8 @@ def check_options(args) -> None:
     raise bad("--length-penalty", args.length_penalty, "a finite number ≥ 0")
   if getattr(args, "num_samples", 1) < 1:
     raise bad("--num-samples", args.num_samples, "≥ 1")
+  if not -2**63 <= getattr(args, "seed", 0) < 2**63:  # a PRNG key holds 64 bits
+    raise bad("--seed", args.seed, "a 64-bit integer")
   temperature = getattr(args, "temperature", 1.0)
   if not (math.isfinite(temperature) and temperature >= 0):
     raise bad("--temperature", temperature, "a finite number > 0 (or 0: greedy)")
@@ -375,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     where = f" ({e.filename})" if e.filename else ""
     print(f"nlm-jax: error: {e.strerror or e}{where}; check the path, its permissions and the free disk space, "
           "then rerun (earlier checkpoints are kept)", file=sys.stderr)
+    return 2
+  except MemoryError:  # numpy's allocation (e.g. --num-samples far too large): no traceback
+    print("nlm-jax: error: out of host memory; ask for less (--num-samples, data.batch_size, ...)", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("nlm-jax: interrupted", file=sys.stderr)

@@ -377,6 +377,34 @@ def merge_config(path: Optional[str], overrides: List[str] = ()) -> DictConfig:
     return OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
   except OmegaConfBaseException as e:
     raise _omegaconf_error(e, "config") from None
+  except TypeError:  # OmegaConf: "Cannot merge incompatible container types", naming nothing
+    sources = [(f"config file {path}", layers[1])] if path is not None else []
+    sources += [(f"override {item!r}", OmegaConf.from_dotlist([item])) for item in overrides]
+    schema = OmegaConf.to_container(layers[0])
+    for where, layer in sources:
+      found = _shape_mismatch(schema, OmegaConf.to_container(layer), "")
+      if found:
+        key, wanted, given = found
+        raise UserError(f"{where}: {key} takes a {wanted}, not a {given}") from None
+    raise UserError("config: a list where a mapping belongs, or a mapping where a list does") from None
+
+
+def _shape_mismatch(schema, given, prefix: str):
+  """(key, what it takes, what it got) where `given` has a list for a mapping of `schema` or the
+  reverse; None if nowhere."""
+  kind = lambda v: "mapping" if isinstance(v, dict) else "list" if isinstance(v, list) else None
+  if not isinstance(given, dict) or not isinstance(schema, dict):
+    return None
+  for key, value in given.items():
+    if key not in schema:
+      continue
+    want, got = kind(schema[key]), kind(value)
+    if want and got and want != got:
+      return prefix + str(key), want, got
+    found = _shape_mismatch(schema[key], value, f"{prefix}{key}.")
+    if found:
+      return found
+  return None
 
 
 def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:

@@ -28,7 +28,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: float = 1.0, top_k
   logits_BxV = logits_BxV.astype(jnp.float32)
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / temperature
+  # shifted by the row's largest logit first: a tiny temperature then sends the others to −inf and
+  # the largest to 0 (greedy in the limit), where logits / T alone overflowed to inf and gave NaN
+  logits_BxV = (logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)) / temperature
   if top_k is not None and top_k < logits_BxV.shape[-1]:
     kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)

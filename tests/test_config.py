@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -76,3 +77,18 @@ def test_a_task_setting_another_kind_would_ignore_is_an_error(kind, override, me
   config_lib.load_config(None, base + ["task.max_len=128"] if kind != "lm" else base)  # the defaults pass
   with pytest.raises(UserError, match=mentions):
     config_lib.load_config(None, base + [override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.files=[a,b]", "data.files takes a mapping, not a list"),
+    ("optim.decay_exclude={a: 1}", "optim.decay_exclude takes a list, not a mapping"),
+    ("model=[1,2]", "model takes a mapping, not a list"),
+])
+def test_a_list_for_a_mapping_or_the_reverse_names_the_key(tmp_path, override, message):
+  """OmegaConf's merge raised a bare TypeError ("Cannot merge incompatible container types")."""
+  with pytest.raises(UserError, match=re.escape(f"override {override!r}: {message}")):
+    config_lib.load_config(None, [override])
+  recipe = tmp_path / "r.yaml"
+  recipe.write_text("data: {files: [a, b]}\n")
+  with pytest.raises(UserError, match=re.escape(f"config file {recipe}: data.files takes a mapping, not a list")):
+    config_lib.load_config(str(recipe), [])

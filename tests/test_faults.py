@@ -296,7 +296,8 @@ def test_a_validation_split_too_short_fails_before_training(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("option,value", [("--top-k", 0), ("--top-k", -3), ("--temperature", "nan"),
                                           ("--temperature", "inf"), ("--temperature", -1), ("--top-p", 0),
-                                          ("--top-p", 1.5), ("--max-new-tokens", -1)])
+                                          ("--top-p", 1.5), ("--max-new-tokens", -1),
+                                          ("--seed", 2**63), ("--seed", -2**63 - 1)])
 def test_bad_generate_options(tmp_path, option, value):
   code, out, err = run_cli("generate", "--workdir", tmp_path, option, value)
   one_line_error(code, err, option)
@@ -376,6 +377,35 @@ def test_damaged_tokenizer_json(run):
   for argv in (("eval",), ("generate", "--prompt", "the")):
     code, _, err = run_cli(*argv, "--workdir", workdir)
     one_line_error(code, err, "tokenizer.json is damaged")
+
+
+def test_a_torn_last_line_of_the_metrics_log_does_not_stop_a_resume(run):
+  """A metrics.jsonl line cut short while written (disk full, power lost) is dropped with a
+  warning when the run resumes; the records before it are kept."""
+  workdir, corpus = run
+  before = (workdir / "metrics.jsonl").read_text()
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 15, "train_lo')
+  code, _, err = run_cli("train", *args_for(workdir, corpus), "train.stop_after=12")
+  assert code == 0, err[-3000:]
+  assert any("not JSON records dropped" in w for w in warnings_of(err))
+  after = (workdir / "metrics.jsonl").read_text()
+  assert after.startswith(before) and [r["step"] for r in metrics(workdir)][-1] == 12
+
+
+@pytest.mark.parametrize("content", [b'{"labels": ["0", "1"', b"\x00\xff\xfe binary", b'["a", "b", "c"]',
+                                     b'{"labels": 3}'])
+def test_damaged_labels_file_of_a_classifier(tmp_path, monkeypatch, content):
+  from test_tasks import classify
+
+  from support import write_sentiment
+
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  train(*classify(tmp_path / "c", write_sentiment(tmp_path), steps=2))
+  (tmp_path / "c" / "labels.json").write_bytes(content)
+  for argv in (("eval",), ("predict", "--text", "a fine film")):
+    code, _, err = run_cli(*argv, "--workdir", tmp_path / "c")
+    one_line_error(code, err, "labels.json is damaged")
 
 
 def test_damaged_sentencepiece_model_in_a_tokenizer_file(tmp_path):

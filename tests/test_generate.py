@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,3 +99,15 @@ def test_cli_generate_num_samples(tmp_path, monkeypatch):
     assert not text.startswith("thethe")
   code, out, err = run_cli("generate", "--workdir", tmp_path / "r", "--prompt", "the", "--num-samples", 0)
   assert code == 2 and "--num-samples" in err
+
+
+def test_a_tiny_temperature_samples_the_most_probable_token():
+  """T → 0 is greedy: logits / T overflowed to inf (NaN probabilities, arbitrary tokens) below
+  ~1e-38; the row's largest logit is taken out first."""
+  from nlm_jax.generate import sample_logits
+
+  logits = jnp.asarray([[1.0, 3.0, 2.0, -1.0], [0.5, -2.0, 0.25, 0.0]])
+  key = jax.random.key(0)
+  for t in (1e-3, 1e-30, 1e-39, 1e-45):
+    for i in range(5):
+      np.testing.assert_array_equal(sample_logits(logits, jax.random.fold_in(key, i), t), [1, 0])

@@ -324,8 +324,14 @@ class ClassifyRun(ExamplesRun):
     self._splits: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
     saved = os.path.join(workdir, LABELS_FILE) if workdir else None
     if saved and os.path.exists(saved):
-      with open(saved) as f:
-        self.labels = json.load(f)["labels"]
+      try:
+        with open(saved, encoding="utf-8") as f:
+          self.labels = json.load(f)["labels"]
+        if not (isinstance(self.labels, list) and all(isinstance(x, (str, int)) for x in self.labels)):
+          raise ValueError
+      except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{saved} is damaged ({type(e).__name__}: not this run's list of class names); "
+                        "restore it from a copy of the run") from None
     else:
       self.labels = sort_labels(self.raw(d.train_split)[1])
     if len(self.labels) < 2:

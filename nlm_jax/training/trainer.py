@@ -262,10 +262,18 @@ class MetricsLog:
     if not self.enabled:
       return
     if os.path.exists(self.path):  # drop lines past the step we resume from
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      kept, torn = [], 0
+      with open(self.path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+          try:
+            record = json.loads(line) if line.strip() else None
+          except ValueError:  # a line cut short (disk full, power lost while writing)
+            record, torn = None, torn + 1
+          if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+      if torn:
+        ckpt_lib.warn(f"{self.path}: {torn} line(s) that are not JSON records dropped (cut short while written?)")
+      _write_atomically(self.path, "".join(kept))
     self.tb = _summary_writer()(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict[str, Any], jsonl: bool = True) -> None:
