@@ -55,6 +55,11 @@ def _eval(args) -> int:
     return _eval_ensemble(args)
   run, params, step = trainer.load_run(args.workdir[0], args.step, args.best)
   split = args.split or run.cfg.data.eval_split
+  changed = trainer.data_changed(run, args.workdir[0], split)
+  if changed:
+    from nlm_jax.training.checkpoint import warn
+
+    warn(f"{changed}: these numbers are not on the data it was evaluated on in training")
   if run.cfg.task.kind == "translate":  # and BLEU of beam-search translations
     result = run.evaluate(params, split, None, bleu=True)
     result.pop("hypotheses")

@@ -515,3 +515,21 @@ def test_two_processes_stop_at_the_same_step_when_only_one_is_signalled(tmp_path
     steps.append(int(err.split("interrupted at step")[1].split(";")[0]))
   assert steps[0] == steps[1] and steps[0] % 2 == 0
   assert (workdir / "checkpoints" / str(steps[0]) / "commit_success.txt").exists()
+
+
+def test_eval_says_when_the_split_is_not_the_text_the_run_recorded(run, tmp_path):
+  """A relative data path is read from the current directory: eval from elsewhere scores other
+  text, and says so (its fingerprint against data_fingerprint.json); from the run's own, not."""
+  workdir, corpus = run
+  code, _, err = run_cli("eval", "--workdir", workdir)
+  assert code == 0 and warnings_of(err) == [], err[-3000:]
+  original = open(corpus).read()
+  try:
+    write_corpus(corpus, seed=5)
+    code, _, err = run_cli("eval", "--workdir", workdir)
+    assert code == 0, err[-3000:]
+    (warning,) = warnings_of(err)
+    assert "'validation' split's text is not the one this run recorded" in warning
+  finally:
+    with open(corpus, "w") as f:
+      f.write(original)

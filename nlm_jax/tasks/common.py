@@ -130,10 +130,11 @@ class ExamplesRun:
     if not len(self.examples(d.eval_split)[0]):
       raise UserError(f"the {d.eval_split!r} split has no examples")
 
-  def data_fingerprint(self) -> dict[str, str]:
-    """SHA-256 (16 hex digits) of each split's examples, as the model sees them."""
+  def data_fingerprint(self, splits: Optional[list[str]] = None) -> dict[str, str]:
+    """SHA-256 (16 hex digits) of each split's examples (the training and evaluation splits, or
+    `splits`), as the model sees them."""
     out = {}
-    for split in dict.fromkeys([self.cfg.data.train_split, self.cfg.data.eval_split]):
+    for split in dict.fromkeys(splits or [self.cfg.data.train_split, self.cfg.data.eval_split]):
       h = hashlib.sha256()
       for part in self.examples(split):
         for x in (part if isinstance(part, list) else [part]):

@@ -135,8 +135,8 @@ class Run:
   def check_data(self) -> None:
     _check_split_lengths(self)
 
-  def data_fingerprint(self) -> dict[str, str]:
-    return data_fingerprint(self)
+  def data_fingerprint(self, splits: Optional[list[str]] = None) -> dict[str, str]:
+    return data_fingerprint(self, splits)
 
   def save_files(self, workdir: str) -> None:
     """Files the run directory needs beside the config and the tokenizer (none for LM)."""
@@ -352,13 +352,29 @@ def _check_resume_changes(saved: dict, now: dict, allow_schedule_change: bool) -
     ckpt_lib.warn(f"resuming with changed settings: {'; '.join(diffs)}; {CONFIG_FILE} now records them")
 
 
-def data_fingerprint(run: "Run") -> dict[str, str]:
-  """SHA-256 (16 hex digits) of the token ids of the training and evaluation splits."""
+def data_fingerprint(run: "Run", splits: Optional[list[str]] = None) -> dict[str, str]:
+  """SHA-256 (16 hex digits) of the token ids of the training and evaluation splits (or `splits`)."""
   import hashlib
 
-  splits = dict.fromkeys([run.cfg.data.train_split, run.cfg.data.eval_split])
+  splits = dict.fromkeys(splits or [run.cfg.data.train_split, run.cfg.data.eval_split])
   return {split: hashlib.sha256(np.ascontiguousarray(run.corpus.tokens(split)).tobytes()).hexdigest()[:16]
           for split in splits}
+
+
+def data_changed(run, workdir: str, split: str) -> Optional[str]:
+  """What differs between `split` as this run reads it now and as its training recorded it
+  (data_fingerprint.json), or None (the same, or not recorded)."""
+  try:
+    with open(os.path.join(workdir, FINGERPRINT_FILE)) as f:
+      saved = json.load(f).get(split)
+  except (OSError, ValueError, AttributeError):
+    return None
+  if saved is None:
+    return None
+  now = run.data_fingerprint([split])[split]
+  return None if now == saved else (f"the {split!r} split's text is not the one this run recorded (token "
+                                    f"fingerprint {saved} then, {now} now; a relative data path is read from "
+                                    "the current directory)")
 
 
 def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: bool) -> None:
