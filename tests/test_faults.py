@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from support import final_state, metrics, overrides, run_cli, train, write_corpus
+from support import assert_trees_equal, final_state, metrics, overrides, run_cli, train, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -533,3 +533,35 @@ def test_eval_says_when_the_split_is_not_the_text_the_run_recorded(run, tmp_path
   finally:
     with open(corpus, "w") as f:
       f.write(original)
+
+
+@pytest.mark.parametrize("saved_by", [2, "2 that differ"])
+def test_a_checkpoint_saved_by_another_number_of_processes_resumes(run, tmp_path, saved_by):
+  """Grain saves one iterator state per process (process_i-of-N.json), all the same here (each
+  process takes its rows of the same batches): a run saved by 2 processes resumes in 1, bitwise
+  as from its own file (it failed as "does not match this run's model or optimizer"); states
+  that differ are refused, naming the number of processes to resume with."""
+  workdir, corpus = run
+  other = tmp_path / "other"
+  shutil.copytree(workdir, other)
+  step = other / "checkpoints" / "10"
+  state = (step / "data_iter" / "process_0-of-1.json").read_text()
+  os.remove(step / "data_iter" / "process_0-of-1.json")
+  for i in range(2):
+    text = state if (i == 0 or saved_by == 2) else state.replace("10", "11")
+    (step / "data_iter" / f"process_{i}-of-2.json").write_text(text)
+  sums = json.loads((step / "sha256.json").read_text())
+  sums.pop("data_iter/process_0-of-1.json")
+  for i in range(2):
+    sums[f"data_iter/process_{i}-of-2.json"] = hashlib.sha256(
+        (step / "data_iter" / f"process_{i}-of-2.json").read_bytes()).hexdigest()
+  (step / "sha256.json").write_text(json.dumps(sums))
+  if saved_by != 2:
+    code, _, err = run_cli("train", *args_for(other, corpus))
+    one_line_error(code, err, "resume it with 2 processes")
+    return
+  train(*args_for(workdir, corpus))
+  train(*args_for(other, corpus))
+  assert [r["train_loss"] for r in metrics(other) if "train_loss" in r] == \
+         [r["train_loss"] for r in metrics(workdir) if "train_loss" in r]
+  assert_trees_equal(final_state(other), final_state(workdir))

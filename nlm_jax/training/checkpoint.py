@@ -200,13 +200,35 @@ class Checkpoints:
     partial = retired is not None and _only_retired(tree.get("params", {}), abstract_state.params, retired)
     items = {"state": ocp.args.PyTreeRestore(item, restore_args=_restore_args(item), partial_restore=partial)}
     if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      own = os.path.join(self.step_dir(step), "data_iter",
+                         f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      if os.path.exists(own):
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      else:
+        self._restore_iterator_of_other_processes(step, data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
       raise UserError(f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
                       f"({str(e).splitlines()[0][:200]})") from None
     return abstract_state.replace(**restored["state"], **{f: None for f in absent})
+
+  def _restore_iterator_of_other_processes(self, step: int, data_iter) -> None:
+    """A checkpoint saved by another number of processes: Grain keeps one iterator state per
+    process, and this process's is not there. Every process's iterator is at the same place (each
+    takes its rows of the same global batches), so any saved one is this process's."""
+    saved = sorted(glob.glob(os.path.join(self.step_dir(step), "data_iter", "process_*-of-*.json")))
+    states = []
+    for path in saved:
+      with open(path, encoding="utf-8") as f:
+        states.append(f.read())
+    if not states:
+      raise UserError(f"checkpoint {self.step_dir(step)} holds no data-iterator state (data_iter/process_*.json)")
+    if len(set(states)) > 1:
+      raise UserError(f"checkpoint {self.step_dir(step)} was saved by {len(states)} processes whose data iterators "
+                      f"differ; resume it with {len(states)} processes")
+    data_iter.set_state(json.loads(states[0]))
+    getattr(data_iter, "start_prefetch", lambda: None)()  # as Grain's own restore does
 
   def wait(self) -> None:
     try:
