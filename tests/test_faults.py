@@ -565,3 +565,19 @@ def test_a_checkpoint_saved_by_another_number_of_processes_resumes(run, tmp_path
   assert [r["train_loss"] for r in metrics(other) if "train_loss" in r] == \
          [r["train_loss"] for r in metrics(workdir) if "train_loss" in r]
   assert_trees_equal(final_state(other), final_state(workdir))
+
+
+def test_a_damaged_metrics_file_of_a_checkpoint(run):
+  """Orbax reads every kept step's metrics when it starts: one damaged file stopped eval ("kept
+  vanishing") and resume (a JSONDecodeError traceback) whichever step it was in. The trainer moves
+  that step aside and resumes from the newest intact one; a reader names it."""
+  workdir, corpus = run
+  (workdir / "checkpoints" / "10" / "metrics" / "metrics").write_text("garbage{")  # step 5 has none
+  code, _, err = run_cli("eval", "--workdir", workdir)
+  one_line_error(code, err, "checkpoints/10 is damaged: metrics/metrics is unreadable")
+  code, out, err = run_cli("train", *args_for(workdir, corpus), "train.stop_after=12")
+  assert code == 0, err[-3000:]
+  (warning,) = warnings_of(err)
+  assert "checkpoints/10 is not used: metrics/metrics is unreadable" in warning and "checkpoints.damaged" in warning
+  assert (workdir / "checkpoints.damaged" / "10").is_dir() and [r["step"] for r in metrics(workdir)][-1] == 12
+  assert metrics(workdir)[0]["step"] == 5  # resumed from step 5 (its record kept), not started over

@@ -92,15 +92,38 @@ def step_problem(step_dir: str) -> Optional[str]:
   return None
 
 
+def _unreadable_metrics(directory: str) -> list[tuple[str, str]]:
+  """(step directory, what is wrong) of every step whose Orbax metrics file is not JSON: Orbax
+  reads every step's when its CheckpointManager starts, and one damaged file stops it."""
+  bad = []
+  for path in sorted(glob.glob(os.path.join(directory, "*", "metrics", "metrics"))):
+    if not os.path.basename(os.path.dirname(os.path.dirname(path))).isdigit():
+      continue  # a save in progress (<step>.orbax-checkpoint-tmp*): not Orbax's to read yet
+    try:
+      with open(path, encoding="utf-8") as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      bad.append((os.path.dirname(os.path.dirname(path)), f"metrics/metrics is unreadable ({type(e).__name__})"))
+  return bad
+
+
 class Checkpoints:
-  def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+  """`set_aside` (a trainer's): a folder where steps whose metrics Orbax cannot read are moved
+  before it starts (a reader is told to move them itself: it changes nothing)."""
+
+  def __init__(self, workdir: str, keep: int = 2, read_only: bool = False, set_aside: Optional[str] = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.set_aside: list[str] = []  # damaged steps moved away (here, or by `newest_intact`)
+    for step_dir, problem in _unreadable_metrics(self.directory):
+      if set_aside is None:
+        raise UserError(f"checkpoint {step_dir} is damaged: {problem}; move it out of {self.directory} to use "
+                        "the other checkpoints")
+      self._move_aside(step_dir, set_aside, problem)
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
     self._saving: Optional[int] = None
-    self.set_aside: list[str] = []  # damaged steps `newest_intact` moved away
     self.vanished = False  # `newest_intact` saw a listed step disappear (a trainer pruning it)
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
@@ -146,20 +169,24 @@ class Checkpoints:
       if problem == "it is gone":
         self.vanished = True
         continue
-      where = "it is left in place"
       if set_aside is not None:
-        os.makedirs(set_aside, exist_ok=True)
-        target = os.path.join(set_aside, str(step))
-        n = 1
-        while os.path.exists(target):  # the same step damaged again
-          target, n = os.path.join(set_aside, f"{step}.{n}"), n + 1
-        os.rename(self.step_dir(step), target)
-        where, moved = f"moved to {target}", True
-        self.set_aside.append(target)
-      warn(f"checkpoint {self.step_dir(step)} is not used: {problem}; {where}")
+        self._move_aside(self.step_dir(step), set_aside, problem)
+        moved = True
+      else:
+        warn(f"checkpoint {self.step_dir(step)} is not used: {problem}; it is left in place")
     if moved:
       self.manager.reload()
     return found
+
+  def _move_aside(self, step_dir: str, set_aside: str, problem: str) -> None:
+    os.makedirs(set_aside, exist_ok=True)
+    name = os.path.basename(step_dir)
+    target, n = os.path.join(set_aside, name), 1
+    while os.path.exists(target):  # the same step damaged again
+      target, n = os.path.join(set_aside, f"{name}.{n}"), n + 1
+    os.rename(step_dir, target)
+    self.set_aside.append(target)
+    warn(f"checkpoint {step_dir} is not used: {problem}; moved to {target}")
 
   def best_step(self) -> Optional[int]:
     """The kept step with the lowest validation loss (None if no step has one)."""
@@ -211,6 +238,9 @@ class Checkpoints:
     except (ValueError, KeyError) as e:
       raise UserError(f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
                       f"({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # TensorStore's errors (a damaged file in a step saved before checksums)
+      raise UserError(f"checkpoint {self.directory}/{step} cannot be read ({(str(e).splitlines() or [''])[0][:200]});"
+                      f" move it out of {self.directory} to resume from an earlier one") from None
     return abstract_state.replace(**restored["state"], **{f: None for f in absent})
 
   def _restore_iterator_of_other_processes(self, step: int, data_iter) -> None:

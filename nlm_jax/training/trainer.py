@@ -424,9 +424,9 @@ def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
   """(checkpoints, newest intact step, tokenizer, its config) of a run to resume; Nones for a new run."""
   if not (existing and os.path.isdir(os.path.join(workdir, "checkpoints"))):
     return None, None, None, None
-  ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints)
   # A damaged newer step is moved aside: this run will save its step number again.
   damaged = os.path.join(workdir, "checkpoints.damaged")
+  ckpts = ckpt_lib.Checkpoints(workdir, cfg.train.keep_checkpoints, set_aside=damaged)
   step = ckpts.newest_intact(set_aside=damaged)
   if step is None and (ckpts.set_aside or (os.path.isdir(damaged) and os.listdir(damaged))):
     # now or at an earlier try: starting over would write a new run over this one's records
