@@ -581,3 +581,18 @@ def test_a_damaged_metrics_file_of_a_checkpoint(run):
   assert "checkpoints/10 is not used: metrics/metrics is unreadable" in warning and "checkpoints.damaged" in warning
   assert (workdir / "checkpoints.damaged" / "10").is_dir() and [r["step"] for r in metrics(workdir)][-1] == 12
   assert metrics(workdir)[0]["step"] == 5  # resumed from step 5 (its record kept), not started over
+
+
+def test_resuming_with_a_model_key_set_to_its_default_is_no_change(run):
+  """model.* is compared as the network is built from it: naming a default is not "a different
+  config" (it was refused); a real change still is."""
+  import dataclasses
+
+  from nlm_jax import models
+
+  workdir, corpus = run
+  dropout = {f.name: f.default for f in dataclasses.fields(models.TransformerConfig)}["dropout"]
+  code, out, err = run_cli("train", *args_for(workdir, corpus), f"model.dropout={dropout}", "train.stop_after=11")
+  assert code == 0 and warnings_of(err) == [], err[-3000:]
+  code, _, err = run_cli("train", *args_for(workdir, corpus), f"model.dropout={dropout + 0.25}")
+  one_line_error(code, err, f"model.dropout: {dropout} (checkpoint) vs {dropout + 0.25} (now)")

@@ -305,9 +305,23 @@ def _prepare_workdir(cfg: config_lib.Config) -> tuple[str, bool]:
   return workdir, ours
 
 
+def _resolved_model(fields: Any) -> Any:
+  """model.* as the network is built from it: every field of the architecture's config, defaults
+  filled in (so a key set to its default is no change); the dict as given where it does not build."""
+  if not isinstance(fields, dict):
+    return fields
+  try:
+    return models.config_to_dict(models.config_from_dict({"vocab_size": 2, **fields}))
+  except (ValueError, TypeError):
+    return fields
+
+
 def _check_resumable(saved: dict, now: dict, workdir: str) -> None:
   for key in RESUME_MUST_MATCH:
-    diff = _first_difference(_lookup(saved, key), _lookup(now, key), key)
+    old, new = _lookup(saved, key), _lookup(now, key)
+    if key == "model":
+      old, new = _resolved_model(old), _resolved_model(new)
+    diff = _first_difference(old, new, key)
     if diff:
       raise UserError(f"workdir {workdir} holds a run with a different config ({diff}); "
                       "use a new workdir or the same config")
@@ -345,7 +359,7 @@ def _check_resume_changes(saved: dict, now: dict, allow_schedule_change: bool) -
   if changed and not allow_schedule_change:
     raise UserError(f"resuming with another learning-rate schedule ({changed[0]}) would reshape it midway; "
                     "set train.allow_schedule_change=true to do so, or train.stop_after to stop early")
-  old, new = _flat(saved), _flat(now)
+  old, new = (_flat({**c, "model": _resolved_model(c.get("model"))}) for c in (saved, now))
   diffs = [f"{k}: {old[k]!r} (checkpoint) vs {new.get(k)!r} (now)" for k in sorted(old)
            if old[k] != new.get(k) and k not in RESUME_UNREMARKED and k.split(".")[0] not in RESUME_UNREMARKED]
   if diffs and is_main_process():
