@@ -80,6 +80,12 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, corpus, arch, batching, 
   # The validation curve after the resume point is the uninterrupted one.
   val = lambda d: [(r["step"], r["val_loss"]) for r in metrics(tmp_path / d) if "val_loss" in r]
   assert val("straight") == val("resumed")
+  # So is the whole training log (but wall-clock rates), and the record at step 15 averages steps
+  # 11-15 in both: the stop at 13 (between records) logged its window and its checkpoint carried it
+  strip = lambda log: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
+  resumed_log = metrics(tmp_path / "resumed")
+  assert [r["step"] for r in resumed_log if r["step"] == 13] == [13]
+  assert strip(metrics(tmp_path / "straight")) == strip([r for r in resumed_log if r["step"] != 13])
 
 
 def test_plateau_schedule_decays_lr(tmp_path, corpus):

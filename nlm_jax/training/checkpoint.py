@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -130,7 +131,8 @@ class Checkpoints:
         preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
         read_only=read_only, async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "tokenizer": ocp.JsonCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler()}
+                "tokenizer": ocp.JsonCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler(),
+                "log_window": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def _seal(self) -> None:
@@ -194,9 +196,14 @@ class Checkpoints:
     return min(steps, key=lambda s: self.manager.metrics(s)["val_loss"]) if steps else None
 
   def save(self, step: int, state: Any, data_iter, config: dict, tokenizer: dict,
-           val_loss: Optional[float] = None, force: bool = True) -> None:
+           val_loss: Optional[float] = None, force: bool = True, log_window: Optional[list] = None) -> None:
+    """`log_window`: the (fetched) training metrics of the steps since the last training-log
+    record, when the run stops between records: the resumed run's next record averages them too."""
     items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(config),
              "tokenizer": ocp.args.JsonSave(tokenizer)}
+    if log_window:  # each number with its dtype: the next record's sums are then the same float32 sums
+      plain = [{k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in m.items()} for m in log_window]
+      items["log_window"] = ocp.args.JsonSave({"metrics": plain})
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
@@ -206,6 +213,13 @@ class Checkpoints:
       self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     except Exception as e:  # disk full, permission, ...: the earlier steps are untouched
       raise self._failed(e) from None
+
+  def log_window(self, step: int) -> list[dict]:
+    """The training metrics a stop between log records left for the next record ([] if none)."""
+    if not os.path.isdir(os.path.join(self.step_dir(step), "log_window")):
+      return []
+    return [{k: np.asarray(v, dtype) for k, (v, dtype) in m.items()}
+            for m in self.read_json(step, "log_window")["metrics"]]
 
   def read_json(self, step: int, item: str) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))

@@ -651,11 +651,13 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
 
     progress = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, desc="train")
 
-  def save(step, val_loss=None):
-    ckpts.save(step, state, data_iter, cfg_dict, run.tokenizer.to_dict(), val_loss)
+  def save(step, val_loss=None, log_window=None):
+    ckpts.save(step, state, data_iter, cfg_dict, run.tokenizer.to_dict(), val_loss, log_window=log_window)
 
   last_saved = resume_step
-  pending: list[dict] = []
+  # the metrics of the micro-batches since the last training-log record (a resumed run starts with
+  # those its checkpoint carried, so its records average the same steps as an uninterrupted run's)
+  pending: list[dict] = ckpts.log_window(resume_step) if resume_step is not None else []
   window_start = time.time()
   window_steps = 0
   last_val = None
@@ -677,7 +679,11 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
         # Saves come right after a finiteness check of every loss since the last one.
         if step % cfg.train.log_every == 0 or is_eval or is_save:
           fetched = jax.device_get(pending)
-          pending = []
+          # A stop between records (train.stop_after) logs what it has, and its checkpoint carries
+          # these steps' metrics on to the next record (train.steps and regular saves end a window).
+          mid_window = (step == stop < cfg.train.steps and step % cfg.train.log_every != 0 and not is_eval
+                        and step % every_ckpt != 0)
+          pending = fetched if mid_window else []
           loss = _finite_mean_loss(fetched, step, last_saved, ckpts.directory)
           elapsed = time.time() - window_start
           record = {"step": step, run.unit: step * tokens_per_step, "train_loss": loss,
@@ -707,11 +713,12 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
         if progress is not None:
           progress.update(1)
         if is_save:
-          save(step, last_val if is_eval else None)
+          save(step, last_val if is_eval else None, log_window=pending)
           last_saved = step
       if stopped and last_saved != step:
-        _finite_mean_loss(jax.device_get(pending), step, last_saved, ckpts.directory)
-        save(step)
+        pending = jax.device_get(pending)
+        _finite_mean_loss(pending, step, last_saved, ckpts.directory)
+        save(step, log_window=pending)
         last_saved = step
     finally:
       ckpts.wait()
