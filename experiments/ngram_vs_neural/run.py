@@ -144,7 +144,7 @@ def main() -> None:
     params = "—" if r["params"] is None else f"{r['params']:,}" + (" n-grams" if r.get("params_are") else "")
     train_s = "—" if not r["train_s"] else f"{statistics.mean(r['train_s']):.0f} s"
     lam = r.get("lambda")
-    extra_txt = f" (λ = {statistics.mean(lam):.2f} ± {statistics.pstdev(lam):.2f})" if lam else ""
+    extra_txt = f" (λ = {mean_std(lam, 2)})" if lam else ""
     lines.append(f"| {name}{extra_txt} | {mean_std(r['test_ppl'], 1)} | {params} | {train_s} |")
   best_neural = min(statistics.mean(r["test_ppl"]) for k, r in rows.items() if not k.startswith("Kneser"))
   lines += ["", f"Best neural or mixed model against the best n-gram model: "

@@ -5,7 +5,9 @@
 u_t is the update direction of the optimizer (g for SGD, the momentum trace for momentum /
 Nesterov, m̂/(√v̂+ε) for Adam), η_t the schedule, s_t the plateau scale (×factor each time the
 validation loss stops improving; 1 otherwise). Weight decay λ comes in two kinds:
-  l2         g ← g + λθ before the optimizer: the gradient of (λ/2)‖θ‖² added to the loss
+  l2         g ← clip(g) + λθ before the optimizer: the gradient of (λ/2)‖θ‖² added to the loss's,
+             after gradient clipping (as PyTorch's SGD/Adam weight_decay: the clip sees the data
+             gradient only)
   decoupled  u ← u + λθ after it (AdamW, Loshchilov & Hutter 2019)
 and a mask can exclude biases, normalization scales and embeddings from it.
 """
