@@ -319,8 +319,8 @@ def check_options(args) -> None:
     raise bad("--length-penalty", args.length_penalty, "a finite number ≥ 0")
   if getattr(args, "num_samples", 1) < 1:
     raise bad("--num-samples", args.num_samples, "≥ 1")
-  if not -2**63 <= getattr(args, "seed", 0) < 2**63:  # a PRNG key holds 64 bits
-    raise bad("--seed", args.seed, "a 64-bit integer")
+  if not 0 <= getattr(args, "seed", 0) < 2**32:  # a PRNG key holds the low 32 bits: 2^32 would repeat 0
+    raise bad("--seed", args.seed, "in [0, 2^32) (a larger one repeats a smaller one's samples)")
   temperature = getattr(args, "temperature", 1.0)
   if not (math.isfinite(temperature) and temperature >= 0):
     raise bad("--temperature", temperature, "a finite number > 0 (or 0: greedy)")

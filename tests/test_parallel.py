@@ -170,6 +170,24 @@ def test_evaluation_does_not_depend_on_the_devices(tmp_path):
       np.testing.assert_allclose([v for _, v in estimates[1]], [v for _, v in estimates[0]], rtol=2e-6)
 
 
+def test_classifier_estimates_do_not_depend_on_the_devices(tmp_path):
+  """Classification too: an estimate of train.eval_batches batches scores data.eval_batch_size
+  examples per batch on any mesh (the mesh's extra rows are weight-0 padding, not more examples)."""
+  base = _classify_args(tmp_path / "one", tmp_path)
+  extra = ["train.steps=8", "train.eval_every=4", "train.checkpoint_every=4", "data.eval_batch_size=6",
+           "train.eval_batches=2"]
+  train(*base, *extra)
+  other = [a.replace(str(tmp_path / "one"), str(tmp_path / "eight")) for a in base]
+  train(*other, *extra, "train.stop_after=4")
+  proc = nlm_jax("train", *other, *extra, "mesh.data=4", "mesh.tensor=2",
+                 env=env_with_devices(8, str(tmp_path / "cache8")))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  scores = [[(r["step"], r["val_loss"], r["val_accuracy"]) for r in metrics(tmp_path / w) if "val_loss" in r
+             and r["step"] > 4] for w in ("one", "eight")]
+  assert scores[0] and [s[:1] for s in scores[0]] == [s[:1] for s in scores[1]]
+  np.testing.assert_allclose([s[1:] for s in scores[1]], [s[1:] for s in scores[0]], rtol=2e-6)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

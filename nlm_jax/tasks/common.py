@@ -80,14 +80,15 @@ class ExamplesRun:
 
   def eval_batches(self, split: str, max_batches: Optional[int] = None):
     """(global batch, its number of real examples) for a split's evaluation batches (all of them,
-    or the first `max_batches`), in the split's order; the last is padded with weight-0 rows."""
+    or the first `max_batches`), in the split's order: data.eval_batch_size examples each (the
+    same ones on any mesh), padded with weight-0 rows to the mesh's rows (`eval_batch_size`)."""
     n = len(self.examples(split)[0])
-    B = self.eval_batch_size()
+    L, B = self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.eval_batch_size()
     rows = parallel.process_rows(B, self.mesh)
-    n_batches = -(-n // B) if max_batches is None else min(-(-n // B), max_batches)
+    n_batches = -(-n // L) if max_batches is None else min(-(-n // L), max_batches)
     for k in range(n_batches):
-      local = self.collate(list(range(k * B, min((k + 1) * B, n))), split, B)
-      yield self.global_batch({key: v[rows] for key, v in local.items()}, B), min(B, n - k * B)
+      local = self.collate(list(range(k * L, min((k + 1) * L, n))), split, B)
+      yield self.global_batch({key: v[rows] for key, v in local.items()}, B), min(L, n - k * L)
 
   def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
     """The task's eval-step metrics summed over a split's batches (`eval_batches`)."""
@@ -108,7 +109,7 @@ class ExamplesRun:
     scores = self.val_scores(val)
     n_train = t.eval_train_batches
     if n_train is None:  # as many batches as validation's (never the whole training split: SST-2's is 77×)
-      n_train = t.eval_batches or -(-len(self.examples(d.eval_split)[0]) // self.eval_batch_size())
+      n_train = t.eval_batches or -(-len(self.examples(d.eval_split)[0]) // (d.eval_batch_size or d.batch_size))
     if n_train > 0:
       scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
     return scores, val

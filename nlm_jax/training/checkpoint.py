@@ -103,6 +103,8 @@ def _unreadable_metrics(directory: str) -> list[tuple[str, str]]:
     try:
       with open(path, encoding="utf-8") as f:
         json.load(f)
+    except FileNotFoundError:  # deleted since listed: a trainer pruning that step, not damage
+      continue
     except (OSError, ValueError) as e:
       bad.append((os.path.dirname(os.path.dirname(path)), f"metrics/metrics is unreadable ({type(e).__name__})"))
   return bad
@@ -186,7 +188,10 @@ class Checkpoints:
     target, n = os.path.join(set_aside, name), 1
     while os.path.exists(target):  # the same step damaged again
       target, n = os.path.join(set_aside, f"{name}.{n}"), n + 1
-    os.rename(step_dir, target)
+    try:
+      os.rename(step_dir, target)
+    except FileNotFoundError:  # another process of this run moved it first (a shared filesystem)
+      target = os.path.join(set_aside, name)
     self.set_aside.append(target)
     warn(f"checkpoint {step_dir} is not used: {problem}; moved to {target}")
 
