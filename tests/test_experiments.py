@@ -396,6 +396,23 @@ def test_pretrain_finetune_scores_an_arm_s_ensemble_once_all_its_seeds_have_ende
   assert set(score({"sst2/lstm/scratch/3": "stopped"})) == {"sst2/lstm/pretrained"} and len(asked[-1]) == 3
 
 
+def test_ensembles_get_their_own_time_after_kill_at(monkeypatch):
+  """An arm whose last seed was stopped at --kill-at is scored with --ensemble-s seconds to spare
+  (it had 1 s: the ensemble of the seeds that finished was lost)."""
+  from experiments.pretrain_finetune import run as pf
+
+  clock = pf.Clock(None, kill_at=0.0, ensemble_s=20.0)
+  assert clock.left() == 1.0 and 18.0 < clock.left_for_ensembles() <= 20.0
+  assert pf.Clock(None, None, 20.0).left_for_ensembles() is None
+  timeouts = []
+  monkeypatch.setattr(pf, "nlm_jax_command", lambda argv, timeout=None, what="": (
+      timeouts.append(timeout) or (0, '{"accuracy": 0.9}', "")))
+  results = {f"sst2/lstm/pretrained/{s}": {"workdir": f"/runs/p{s}"} for s in (1, 2)}
+  scores = pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: {"pretrained": []}, 3, clock,
+                             {"sst2/lstm/pretrained/3": "stopped at --kill-at"}, set())
+  assert scores == {"sst2/lstm/pretrained": pytest.approx(90.0)} and timeouts[0] > 18.0
+
+
 def test_a_run_stopped_after_it_finished_counts_as_finished(tmp_path, monkeypatch):
   """nlm_jax_train: a run whose time limit came after it wrote its final summary.json is finished;
   one stopped before is not (its summary, if any, is not a finished run's)."""

@@ -119,16 +119,20 @@ QUICK = {  # tiny models and budgets for --quick
 
 class Clock:
   """The experiment's time limits: no run starts after `start_by` seconds, and runs still going at
-  `kill_at` seconds are stopped (None: no limit)."""
+  `kill_at` seconds are stopped (None: no limit); scoring the seed ensembles may go on until
+  `ensemble_s` seconds after `kill_at` (an arm whose last seed was stopped there is scored then)."""
 
-  def __init__(self, start_by: float | None, kill_at: float | None):
-    self.t0, self.start_by, self.kill_at = time.monotonic(), start_by, kill_at
+  def __init__(self, start_by: float | None, kill_at: float | None, ensemble_s: float = 0.0):
+    self.t0, self.start_by, self.kill_at, self.ensemble_s = time.monotonic(), start_by, kill_at, ensemble_s
 
   def may_start(self) -> bool:
     return self.start_by is None or time.monotonic() - self.t0 < self.start_by
 
   def left(self) -> float | None:
     return None if self.kill_at is None else max(1.0, self.kill_at - (time.monotonic() - self.t0))
+
+  def left_for_ensembles(self) -> float | None:
+    return None if self.kill_at is None else max(1.0, self.kill_at + self.ensemble_s - (time.monotonic() - self.t0))
 
 
 def evaluate(workdirs: str | list[str], split: str, timeout: float | None = None) -> dict:
@@ -333,7 +337,7 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
       if tried is not None:
         tried.add(name)
       try:
-        scores[name] = 100 * evaluate(runs, TASKS[task]["split"], clock.left())["accuracy"]
+        scores[name] = 100 * evaluate(runs, TASKS[task]["split"], clock.left_for_ensembles())["accuracy"]
       except SystemExit as e:
         print(f"{name}: no ensemble ({str(e).strip()[-300:]})", flush=True)
   return scores
@@ -412,6 +416,8 @@ def main() -> None:
                                                        "hold several of these small models)")
   ap.add_argument("--start-by", type=float, default=None, help="seconds: no run starts later")
   ap.add_argument("--kill-at", type=float, default=None, help="seconds: runs still going are stopped")
+  ap.add_argument("--ensemble-s", type=float, default=30.0,
+                  help="seconds after --kill-at that scoring the seed ensembles may still take (default 30)")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
   args = ap.parse_args()
@@ -419,7 +425,7 @@ def main() -> None:
   train_in_process(args.quick and args.jobs == 1)  # quick: every run in this process, one after the other
   out = args.out or (tmp if args.quick else HERE)
   data = toy_data(os.path.join(tmp, "toy")) if args.quick else os.path.abspath(args.data)
-  clock = Clock(args.start_by, args.kill_at)
+  clock = Clock(args.start_by, args.kill_at, args.ensemble_s)
   pairs = ([tuple(p.split("/", 1)) for p in args.pairs.split(",")] if args.pairs else
            [(task, arch) for task in args.tasks.split(",") for arch in args.archs.split(",")])
   for pair in pairs:
