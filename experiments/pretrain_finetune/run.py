@@ -128,11 +128,12 @@ class Clock:
   def may_start(self) -> bool:
     return self.start_by is None or time.monotonic() - self.t0 < self.start_by
 
-  def left(self) -> float | None:
-    return None if self.kill_at is None else max(1.0, self.kill_at - (time.monotonic() - self.t0))
+  def left(self, past_kill_at: float = 0.0) -> float | None:
+    """Seconds left until `past_kill_at` seconds after `kill_at` (at least 1; None: no limit)."""
+    return None if self.kill_at is None else max(1.0, self.kill_at + past_kill_at - (time.monotonic() - self.t0))
 
   def left_for_ensembles(self) -> float | None:
-    return None if self.kill_at is None else max(1.0, self.kill_at + self.ensemble_s - (time.monotonic() - self.t0))
+    return self.left(self.ensemble_s)
 
 
 def evaluate(workdirs: str | list[str], split: str, timeout: float | None = None) -> dict:

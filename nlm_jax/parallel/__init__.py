@@ -158,6 +158,13 @@ def without_axis(shardings, axis: str):
   return jax.tree.map(one, shardings)
 
 
+def padded_rows(rows: int, mesh: Mesh) -> int:
+  """`rows` (an evaluation batch's) rounded up to a multiple of the batch's shards and of the
+  processes, so every device and every process holds whole rows (the extra rows are padding)."""
+  n = math.lcm(_mesh_axis_size(mesh, BATCH), jax.process_count())
+  return -(-rows // n) * n
+
+
 def process_rows(batch_size: int, mesh: Mesh) -> slice:
   """The rows of a global batch that this process loads: those its devices hold under
   `batch_sharding(mesh)` (all of them where the batch is not split over processes, e.g. a tensor

@@ -9,7 +9,6 @@ per-example arrays, first the token ids), `collate(indices, split, rows)`, `eval
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from typing import Optional
 
@@ -162,6 +161,4 @@ class ExamplesRun:
 
   def eval_batch_size(self) -> int:
     """data.eval_batch_size (or batch_size) rows, padded to a multiple of the batch's shards."""
-    d = self.cfg.data
-    n_shards = math.lcm(math.prod(self.mesh.shape[a] for a in parallel.BATCH), jax.process_count())
-    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards
+    return parallel.padded_rows(self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.mesh)

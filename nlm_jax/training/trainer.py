@@ -172,9 +172,7 @@ class Run:
   def eval_batch_size(self) -> int:
     """The evaluation batch's rows on the mesh: data.eval_batch_size (or batch_size) rows of data,
     padded with mask-0 rows to a multiple of the batch's shards (and of the processes)."""
-    d = self.cfg.data
-    n_shards = math.lcm(math.prod(self.mesh.shape[a] for a in parallel.BATCH), jax.process_count())
-    return -(-(d.eval_batch_size or d.batch_size) // n_shards) * n_shards
+    return parallel.padded_rows(self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.mesh)
 
   def eval_plan(self, split: str, max_batches: Optional[int], batching: Optional[str] = None) -> tuple[int, bool]:
     """(batches, whether they score every token of the split) of `evaluate` with these arguments."""
@@ -393,7 +391,7 @@ def data_changed(run, workdir: str, split: str) -> Optional[str]:
 
 def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: bool) -> None:
   """Refuses (or warns, with train.allow_data_change) to resume on data whose tokens changed.
-  Writes nothing: `_record_run` does, once the run is known to start."""
+  Writes nothing: `_train` records the fingerprint once the run is known to start."""
   path = os.path.join(workdir, FINGERPRINT_FILE)
   if resuming and os.path.exists(path):
     try:
