@@ -44,16 +44,24 @@ def test_positional_encodings_quick(tmp_path):
 
 
 def test_long_range_quick(tmp_path):
-  results = run_quick("long_range", tmp_path, seeds=1)
+  """Two of its three parts (a minute under CI's load); the copy task, which trains as the adding
+  task does, is the slow test below."""
+  results = run_quick("long_range", tmp_path, 1, "--parts", "gradients,adding")
   for arch in ("rnn", "lstm"):
     for state in ("initialization", "trained"):
       g = np.asarray(results["gradients"][arch][state])
       assert g.shape == (20,) and np.all(np.isfinite(g)) and np.all(g > 0)
-  assert set(results["copy"]) == {"rnn", "lstm", "transformer"}
-  assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
   assert set(results["adding"]) == {"rnn", "lstm", "transformer"} and results["lengths"] == [4]
   # an untrained answer is worth about the mean sum's error (~0.3), never more than the range
   assert all(0.0 <= x <= 1.8 for by_len in results["adding"].values() for xs in by_len.values() for x in xs)
+  assert "copy" not in results
+
+
+@pytest.mark.slow
+def test_long_range_copy_quick(tmp_path):
+  results = run_quick("long_range", tmp_path, 1, "--parts", "copy")
+  assert set(results["copy"]) == {"rnn", "lstm", "transformer"} and results["gaps"] == [2]
+  assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
 
 
 def test_adding_problem_lines_and_error():
@@ -450,7 +458,7 @@ def test_a_time_limit_stops_a_training_run_with_sigterm_so_it_saves(tmp_path):
     common.nlm_jax_train(str(workdir), ["data.source=text", f"data.file={corpus}", "tokenizer.kind=char",
                                         "model.arch=lstm", "model.d_embed=8", "model.d_hidden=8", "data.seq_len=16",
                                         "data.batch_size=4", "train.steps=100000000", "train.eval_every=100000000",
-                                        "train.checkpoint_every=100000000", "train.log_every=50"], timeout=40)
+                                        "train.checkpoint_every=100000000", "train.log_every=50"], timeout=20)
   saved = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
   assert saved and int(saved[0]) > 0, os.listdir(workdir / "checkpoints")
 
