@@ -46,7 +46,7 @@ def run(arch: str, mesh_name: str, n_steps: int):
   mesh = parallel.make_mesh(data, fsdp, tensor, devices=devices)
   cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.01, clip_norm=1.0)
   task = LMTask(models.build(CONFIGS[arch]), optim.make_optimizer(cfg, n_steps), optim.plateau(cfg), mesh, B,
-                carry_state=arch != "transformer", example_len=T, gather_fsdp=arch in parallel.GATHER_FSDP_ARCHS)
+                carry_state=arch != "transformer", example_len=T)  # gathers fsdp for the RNN/LSTM by default
   state = task.init(jax.random.key_data(jax.random.key(0)))
   losses = []
   for b in batches(n_steps):

@@ -112,6 +112,18 @@ def test_layouts_are_as_configured(sharded_runs, arch):
     assert three["mu"]["['layer_0']['U']"] == "P('fsdp', None, 'tensor')"
 
 
+def test_every_task_gathers_fsdp_for_recurrent_models_by_default(config):
+  """The 2×2×2 tests above build LMTask without `gather_fsdp`: the default must be right for a
+  language model and for a task's network around one (a classifier's body), or a recurrent model
+  trained through the library's own tasks gets XLA's wrong gradients."""
+  from nlm_jax import models, parallel
+  from nlm_jax.tasks.classify import Classifier
+
+  recurrent = config.arch in ("rnn", "lstm")
+  assert parallel.gathers_fsdp(models.build(config)) == recurrent
+  assert parallel.gathers_fsdp(Classifier(config, 2)) == recurrent
+
+
 def test_batch_that_does_not_divide_the_mesh(tmp_path):
   corpus = write_corpus(tmp_path / "c.txt")
   proc = nlm_jax("train", *overrides(tmp_path / "r", corpus, steps=2), "data.batch_size=6", "mesh.data=4",

@@ -134,7 +134,7 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
 
 
 # The architectures whose train step all-gathers the parameters' fsdp dimensions first
-# (`LMTask(gather_fsdp=True)`). XLA's SPMD partitioner (jax 0.10.2; with Shardy and without)
+# (`LMTask`'s default for them, `gathers_fsdp`). XLA's SPMD partitioner (jax 0.10.2; with Shardy and without)
 # miscompiles the gradient of the recurrent pattern h @ U, h's units split over tensor and U's
 # input side over fsdp, once data, fsdp and tensor are all > 1: the loss is right, the gradients
 # are not (a plain-JAX reproduction, tanh(tanh(x @ U) @ U), is off by 27% of the gradient's size on
@@ -142,6 +142,13 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
 # A recurrent layer uses all of U at every time step anyway; the Transformer and the FNN are
 # exact without it and keep XLA's own placement of FSDP's gathers.
 GATHER_FSDP_ARCHS = ("rnn", "lstm")
+
+
+def gathers_fsdp(model) -> bool:
+  """Whether a model's train step must gather its parameters' fsdp dimensions (GATHER_FSDP_ARCHS):
+  a language model by its `cfg`, a task's network (a classifier) by its body's `body_cfg`."""
+  cfg = getattr(model, "cfg", None) or getattr(model, "body_cfg", None)
+  return getattr(cfg, "arch", None) in GATHER_FSDP_ARCHS
 
 
 def without_axis(shardings, axis: str):

@@ -60,7 +60,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from nlm_jax import config as config_lib
-from nlm_jax import models, objectives, parallel
+from nlm_jax import models, objectives
 from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import tfds_fields
 from nlm_jax.data.files import read_text
@@ -354,8 +354,7 @@ class ClassifyRun(ExamplesRun):
                              example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
                              ema_decay=cfg.optim.ema_decay, freeze=frozen, smoothing=t.label_smoothing,
                              word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
-                             lm_weight=cfg.finetune.lm_weight,
-                             gather_fsdp=self.model_cfg.arch in parallel.GATHER_FSDP_ARCHS)
+                             lm_weight=cfg.finetune.lm_weight)
 
   def retired_params(self, names: tuple[str, ...]) -> bool:
     """Whether a parameter is one classifiers no longer keep: the language model's output layer

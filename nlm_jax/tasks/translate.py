@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from nlm_jax import config as config_lib
-from nlm_jax import decoding, models, objectives, parallel
+from nlm_jax import decoding, models, objectives
 from nlm_jax.data import tokenizers
 from nlm_jax.data.corpus import tfds_fields
 from nlm_jax.data.files import read_text
@@ -165,8 +165,7 @@ class TranslateRun(ExamplesRun):
     self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                               example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
                               ema_decay=cfg.optim.ema_decay,
-                              smoothing=t.label_smoothing, prefix_lm=t.prefix_lm,
-                              gather_fsdp=self.model_cfg.arch in parallel.GATHER_FSDP_ARCHS)
+                              smoothing=t.label_smoothing, prefix_lm=t.prefix_lm)
 
   # ------------------------------------------------------------------------- data
 

@@ -66,7 +66,8 @@ class LMTask:
   a pretrained body under a new head).
 
   `gather_fsdp`: the train step all-gathers the parameters' fsdp-sharded dimensions before the
-  forward pass (the RNN and LSTM need it: see `Run`'s use).
+  forward pass; None (the default): where the model's architecture needs it
+  (`parallel.gathers_fsdp`: the RNN and LSTM, whose gradients XLA gets wrong otherwise).
   """
 
   batch_keys: tuple[str, ...] = ("inputs", "targets", "mask", "reset")
@@ -74,7 +75,7 @@ class LMTask:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
                carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None,
-               ema_decay: float | None = None, gather_fsdp: bool = False):
+               ema_decay: float | None = None, gather_fsdp: bool | None = None):
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
     self.grad_accum, self.freeze, self.ema_decay = grad_accum, freeze, ema_decay
@@ -83,6 +84,8 @@ class LMTask:
     self.replicated = NamedSharding(mesh, P())
     abstract = jax.eval_shape(self._init_boxed, jax.random.key_data(jax.random.key(0)))
     self.state_sharding = parallel.tree_shardings(abstract, mesh)
+    if gather_fsdp is None:
+      gather_fsdp = parallel.gathers_fsdp(model)
     self.gathered = parallel.without_axis(self.state_sharding.params, "fsdp") if gather_fsdp else None
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),

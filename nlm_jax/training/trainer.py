@@ -124,8 +124,7 @@ class Run:
     finetune.freeze(cfg, head=None)  # a language model has no new head: refused if asked for
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
                        self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum,
-                       ema_decay=cfg.optim.ema_decay,
-                       gather_fsdp=self.model_cfg.arch in parallel.GATHER_FSDP_ARCHS)
+                       ema_decay=cfg.optim.ema_decay)
     self.rows = parallel.process_rows(cfg.data.batch_size, self.mesh)
 
   def units_per_step(self) -> int:
