@@ -283,13 +283,24 @@ def test_bad_settings_are_refused_at_load_time(run, override, mention):
   assert checkpoint_hashes(workdir) == before
 
 
-def test_a_validation_split_too_short_fails_before_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("short,text,extra,error", [
+    # 12 characters: fewer than the windows of the validation batches (16 + 8)
+    ("validation", "the cat sat\n", {}, "'validation' split has 12 tokens: too few for 8 windows"),
+    # enough for 8 stream rows (9), not for the estimator's random windows (24), which any batching uses
+    ("validation", "the cat sat on a mat\n", dict(arch="lstm", batching="streams", train__eval_estimator="random_windows"),
+     "'validation' split has 21 tokens: too few for 8 windows"),
+    # enough to train on (8 windows of 16), not for eval_train_loss's 32 windows (16 + 32)
+    ("train", "the cat sat on a mat. " * 2, dict(data__eval_batch_size=32, tokenizer__kind="byte"),
+     "'train' split has 44 tokens: too few for eval_train_loss's 32 windows"),
+])
+def test_a_split_too_short_to_evaluate_fails_before_training(tmp_path, monkeypatch, short, text, extra, error):
   monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
-  corpus = write_corpus(tmp_path / "train.txt")
-  (tmp_path / "val.txt").write_text("the cat sat\n")
-  argv = [a for a in overrides(tmp_path / "r", corpus, steps=20) if not a.startswith("data.file=")]
-  code, _, err = run_cli("train", *argv, f"data.files.train={corpus}", f"data.files.validation={tmp_path / 'val.txt'}")
-  one_line_error(code, err, "'validation' split has 12 tokens: too few")
+  files = {"train": write_corpus(tmp_path / "train.txt"), "validation": write_corpus(tmp_path / "val.txt", seed=1)}
+  (tmp_path / f"{short}.short.txt").write_text(text)
+  files[short] = tmp_path / f"{short}.short.txt"
+  argv = [a for a in overrides(tmp_path / "r", files["train"], steps=20, **extra) if not a.startswith("data.file=")]
+  code, _, err = run_cli("train", *argv, f"data.files.train={files['train']}", f"data.files.validation={files['validation']}")
+  one_line_error(code, err, error)
   assert not (tmp_path / "r" / "checkpoints").exists() or not os.listdir(tmp_path / "r" / "checkpoints")
   assert not (tmp_path / "r" / "metrics.jsonl").exists()
 

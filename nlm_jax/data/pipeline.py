@@ -121,7 +121,7 @@ def eval_batch_count(n_tokens: int, batching: str, batch_size: int, seq_len: int
   """How many batches `eval_batches` yields, and whether together they score every token of the split."""
   n_targets = n_tokens - 1
   if batching == "windows" and max_batches is not None:
-    return min(max_batches, (n_tokens - seq_len) // batch_size), False
+    return min(max_batches, max(0, (n_tokens - seq_len) // batch_size)), False
   if batching == "windows":
     n_full = -(-(-(-n_targets // seq_len)) // batch_size)  # ⌈⌈(N−1)/T⌉ / B⌉
   else:

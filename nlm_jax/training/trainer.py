@@ -416,19 +416,27 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _check_split_lengths(run: "Run") -> None:
-  """The evaluation split holds enough tokens for its batches: fail now, not at the first
-  evaluation after `eval_every` steps of work (the training split is checked by its iterator)."""
-  d, split = run.cfg.data, run.cfg.data.eval_split
-  n = len(run.corpus.tokens(split))
+  """Each split the periodic evaluation reads holds enough tokens for its batches, read as it reads
+  them (`train.eval_estimator=random_windows`: windows, whatever data.batching is; the training
+  split too, for eval_train_loss, in batches of data.eval_batch_size rows): fail now, not at the
+  first evaluation after `eval_every` steps of work (the training batches are checked by their
+  iterator)."""
+  d, t = run.cfg.data, run.cfg.train
+  batching = "windows" if t.eval_estimator == "random_windows" else d.batching
   rows = d.eval_batch_size or d.batch_size
-  if d.batching == "windows":
-    need = d.seq_len + rows if run.cfg.train.eval_batches is not None else 2
-    what = f"{rows} windows of data.seq_len={d.seq_len}"
-  else:
-    need, what = rows + 1, f"{rows} stream rows"
-  if n < need:
-    raise UserError(f"the {split!r} split has {n} tokens: too few for {what} (needs {need}); lower "
-                    "data.seq_len or data.eval_batch_size, or give it more text")
+  splits = [(d.eval_split, t.eval_batches, "", "")]
+  if t.eval_train_batches != 0:  # a number of batches (`periodic_evaluation`), never the whole split
+    splits.append((d.train_split, 1, "eval_train_loss's ", ", set train.eval_train_batches=0,"))
+  for split, max_batches, purpose, alternative in splits:
+    n = len(run.corpus.tokens(split))
+    if batching == "windows":
+      need = d.seq_len + rows if max_batches is not None else 2
+      what = f"{rows} windows of data.seq_len={d.seq_len}"
+    else:
+      need, what = rows + 1, f"{rows} stream rows"
+    if n < need:
+      raise UserError(f"the {split!r} split has {n} tokens: too few for {purpose}{what} (needs {need}); lower "
+                      f"data.seq_len or data.eval_batch_size{alternative} or give it more text")
 
 
 def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
