@@ -329,6 +329,12 @@ def check_options(args) -> None:
   top_p = getattr(args, "top_p", None)
   if top_p is not None and not (0 < top_p <= 1):
     raise bad("--top-p", top_p, "in (0, 1]")
+  texts = [("--prompt", getattr(args, "prompt", None))] + [("--text", t) for t in getattr(args, "text", None) or []]
+  for option, text in texts:
+    try:  # argv's undecodable bytes arrive as lone surrogates, which no tokenizer can encode
+      (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+      raise UserError(f"{option} {ascii(text)}: not valid UTF-8 text") from None
 
 
 def json_safe(record: dict) -> dict:

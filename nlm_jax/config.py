@@ -321,6 +321,9 @@ def validate(cfg: Config) -> Config:
     raise UserError(f"config: tokenizer.include is for tokenizer.kind=word, not {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not cfg.tokenizer.vocab_size:
     raise UserError("config: tokenizer.kind=sentencepiece needs tokenizer.vocab_size")
+  if cfg.tokenizer.kind == "word" and cfg.tokenizer.vocab_size is not None and cfg.tokenizer.vocab_size < 3:
+    raise UserError(f"config: tokenizer.vocab_size={cfg.tokenizer.vocab_size} holds no word beside <unk> and "
+                    "<eos> (tokenizer.kind=word needs ≥ 3)")
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(cfg.mesh, axis)
     if size == 0 or size < -1:

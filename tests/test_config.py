@@ -41,6 +41,13 @@ def test_overrides_are_typed_and_dotted():
   assert config_lib.model_config(cfg, 10).d_hidden == 64
 
 
+def test_a_word_vocabulary_must_hold_a_word():
+  base = ["workdir=w", "data.file=f", "model.arch=lstm", "tokenizer.kind=word"]
+  with pytest.raises(UserError, match="tokenizer.vocab_size=2 holds no word"):
+    config_lib.load_config(None, base + ["tokenizer.vocab_size=2"])
+  assert config_lib.load_config(None, base + ["tokenizer.vocab_size=3"]).tokenizer.vocab_size == 3
+
+
 def test_config_roundtrips_through_dict():
   cfg = config_lib.load_config(None, ["workdir=w", "data.file=f", "model.arch=fnn"])
   assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg

@@ -76,6 +76,16 @@ def test_sentencepiece_tokenizer_trains_and_roundtrips():
   assert tokenizers.fingerprint(again) == tokenizers.fingerprint(tok)  # deterministic training
 
 
+def test_sentencepiece_trains_on_lines_longer_than_its_default_limit():
+  """SentencePiece skips lines over 4,192 bytes without a word: a text of long lines trained on
+  part of itself, or (every line long) failed with 'INTERNAL: ... !sentences_.empty()'."""
+  words = [f"w{i % 37}" for i in range(3000)]
+  long_line = " ".join(words)  # ~11 kB
+  tok = tokenizers.train_tokenizer(TokenizerConfig(kind="sentencepiece", vocab_size=40), long_line + "\n")
+  assert tok.decode(tok.encode("w1 w2 w36\n")).strip() == "w1 w2 w36"
+  assert len(tok.encode(long_line + "\n")) < 0.75 * len(long_line)  # merges were learned from it
+
+
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
 def test_tokenizer_save_load(tmp_path, kind):
   tok = tokenizers.train_tokenizer(TokenizerConfig(kind=kind), TEXT)
@@ -103,6 +113,25 @@ def test_corpus_split_fractions_and_cache(tmp_path, monkeypatch):
   again = Corpus(cfg, TokenizerConfig(kind="char"))
   np.testing.assert_array_equal(again.tokens("train"), train)
   assert len(os.listdir(tmp_path / "cache")) == 3  # tokenizer + two splits
+
+
+@pytest.mark.parametrize("entry", ["tokenizer", "tokens"])
+def test_a_damaged_cache_entry_is_made_again(tmp_path, capsys, entry):
+  """The cache is the corpus's, not the user's: an entry damaged from outside (writes are atomic) is
+  rebuilt with a warning, never a traceback or advice about a run's checkpoints."""
+  path = tmp_path / "c.txt"
+  path.write_text(TEXT * 20)
+  cfg = DataConfig(source="text", file=str(path), split_fractions=[0.9, 0.1], cache_dir=str(tmp_path / "cache"))
+  first = Corpus(cfg, TokenizerConfig(kind="word"))
+  want = first.tokens("train")
+  damaged = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith(entry + "-"))
+  damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+  capsys.readouterr()
+  again = Corpus(cfg, TokenizerConfig(kind="word"))
+  np.testing.assert_array_equal(again.tokens("train"), want)
+  assert "unreadable" in capsys.readouterr().err
+  np.testing.assert_array_equal(Corpus(cfg, TokenizerConfig(kind="word")).tokens("train"), want)  # rewritten
+  assert "unreadable" not in capsys.readouterr().err
 
 
 def test_corpus_tokenizer_cache_follows_the_include_file(tmp_path):

@@ -315,6 +315,16 @@ def test_bad_generate_options(tmp_path, option, value):
   assert out == ""
 
 
+@pytest.mark.parametrize("command,option", [("generate", "--prompt"), ("predict", "--text"), ("translate", "--text")])
+def test_text_that_is_not_utf8_is_a_one_line_error(tmp_path, command, option):
+  """Python reads argv's undecodable bytes as lone surrogates (b'Fi\\xffrst' -> 'Fi\\udcffrst'),
+  which every tokenizer failed on with a traceback (or, a word's, read as <unk>)."""
+  text = b"Fi\xffrst".decode("utf-8", "surrogateescape")
+  code, out, err = run_cli(command, "--workdir", tmp_path, option, text)
+  one_line_error(code, err, "not valid UTF-8")
+  assert out == ""
+
+
 # ----------------------------------------------------------------------------- changed data / settings
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from nlm_jax import progress
 from nlm_jax.data import tokenizers
 from nlm_jax.data.files import read_text
-from nlm_jax.errors import UserError
+from nlm_jax.errors import UserError, warn
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -247,7 +247,10 @@ class Corpus:
     key = _digest(identity)
     path = os.path.join(self.cache_dir, f"tokenizer-{key}.json")
     if os.path.exists(path):
-      return tokenizers.load(path)
+      try:
+        return tokenizers.load(path)
+      except UserError as e:  # damaged from outside (writes are atomic): a cache entry, made again
+        warn(f"cached tokenizer {path} is unreadable ({str(e)[:120]}); training it again")
     text = self._nonempty_text(train)
     tokenizer = tokenizers.train_tokenizer(tokenizer_cfg, text, include)
     payload = json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")
@@ -267,9 +270,13 @@ class Corpus:
       return self._tokens[split]
     key = _digest({"source": self.source.identity(split), "tokenizer": self._fingerprint})
     path = os.path.join(self.cache_dir, f"tokens-{key}.npy")
+    ids = None
     if os.path.exists(path):
-      ids = np.load(path)
-    else:
+      try:
+        ids = np.load(path)
+      except (OSError, ValueError, EOFError) as e:  # damaged from outside: a cache entry, made again
+        warn(f"cached tokens {path} are unreadable ({type(e).__name__}: {str(e)[:100]}); tokenizing again")
+    if ids is None:
       ids = self._encode(self._nonempty_text(split), split)
       _atomic_write(path, lambda f: np.save(f, ids))
     if self.cfg.reverse:

@@ -183,12 +183,15 @@ class SentencePieceTokenizer:
 
     model = io.BytesIO()
     lines = [line for line in _lines(text) if line.strip()]
+    # SentencePiece skips, silently, every line longer than max_sentence_length (4,192 bytes by
+    # default): a text of long lines trained on part of itself, or on nothing
+    longest = max((len(line.encode("utf-8")) for line in lines), default=0)
     try:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
           model_type=model_type, character_coverage=character_coverage, num_threads=1,
           shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2,
-          hard_vocab_limit=True)
+          hard_vocab_limit=True, max_sentence_length=max(4192, longest))
     except RuntimeError as e:
       raise UserError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
     return cls(model.getvalue())

@@ -19,7 +19,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -29,14 +28,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nlm_jax.errors import UserError
+from nlm_jax.errors import UserError, warn
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax just before the atomic rename
 CHECKSUMS = "sha256.json"  # ours: {relative path: sha256} of every file under the step's items
-
-
-def warn(message: str) -> None:
-  print(f"nlm-jax: warning: {message}", file=sys.stderr)
 
 
 def _file_sha256(path: str) -> str:
