@@ -76,7 +76,7 @@ def _beam_search(model, params, prompts_BxP: Array, lengths_B: Array, n_rows: Ar
   axes = _batch_axes(model, N)
   carry = model.initial_carry(N)
   first = 0
-  if prefix_lm:  # every prompt has P tokens: the first P − 1 enter the cache at once, seeing each other
+  if prefix_lm and P > 1:  # every prompt has P tokens: the first P − 1 enter the cache at once, seeing each other
     prefix = jnp.repeat(prompts_BxP[:, :P - 1], K, axis=0)
     carry = model.apply({"params": params}, prefix, carry, prefix_B=jnp.full((N,), P - 1, jnp.int32)).carry
     first = P - 1

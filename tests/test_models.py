@@ -246,6 +246,19 @@ def test_kv_cache_decoding_equals_full_forward(transformer_config, variant):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5, err_msg=f"prefill {k}")
 
 
+def test_kv_cache_decoding_in_float64_under_x64(transformer_config):
+  """float64 models need jax_enable_x64, where Python's 0 is int64: the cache's update index
+  mixed int64 and int32 and every cached path (sampling, beam search) failed."""
+  with jax.enable_x64(True):
+    cfg = dataclasses.replace(transformer_config, dtype="float64", param_dtype="float64")
+    model, variables, tokens = init_model(cfg, T=6)
+    full = model.apply(variables, tokens).logits
+    first = model.apply(variables, tokens[:, :4], model.initial_carry(2))
+    rest = model.apply(variables, tokens[:, 4:], first.carry)
+    assert full.dtype == jnp.float64
+    np.testing.assert_allclose(jnp.concatenate([first.logits, rest.logits], axis=1), full, rtol=1e-12, atol=1e-12)
+
+
 def test_kv_cache_overflow_is_an_error_or_nan(transformer_config):
   """The cache holds model.context positions; feeding past them (dynamic_update_slice clamps its
   start, so the newest keys would overwrite cached ones) raises when called eagerly, and gives

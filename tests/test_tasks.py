@@ -949,6 +949,20 @@ def test_beam_search_equals_the_reference_beam_search():
   assert len(lengths) >= 4, lengths  # not only immediate ends, or only max_len
 
 
+def test_prefix_lm_beam_search_of_one_token_prompts(transformer_config):
+  """A one-token prompt has an empty prefix: the prefix-LM search is the causal one (it divided by
+  zero feeding the empty prefix)."""
+  from nlm_jax.decoding import beam_search
+  from nlm_jax.models import build
+
+  model = build(transformer_config)
+  params = model.init(jax.random.key(3), jnp.zeros((1, 3), jnp.int32))["params"]
+  prompts = [[1], [4]]
+  found = beam_search(model, params, prompts, 0, beam_size=2, max_len=5, prefix_lm=True)
+  assert found == beam_search(model, params, prompts, 0, beam_size=2, max_len=5)
+  assert any(found)
+
+
 @pytest.mark.parametrize("arch", ["lstm", "transformer", "fnn"])
 def test_beam_search_with_one_beam_is_greedy(arch, request):
   from nlm_jax.decoding import beam_search, greedy

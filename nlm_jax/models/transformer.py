@@ -271,7 +271,8 @@ class MultiHeadAttention(nn.Module):
       new_cache = None
     else:
       k_cache_BxSxHxK, v_cache_BxSxHxK, index = cache
-      start = (0, index, 0, 0)
+      zero = jnp.zeros((), index.dtype)  # one index type: Python's 0 is int64 under jax_enable_x64
+      start = (zero, index, zero, zero)
       k_cache_BxSxHxK = jax.lax.dynamic_update_slice(k_cache_BxSxHxK, k_BxTxHxK.astype(k_cache_BxSxHxK.dtype), start)
       v_cache_BxSxHxK = jax.lax.dynamic_update_slice(v_cache_BxSxHxK, v_BxTxHxK.astype(v_cache_BxSxHxK.dtype), start)
       S = k_cache_BxSxHxK.shape[1]
