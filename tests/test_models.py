@@ -259,6 +259,20 @@ def test_kv_cache_decoding_in_float64_under_x64(transformer_config):
     np.testing.assert_allclose(jnp.concatenate([first.logits, rest.logits], axis=1), full, rtol=1e-12, atol=1e-12)
 
 
+def test_learned_positions_past_the_context_and_empty_calls_are_named_errors(transformer_config):
+  """(They were a TypeError about slice sizes and a ZeroDivisionError.)"""
+  cfg = dataclasses.replace(transformer_config, pos_encoding="learned")
+  model, variables, _ = init_model(cfg, T=4)
+  too_long = jnp.ones((1, cfg.context + 1), jnp.int32)
+  with pytest.raises(ValueError, match=f"exceed model.context={cfg.context}"):
+    model.apply(variables, too_long)
+  with pytest.raises(ValueError, match="0 tokens"):
+    model.apply(variables, jnp.ones((1, 0), jnp.int32))
+  rotary = dataclasses.replace(transformer_config, pos_encoding="rotary")  # scores past its context
+  model, variables, _ = init_model(rotary, T=4)
+  assert model.apply(variables, too_long).logits.shape == (1, cfg.context + 1, cfg.vocab_size)
+
+
 def test_kv_cache_overflow_is_an_error_or_nan(transformer_config):
   """The cache holds model.context positions; feeding past them (dynamic_update_slice clamps its
   start, so the newest keys would overwrite cached ones) raises when called eagerly, and gives

@@ -368,6 +368,10 @@ class Transformer(nn.Module):
     if carry is not None:  # the cache holds cfg.context positions; past them it would overwrite
       if T > cfg.context or (not isinstance(index, jax.core.Tracer) and int(index) + T > cfg.context):
         raise ValueError(f"KV cache overflow: {T} tokens after {index} cached exceed model.context={cfg.context}")
+    elif T > cfg.context and cfg.pos_encoding == "learned":  # the others score past it (positional experiment)
+      raise ValueError(f"{T} tokens exceed model.context={cfg.context}, the positions learned")
+    if T == 0:
+      raise ValueError("a call with 0 tokens (tokens of shape (B, 0))")
     positions_T = index + jnp.arange(T, dtype=jnp.int32)
 
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, nn.initializers.normal(0.02), method=cfg.embed_method,
