@@ -309,6 +309,8 @@ def check_options(args) -> None:
 
   if getattr(args, "step", None) is not None and args.step < 0:
     raise bad("--step", args.step, "≥ 0")
+  if getattr(args, "step", None) is not None and getattr(args, "best", False):
+    raise UserError(f"--step {args.step} and --best name two checkpoints: give one")
   if getattr(args, "max_new_tokens", 0) < 0:
     raise bad("--max-new-tokens", args.max_new_tokens, "≥ 0")
   for option in ("beam_size", "max_len"):

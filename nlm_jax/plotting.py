@@ -104,6 +104,11 @@ def plot_run(workdir: str, output: str | None = None) -> str:
   fig.suptitle(os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
   output = output or os.path.join(workdir, "curves.png")
-  fig.savefig(output, dpi=110)
+  ext = os.path.splitext(output)[1][1:].lower()
+  supported = fig.canvas.get_supported_filetypes()
+  if ext and ext not in supported:
+    plt.close(fig)
+    raise UserError(f"--output {output}: matplotlib writes no .{ext} files ({', '.join(sorted(supported))})")
+  fig.savefig(output, dpi=110, format=ext or "png")  # a name without a suffix: PNG at that very path
   plt.close(fig)
   return output

@@ -98,6 +98,16 @@ def test_config_show_rejects_unknown_keys_in_one_line(bad, mentions):
   assert mentions in err
 
 
+@pytest.mark.parametrize("bad,mentions", [("model.d_embedd=3", "d_embedd"), ("model.d_embed=abc", "d_embed")])
+def test_config_show_without_an_architecture_still_checks_model_keys(bad, mentions):
+  """(Without model.arch, `config show` listed every architecture's defaults and dropped these.)"""
+  code, out, err = run_cli("config", "show", bad)
+  assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert mentions in err
+  code, out, err = run_cli("config", "show", "model.d_embed=3")
+  assert code == 0, err
+
+
 def subparsers(p: argparse.ArgumentParser, prefix=()):
   for action in p._actions:
     if isinstance(action, argparse._SubParsersAction):

@@ -304,6 +304,18 @@ def test_tfds_source_prepared_offline(tmp_path):
   assert corpus.tokenizer.decode(corpus.tokens("train")) == "\n".join(lines[:-5])
 
 
+def test_prepare_with_a_manual_dir_that_lacks_the_files_and_no_network(tmp_path, monkeypatch):
+  """It retried the network for minutes (only a missing --manual-dir was checked first)."""
+  pytest.importorskip("tensorflow_datasets")
+  from nlm_jax.data import corpus as corpus_lib
+
+  monkeypatch.setattr(corpus_lib, "_network_reachable", lambda urls: False)
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "other.txt").write_text("not the file\n")
+  with pytest.raises(UserError, match="lacks input.txt"):
+    corpus_lib.prepare_tfds("tiny_shakespeare", str(tmp_path / "manual"), str(tmp_path / "tfds"))
+
+
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
 def test_tokenizing_in_chunks_of_lines_gives_the_same_ids(tmp_path, kind):
   """The corpus tokenizes a chunk of whole lines at a time (so that a bar can follow it)."""

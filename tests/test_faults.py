@@ -315,6 +315,20 @@ def test_bad_generate_options(tmp_path, option, value):
   assert out == ""
 
 
+def test_best_names_a_checkpoint_with_a_val_loss_or_is_an_error(tmp_path, monkeypatch):
+  """--best on a run none of whose checkpoints was saved at an evaluation used the latest, as if
+  it were the best; --step with --best silently took --step."""
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  corpus = write_corpus(tmp_path / "c.txt")
+  train(*overrides(tmp_path / "r", corpus, steps=6, train__eval_every=100), "train.stop_after=3")
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "r", "--best")
+  one_line_error(code, err, "--best: no checkpoint")
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "r", "--step", "3", "--best")
+  one_line_error(code, err, "give one")
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "r")
+  assert code == 0, err
+
+
 @pytest.mark.parametrize("command,option", [("generate", "--prompt"), ("predict", "--text"), ("translate", "--text")])
 def test_text_that_is_not_utf8_is_a_one_line_error(tmp_path, command, option):
   """Python reads argv's undecodable bytes as lone surrogates (b'Fi\\xffrst' -> 'Fi\\udcffrst'),

@@ -114,6 +114,13 @@ def test_plot(tmp_path, corpus):
   assert code == 0, err
   png = out.strip()
   assert png.endswith(".png") and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  # --output: a name without a suffix gets a PNG at that very path (matplotlib added .png and the
+  # printed path did not exist); a suffix matplotlib cannot write is a one-line error, not a traceback
+  code, out, err = run_cli("plot", "--workdir", tmp_path / "r", "--output", tmp_path / "curves")
+  assert code == 0 and out.strip() == str(tmp_path / "curves"), err
+  assert open(tmp_path / "curves", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  code, out, err = run_cli("plot", "--workdir", tmp_path / "r", "--output", tmp_path / "curves.txt")
+  assert code == 2 and "Traceback" not in err and "no .txt files" in err and not (tmp_path / "curves.txt").exists()
 
 
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus):

@@ -171,10 +171,19 @@ def prepare_tfds(name: str, manual_dir: Optional[str], data_dir: Optional[str]) 
   builder = tfds_builder(name, data_dir)
   if manual_dir is not None and not os.path.isdir(manual_dir):
     raise UserError(f"manual dir not found: {manual_dir}")
-  urls = list(getattr(builder, "url_infos", None) or {})
-  if manual_dir is None and urls and not builder.is_prepared() and not _network_reachable(urls):
-    raise UserError(f"no network to download {name!r}: pass --manual-dir DIR with the files TFDS "
-                    "would download (TFDS would otherwise retry for minutes)")
+  infos = getattr(builder, "url_infos", None) or {}
+  urls = list(infos)
+  if urls and not builder.is_prepared():
+    # TFDS takes a download from manual_dir only under its checksum file's name for the URL
+    missing = [] if manual_dir is None else [
+        getattr(info, "filename", None) or url for url, info in infos.items()
+        if not (getattr(info, "filename", None) and os.path.exists(os.path.join(manual_dir, info.filename)))]
+    if (manual_dir is None or missing) and not _network_reachable(urls):
+      if manual_dir is None:
+        raise UserError(f"no network to download {name!r}: pass --manual-dir DIR with the files TFDS "
+                        "would download (TFDS would otherwise retry for minutes)")
+      raise UserError(f"--manual-dir {manual_dir} lacks {', '.join(missing)} (what TFDS downloads for {name!r}), "
+                      "and there is no network to download it")
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   try:
     builder.download_and_prepare(file_format="array_record", download_config=config)

@@ -328,10 +328,12 @@ def all_finite(tree: Any) -> bool:
 
 
 def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: bool = False,
-                attempts: int = 20) -> tuple[Any, int]:
+                attempts: int = 20, require_best: bool = False) -> tuple[Any, int]:
   """(parameters, step) of a run's checkpoint laid out as `abstract_params`: `step`, else the best
-  (`best`, or a run dir given to `init_from`) or the latest intact one. Safe while a trainer saves
-  and prunes: a step that vanishes while it is read is passed over for the next pick."""
+  (`best`, or a run dir given to `init_from`) or the latest intact one; with `require_best` (the
+  CLI's --best) a run none of whose checkpoints has a val_loss is an error, not its latest. Safe
+  while a trainer saves and prunes: a step that vanishes while it is read is passed over for the
+  next pick."""
   last_listed = None
   for _ in range(attempts):
     chosen, ckpts = step, None
@@ -339,6 +341,9 @@ def read_params(run_dir: str, step: Optional[int], abstract_params: Any, best: b
       ckpts = Checkpoints(run_dir, read_only=True)
       if chosen is None and best:
         chosen = ckpts.best_step()
+        if chosen is None and require_best:
+          raise UserError(f"--best: no checkpoint in {ckpts.directory} has a val_loss (none was saved at an "
+                          "evaluation); pass --step, or leave --best out for the latest")
         if chosen is not None and ckpts.problem(chosen) not in (None, "it is gone"):
           warn(f"the best checkpoint {ckpts.step_dir(chosen)} is not used: {ckpts.problem(chosen)}")
           chosen = None

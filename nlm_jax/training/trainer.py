@@ -781,5 +781,5 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
   n = jax.device_count()
   cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
   run = make_run(cfg, tokenizer, mesh, workdir=workdir)
-  params, step = ckpt_lib.read_params(workdir, step, run.task.abstract_state.params, best=best)
+  params, step = ckpt_lib.read_params(workdir, step, run.task.abstract_state.params, best=best, require_best=best)
   return run, params, step
