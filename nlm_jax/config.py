@@ -524,26 +524,19 @@ def _model_rows(node: DictConfig, rows: list) -> None:
     raise UserError(f"config: model.arch={arch!r}; allowed: {', '.join(models.CONFIGS)}")
   arch_value = arch if arch is not None else "???"
   rows.append(("model.arch", arch_value, arch_value, "(required) " + MODEL_FIELD_HELP["arch"]))
-  if arch is None:  # no architecture to merge the overrides into: each is checked against one that has it
-    for key, value in OmegaConf.to_container(node).items():
-      if key == "arch":
-        continue
-      owners = [cls for cls in models.CONFIGS.values() if key in {f.name for f in dataclasses.fields(cls)}]
-      if not owners:
-        raise UserError(f"config: model.{key} is a key of no architecture ({', '.join(models.CONFIGS)})")
-      schema = OmegaConf.structured(owners[0])
-      OmegaConf.set_readonly(schema, False)
-      try:
-        OmegaConf.merge(schema, {key: value})
-      except OmegaConfBaseException as e:
-        raise _omegaconf_error(e, "config: model", prefix="model.") from None
+  given = {k: v for k, v in OmegaConf.to_container(node).items() if k != "arch"}
+  fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in models.CONFIGS.items()}
+  if arch is None:  # shown (and type-checked) in each architecture that has the key; in none: a typo
+    unknown = [k for k in given if not any(k in names for names in fields.values())]
+    if unknown:
+      raise UserError(f"config: model.{unknown[0]} is a key of no architecture ({', '.join(models.CONFIGS)})")
   for name in archs:
     cls = models.CONFIGS[name]
     schema = OmegaConf.structured(cls)
     OmegaConf.set_readonly(schema, False)
-    given = {k: v for k, v in OmegaConf.to_container(node).items() if k != "arch"}
+    overrides = given if name == arch else {k: v for k, v in given.items() if k in fields[name]} if arch is None else {}
     try:
-      values = OmegaConf.merge(schema, given if name == arch else {})
+      values = OmegaConf.merge(schema, overrides)
     except OmegaConfBaseException as e:
       raise _omegaconf_error(e, "config: model", prefix="model.") from None
     helps = _model_help(cls)

@@ -104,8 +104,10 @@ def test_config_show_without_an_architecture_still_checks_model_keys(bad, mentio
   code, out, err = run_cli("config", "show", bad)
   assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
   assert mentions in err
-  code, out, err = run_cli("config", "show", "model.d_embed=3")
+  code, out, err = run_cli("config", "show", "model.d_embed=3", "model.n_heads=7")
   assert code == 0, err
+  shown = [line.split("#")[0].strip() for line in out.splitlines() if line.startswith("model.")]
+  assert shown.count("model.d_embed=3") == 3 and "model.n_heads=7" in shown  # fnn, rnn, lstm; transformer
 
 
 def subparsers(p: argparse.ArgumentParser, prefix=()):

@@ -64,6 +64,48 @@ def test_long_range_copy_quick(tmp_path):
   assert all(0.0 <= x <= 1.0 for by_gap in results["copy"].values() for xs in by_gap.values() for x in xs)
 
 
+def test_copy_task_lines_recall_scoring_and_report(tmp_path):
+  """What CI runs of the copy part (its training is the adding part's): the lines, the recall
+  score with teacher forcing (a perfect copier scores 1, one reading a position off scores ~0),
+  the table and the plot."""
+  from experiments.long_range.run import K, LETTERS, copy_lines, plot, recall_accuracy, report
+
+  gap = 4
+  lines = copy_lines(30, gap, np.random.default_rng(0))
+  for line in lines:
+    content, recalled = line.split(":")
+    assert content[:K] == recalled and content[K:] == "." * gap and set(recalled) <= set(LETTERS)
+
+  class Tok:
+    def encode(self, text):
+      return np.array([ord(c) for c in text] + [10])  # a trailing newline id, as the tokenizers end lines
+
+  class Copier:  # the logits at position t predict token t + 1: the letter K + gap + 1 before it
+    def __init__(self, offset):
+      self.offset = offset
+
+    def apply(self, variables, ids):
+      import jax.numpy as jnp
+
+      ids = np.asarray(ids)
+      logits = np.zeros(ids.shape + (128,), np.float32)
+      for t in range(ids.shape[1]):
+        logits[np.arange(len(ids)), t, ids[:, max(t - K - gap + self.offset, 0)]] = 1.0
+      return type("Out", (), {"logits": jnp.asarray(logits)})
+
+  run = type("Run", (), {"tokenizer": Tok(), "model_cfg": type("Cfg", (), {"arch": "transformer"})})
+  rng = np.random.default_rng(1)
+  run.model = Copier(0)
+  assert recall_accuracy(run, None, lines, lambda n: copy_lines(n, gap, rng)) == 1.0
+  run.model = Copier(1)
+  assert recall_accuracy(run, None, lines, lambda n: copy_lines(n, gap, rng)) < 0.2
+  results = {"quick": True, "seeds": 2, "steps": 10, "gaps": [gap], "copy": {"lstm": {str(gap): [1.0, 0.9]}, "rnn": {str(gap): [0.1, 0.0]}}}
+  table = report(results)
+  assert "copy task" in table and "| lstm | **0.95" in table and "| rnn | 0.05" in table
+  plot(results, str(tmp_path))
+  assert (tmp_path / "copy_task.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_adding_problem_lines_and_error():
   """Lines mark one value in each half and end with the marked sum; a model whose distribution
   puts all mass on the right answer has error 0, on the answer 0.3 away error 0.3."""

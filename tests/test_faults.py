@@ -315,6 +315,19 @@ def test_bad_generate_options(tmp_path, option, value):
   assert out == ""
 
 
+def test_streams_evaluate_a_split_shorter_than_their_rows(tmp_path, monkeypatch):
+  """Rows past a split's end are mask-0 padding: a 35-token training split is scored for
+  eval_train_loss in 64 stream rows (the length check must not refuse it)."""
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  (tmp_path / "short.txt").write_text("the cat sat on the mat, and a dog.\n")
+  val = write_corpus(tmp_path / "val.txt")
+  argv = [a for a in overrides(tmp_path / "r", val, arch="lstm", batching="streams", steps=4, train__eval_every=2,
+                               data__batch_size=2, data__seq_len=4, data__eval_batch_size=64, tokenizer__kind="byte")
+          if not a.startswith("data.file=")]
+  train(*argv, f"data.files.train={tmp_path / 'short.txt'}", f"data.files.validation={val}")
+  assert [r["step"] for r in metrics(tmp_path / "r") if "eval_train_loss" in r] == [2, 4]
+
+
 def test_best_names_a_checkpoint_with_a_val_loss_or_is_an_error(tmp_path, monkeypatch):
   """--best on a run none of whose checkpoints was saved at an evaluation used the latest, as if
   it were the best; --step with --best silently took --step."""

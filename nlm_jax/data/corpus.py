@@ -253,13 +253,15 @@ class Corpus:
     include = None if tokenizer_cfg.include is None else tokenizers.read_include(tokenizer_cfg.include)
     if include is not None:  # the words it must hold, not just the file's name
       identity["include"] = hashlib.sha256(include.encode()).hexdigest()
+    if tokenizer_cfg.kind == "sentencepiece":  # trained on lines over 4,192 bytes too since 2026-11-27
+      identity["long_lines"] = True
     key = _digest(identity)
     path = os.path.join(self.cache_dir, f"tokenizer-{key}.json")
     if os.path.exists(path):
       try:
         return tokenizers.load(path)
-      except UserError as e:  # damaged from outside (writes are atomic): a cache entry, made again
-        warn(f"cached tokenizer {path} is unreadable ({str(e)[:120]}); training it again")
+      except UserError:  # damaged from outside (writes are atomic): a cache entry, made again
+        warn(f"cached tokenizer {path} is unreadable; training it again")
     text = self._nonempty_text(train)
     tokenizer = tokenizers.train_tokenizer(tokenizer_cfg, text, include)
     payload = json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8")
@@ -283,7 +285,11 @@ class Corpus:
     if os.path.exists(path):
       try:
         ids = np.load(path)
+        if ids.ndim != 1 or ids.dtype != np.int32 or (ids.size and not 0 <= ids.min() <= ids.max()
+                                                      < self.tokenizer.vocab_size):
+          raise ValueError(f"not token ids of this vocabulary ({ids.dtype}, shape {ids.shape})")
       except (OSError, ValueError, EOFError) as e:  # damaged from outside: a cache entry, made again
+        ids = None
         warn(f"cached tokens {path} are unreadable ({type(e).__name__}: {str(e)[:100]}); tokenizing again")
     if ids is None:
       ids = self._encode(self._nonempty_text(split), split)

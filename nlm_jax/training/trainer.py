@@ -429,14 +429,14 @@ def _check_split_lengths(run: "Run") -> None:
     splits.append((d.train_split, 1, "eval_train_loss's ", ", set train.eval_train_batches=0,"))
   for split, max_batches, purpose, alternative in splits:
     n = len(run.corpus.tokens(split))
-    if batching == "windows":
-      need = d.seq_len + rows if max_batches is not None else 2
-      what = f"{rows} windows of data.seq_len={d.seq_len}"
-    else:
-      need, what = rows + 1, f"{rows} stream rows"
+    if batching == "windows" and max_batches is not None:  # random windows of seq_len
+      need, what = d.seq_len + rows, f"{rows} windows of data.seq_len={d.seq_len}"
+      lower = "lower data.seq_len or data.eval_batch_size"
+    else:  # consecutive windows, or streams (rows past the split's end are mask-0 padding)
+      need, what, lower = 2, "one target", "add text"
     if n < need:
-      raise UserError(f"the {split!r} split has {n} tokens: too few for {purpose}{what} (needs {need}); lower "
-                      f"data.seq_len or data.eval_batch_size{alternative} or give it more text")
+      raise UserError(f"the {split!r} split has {n} tokens: too few for {purpose}{what} (needs {need}); {lower}"
+                      f"{alternative} or give it more text")
 
 
 def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
