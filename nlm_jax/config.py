@@ -534,7 +534,10 @@ def _model_rows(node: DictConfig, rows: list) -> None:
     cls = models.CONFIGS[name]
     schema = OmegaConf.structured(cls)
     OmegaConf.set_readonly(schema, False)
-    overrides = given if name == arch else {k: v for k, v in given.items() if k in fields[name]} if arch is None else {}
+    if arch is None:  # every architecture shown: each with the overrides it has
+      overrides = {k: v for k, v in given.items() if k in fields[name]}
+    else:
+      overrides = given if name == arch else {}
     try:
       values = OmegaConf.merge(schema, overrides)
     except OmegaConfBaseException as e:

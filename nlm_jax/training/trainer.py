@@ -420,23 +420,25 @@ def _check_split_lengths(run: "Run") -> None:
   them (`train.eval_estimator=random_windows`: windows, whatever data.batching is; the training
   split too, for eval_train_loss, in batches of data.eval_batch_size rows): fail now, not at the
   first evaluation after `eval_every` steps of work (the training batches are checked by their
-  iterator)."""
+  iterator). The test is `eval_plan`'s, the batch count `evaluate` uses."""
   d, t = run.cfg.data, run.cfg.train
   batching = "windows" if t.eval_estimator == "random_windows" else d.batching
   rows = d.eval_batch_size or d.batch_size
-  splits = [(d.eval_split, t.eval_batches, "", "")]
+  splits = [(d.eval_split, t.eval_batches, "", [])]
   if t.eval_train_batches != 0:  # a number of batches (`periodic_evaluation`), never the whole split
-    splits.append((d.train_split, 1, "eval_train_loss's ", ", set train.eval_train_batches=0,"))
-  for split, max_batches, purpose, alternative in splits:
-    n = len(run.corpus.tokens(split))
+    splits.append((d.train_split, 1, "eval_train_loss's ", ["set train.eval_train_batches=0"]))
+  for split, max_batches, purpose, fixes in splits:
+    if run.eval_plan(split, max_batches, batching)[0] >= 1:
+      continue
     if batching == "windows" and max_batches is not None:  # random windows of seq_len
-      need, what = d.seq_len + rows, f"{rows} windows of data.seq_len={d.seq_len}"
-      lower = "lower data.seq_len or data.eval_batch_size"
+      what = f"{rows} windows of data.seq_len={d.seq_len} (needs {d.seq_len + rows})"
+      fixes = ["lower data.seq_len or data.eval_batch_size", *fixes]
     else:  # consecutive windows, or streams (rows past the split's end are mask-0 padding)
-      need, what, lower = 2, "one target", "add text"
-    if n < need:
-      raise UserError(f"the {split!r} split has {n} tokens: too few for {purpose}{what} (needs {need}); {lower}"
-                      f"{alternative} or give it more text")
+      what = "one target (needs 2)"
+    fixes = [*fixes, "give it more text"]
+    remedy = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+    raise UserError(f"the {split!r} split has {len(run.corpus.tokens(split))} tokens: too few for {purpose}{what}; "
+                    f"{remedy}")
 
 
 def _resume_point(cfg: config_lib.Config, workdir: str, existing: bool):
