@@ -43,6 +43,11 @@ class DataConfig:
   cache_dir: Optional[str] = None  # tokenized splits; None = $NLM_JAX_CACHE or ~/.cache/nlm-jax
   reverse: bool = False  # language models: read every split right to left (a backward LM: train.init_backward_from)
 
+  @property
+  def eval_rows(self) -> int:
+    """Rows per evaluation batch: eval_batch_size, or batch_size where it is None."""
+    return self.eval_batch_size or self.batch_size
+
 
 @dataclasses.dataclass
 class TokenizerConfig:
@@ -145,6 +150,7 @@ class MeshConfig:
   data: int = -1  # data parallelism; −1 takes the devices the other axes leave
   fsdp: int = 1  # fully sharded data parallelism: batch and parameters split over it
   tensor: int = 1  # tensor parallelism: heads, MLP units, gates and vocabulary split over it
+  activation_sharding: bool = True  # constrain activations to their logical axes' shardings; false: XLA decides
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ and batches, and writes per-step losses, final params and parameter shardings to
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import jax
@@ -48,6 +49,11 @@ def run(arch: str, mesh_name: str, n_steps: int):
   task = LMTask(models.build(CONFIGS[arch]), optim.make_optimizer(cfg, n_steps), optim.plateau(cfg), mesh, B,
                 carry_state=arch != "transformer", example_len=T)  # gathers fsdp for the RNN/LSTM by default
   state = task.init(jax.random.key_data(jax.random.key(0)))
+  # The activations' constraints as the step's StableHLO states them (layers.constrain)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=task.batch_sharding)
+                    for k, v in next(batches(1)).items()}
+  lowered = task.train_step.lower(task.abstract_state, abstract_batch).as_text()
+  activations = sorted(set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])>", lowered)))
   losses = []
   for b in batches(n_steps):
     state, m = task.train_step(state, parallel.global_batch(b, task.batch_sharding, B))
@@ -58,7 +64,7 @@ def run(arch: str, mesh_name: str, n_steps: int):
   mu_shardings = {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in jax.tree_util.tree_flatten_with_path(mu)[0]}
   params = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-  return np.asarray(jax.device_get(losses)), params, shardings, mu_shardings
+  return np.asarray(jax.device_get(losses)), params, shardings, mu_shardings, activations
 
 
 def main(out_path: str, n_steps: int, archs: list[str]):
@@ -66,11 +72,11 @@ def main(out_path: str, n_steps: int, archs: list[str]):
   arrays, layout = {}, {}
   for arch in archs:
     for mesh_name in MESHES:
-      losses, params, shardings, mu_shardings = run(arch, mesh_name, n_steps)
+      losses, params, shardings, mu_shardings, activations = run(arch, mesh_name, n_steps)
       arrays[f"{arch}/{mesh_name}/losses"] = losses
       for name, value in params.items():
         arrays[f"{arch}/{mesh_name}/params{name}"] = value
-      layout[f"{arch}/{mesh_name}"] = {"params": shardings, "mu": mu_shardings}
+      layout[f"{arch}/{mesh_name}"] = {"params": shardings, "mu": mu_shardings, "activations": activations}
   np.savez(out_path, **arrays)
   with open(out_path + ".json", "w") as f:
     json.dump(layout, f)

@@ -81,3 +81,20 @@ def test_gpu_table_names_the_card_and_every_row():
   assert "NVIDIA H100 80GB HBM3" in table and "750 TFLOP/s" in table
   assert "| 85.0 s | 190.5 s |" in table and "0.45×" in table
   assert "embed_method=gather" in table and "non-deterministic ops" in table and "| 16.30 |" in table
+
+
+def test_collectives_are_counted_from_compiled_hlo():
+  """benchmarks/collectives.py's count: each collective once (an async pair by its done), its
+  bytes from every result shape and dtype (a combined all-reduce returns a tuple), nothing else."""
+  from benchmarks.collectives import collectives
+
+  hlo = """
+  %all-reduce.1 = (f32[4,8]{1,0}, bf16[16]{0}) all-reduce(f32[4,8]{1,0} %a, bf16[16]{0} %b), to_apply=%add
+  %all-gather-start = (f32[2,3]{1,0}, f32[8,3]{1,0}) all-gather-start(f32[2,3]{1,0} %c), dimensions={0}
+  %all-gather-done = f32[8,3]{1,0} all-gather-done((f32[2,3]{1,0}, f32[8,3]{1,0}) %all-gather-start)
+  %reduce-scatter = f32[5]{0} reduce-scatter(f32[20]{0} %d), dimensions={0}, to_apply=%add
+  %add.2 = f32[5]{0} add(f32[5]{0} %e, f32[5]{0} %f)
+  %fusion = f32[7]{0} fusion(f32[7]{0} %all-reduce.1), kind=kLoop, calls=%fused
+  """
+  assert collectives(hlo) == {"all-reduce": (1, 4 * 8 * 4 + 16 * 2), "all-gather": (1, 24 * 4),
+                              "reduce-scatter": (1, 5 * 4)}

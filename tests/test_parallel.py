@@ -112,6 +112,45 @@ def test_layouts_are_as_configured(sharded_runs, arch):
     assert three["mu"]["['layer_0']['U']"] == "P('fsdp', None, 'tensor')"
 
 
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_activations_are_constrained_as_the_rules_say(sharded_runs, arch):
+  """The step's activations carry the layouts `parallel.RULES` gives their logical axes (the
+  models' `layers.constrain`): the batch over data (and fsdp), the MLP's hidden units and the
+  logits' vocabulary over tensor, the residual stream replicated along its model dimension.
+  Without them XLA's propagation resharded activations between layers (benchmarks/collectives.py)."""
+  layout = sharded_runs(arch)[1]
+  acts = {mesh: set(layout[f"{arch}/{mesh}"]["activations"]) for mesh in MESHES}
+  if arch == "transformer":
+    assert {'[{"data"}, {}]', '[{"data"}, {"tensor"}]', '[{"data"}, {}, {"tensor"}]'} <= acts["data2_tensor4"]
+    assert {'[{"fsdp"}, {}]', '[{"fsdp"}, {}, {}]'} <= acts["fsdp8"]  # vocab 40 does not divide over 8
+    assert {'[{"data", "fsdp"}, {}]', '[{"data", "fsdp"}, {"tensor"}]'} <= acts["data2_fsdp2_tensor2"]
+  else:  # the layers' outputs (B, T, H) and the logits (B, T, V)
+    assert {'[{"data", "fsdp"}, {}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}]'} <= acts["data2_fsdp2_tensor2"]
+    assert '[{"fsdp"}, {}, {}]' in acts["fsdp8"]
+
+
+def test_activation_sharding_can_be_left_to_xla(tmp_path):
+  """`mesh.activation_sharding=false` reaches the step: its program has no activation constraint."""
+  import jax
+  import jax.numpy as jnp
+
+  from nlm_jax import config as config_lib
+  from nlm_jax.training import trainer
+
+  corpus = write_corpus(tmp_path / "corpus.txt")
+
+  def constraints(*extra):
+    run = trainer.make_run(config_lib.load_config(None, [*overrides(tmp_path / "run", corpus), *extra]))
+    B, T = run.cfg.data.batch_size, run.cfg.data.seq_len
+    shapes = {"inputs": ((B, T), jnp.int32), "targets": ((B, T), jnp.int32), "mask": ((B, T), jnp.float32),
+              "reset": ((B,), jnp.bool_)}
+    batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=run.task.batch_sharding) for k in run.task.batch_keys}
+    return run.task.train_step.lower(run.task.abstract_state, batch).as_text().count("sdy.sharding_constraint")
+
+  assert constraints() > 0
+  assert constraints("mesh.activation_sharding=false") == 0
+
+
 def test_every_task_gathers_fsdp_for_recurrent_models_by_default(config):
   """The 2×2×2 tests above build LMTask without `gather_fsdp`: the default must be right for a
   language model and for a task's network around one (a classifier's body), or a recurrent model

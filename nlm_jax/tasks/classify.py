@@ -352,7 +352,7 @@ class ClassifyRun(ExamplesRun):
                                    frozen)
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
-                             ema_decay=cfg.optim.ema_decay, freeze=frozen, smoothing=t.label_smoothing,
+                             ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding, freeze=frozen, smoothing=t.label_smoothing,
                              word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
                              lm_weight=cfg.finetune.lm_weight)
 

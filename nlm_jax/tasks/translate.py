@@ -164,7 +164,7 @@ class TranslateRun(ExamplesRun):
     finetune.freeze(cfg, head=None)  # no new head: refused if asked for
     self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                               example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
-                              ema_decay=cfg.optim.ema_decay,
+                              ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding,
                               smoothing=t.label_smoothing, prefix_lm=t.prefix_lm)
 
   # ------------------------------------------------------------------------- data

@@ -68,6 +68,10 @@ class LMTask:
   `gather_fsdp`: the train step all-gathers the parameters' fsdp-sharded dimensions before the
   forward pass; None (the default): where the model's architecture needs it
   (`parallel.gathers_fsdp`: the RNN and LSTM, whose gradients XLA gets wrong otherwise).
+
+  `activation_sharding`: the train and evaluation steps are traced in the mesh's context, where
+  the models' activation constraints (`layers.constrain`) apply; False leaves the activations'
+  layouts to XLA's propagation (the config's `mesh.activation_sharding`).
   """
 
   batch_keys: tuple[str, ...] = ("inputs", "targets", "mask", "reset")
@@ -75,7 +79,8 @@ class LMTask:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, mesh: Mesh, batch_size: int,
                carry_state: bool, example_len: int, grad_accum: int = 1, freeze=None,
-               ema_decay: float | None = None, gather_fsdp: bool | None = None):
+               ema_decay: float | None = None, gather_fsdp: bool | None = None,
+               activation_sharding: bool = True):
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
     self.grad_accum, self.freeze, self.ema_decay = grad_accum, freeze, ema_decay
@@ -92,10 +97,11 @@ class LMTask:
         self.state_sharding)
     batch_sh = {k: self.batch_sharding for k in self.batch_keys}
     self.init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh),
+    in_mesh = self._in_mesh if activation_sharding else (lambda fn: fn)
+    self.train_step = jax.jit(in_mesh(self._train_step), in_shardings=(self.state_sharding, batch_sh),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
     # The eval carry's batch size may differ from training's: XLA picks its layout.
-    self._eval_step_jit = jax.jit(self._eval_step,
+    self._eval_step_jit = jax.jit(in_mesh(self._eval_step),
                                   in_shardings=(self.state_sharding.params, None, batch_sh),
                                   out_shardings=(None, self.replicated))
     self.update_plateau = jax.jit(self._update_plateau, donate_argnums=0,
@@ -103,6 +109,15 @@ class LMTask:
                                   out_shardings=self.state_sharding)
 
   # ------------------------------------------------------------------------- state
+
+  def _in_mesh(self, fn):
+    """fn, traced with the mesh as the context of `layers.constrain`."""
+
+    def traced(*args):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return fn(*args)
+
+    return traced
 
   def _init_boxed(self, key_data: Array) -> TrainState:
     """The initial state with logical-axis boxes on parameters (and on optimizer moments)."""

@@ -124,7 +124,7 @@ class Run:
     finetune.freeze(cfg, head=None)  # a language model has no new head: refused if asked for
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
                        self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum,
-                       ema_decay=cfg.optim.ema_decay)
+                       ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding)
     self.rows = parallel.process_rows(cfg.data.batch_size, self.mesh)
 
   def units_per_step(self) -> int:
@@ -171,13 +171,13 @@ class Run:
   def eval_batch_size(self) -> int:
     """The evaluation batch's rows on the mesh: data.eval_batch_size (or batch_size) rows of data,
     padded with mask-0 rows to a multiple of the batch's shards (and of the processes)."""
-    return parallel.padded_rows(self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.mesh)
+    return parallel.padded_rows(self.cfg.data.eval_rows, self.mesh)
 
   def eval_plan(self, split: str, max_batches: Optional[int], batching: Optional[str] = None) -> tuple[int, bool]:
     """(batches, whether they score every token of the split) of `evaluate` with these arguments."""
     d = self.cfg.data
     return pipeline.eval_batch_count(len(self.corpus.tokens(split)), batching or d.batching,
-                                     d.eval_batch_size or d.batch_size, d.seq_len, max_batches)
+                                     d.eval_rows, d.seq_len, max_batches)
 
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0,
                batching: Optional[str] = None) -> dict[str, float]:
@@ -192,7 +192,7 @@ class Run:
     n_batches, _ = self.eval_plan(split, max_batches, batching)
     bar = progress_bar(self.cfg, total=n_batches, desc=f"eval {split}", unit="batch")
     nll_sum, count, previous = 0.0, 0.0, None
-    for local in pipeline.eval_batches(tokens, batching, d.eval_batch_size or d.batch_size, d.seq_len, max_batches,
+    for local in pipeline.eval_batches(tokens, batching, d.eval_rows, d.seq_len, max_batches,
                                        seed, rows, pad_to=batch_size):
       carry, m = self.task.eval_step(params, carry, self.global_batch(local, batch_size))
       nll_sum, count = nll_sum + m["nll_sum"], count + m["count"]
@@ -423,7 +423,7 @@ def _check_split_lengths(run: "Run") -> None:
   iterator). The test is `eval_plan`'s, the batch count `evaluate` uses."""
   d, t = run.cfg.data, run.cfg.train
   batching = "windows" if t.eval_estimator == "random_windows" else d.batching
-  rows = d.eval_batch_size or d.batch_size
+  rows = d.eval_rows
   splits = [(d.eval_split, t.eval_batches, "", [])]
   if t.eval_train_batches != 0:  # a number of batches (`periodic_evaluation`), never the whole split
     splits.append((d.train_split, 1, "eval_train_loss's ", ["set train.eval_train_batches=0"]))
@@ -779,7 +779,7 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False, mesh=
   tokenizer = tokenizers.load(os.path.join(workdir, TOKENIZER_FILE))
   # Only the parameters are restored, so the batch may be re-cut for this machine's devices;
   # evaluation keeps the run's own evaluation batch size (padded rows are masked out).
-  cfg.data.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+  cfg.data.eval_batch_size = cfg.data.eval_rows
   n = jax.device_count()
   cfg.data.batch_size = -(-cfg.data.batch_size // n) * n
   run = make_run(cfg, tokenizer, mesh, workdir=workdir)
