@@ -82,7 +82,7 @@ class ExamplesRun:
     or the first `max_batches`), in the split's order: data.eval_batch_size examples each (the
     same ones on any mesh), padded with weight-0 rows to the mesh's rows (`eval_batch_size`)."""
     n = len(self.examples(split)[0])
-    L, B = self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.eval_batch_size()
+    L, B = self.cfg.data.eval_rows, self.eval_batch_size()
     rows = parallel.process_rows(B, self.mesh)
     n_batches = -(-n // L) if max_batches is None else min(-(-n // L), max_batches)
     for k in range(n_batches):
@@ -108,7 +108,7 @@ class ExamplesRun:
     scores = self.val_scores(val)
     n_train = t.eval_train_batches
     if n_train is None:  # as many batches as validation's (never the whole training split: SST-2's is 77×)
-      n_train = t.eval_batches or -(-len(self.examples(d.eval_split)[0]) // (d.eval_batch_size or d.batch_size))
+      n_train = t.eval_batches or -(-len(self.examples(d.eval_split)[0]) // d.eval_rows)
     if n_train > 0:
       scores["eval_train_loss"] = self.evaluate(params, d.train_split, n_train)["loss"]
     return scores, val
@@ -161,4 +161,4 @@ class ExamplesRun:
 
   def eval_batch_size(self) -> int:
     """data.eval_batch_size (or batch_size) rows, padded to a multiple of the batch's shards."""
-    return parallel.padded_rows(self.cfg.data.eval_batch_size or self.cfg.data.batch_size, self.mesh)
+    return parallel.padded_rows(self.cfg.data.eval_rows, self.mesh)
