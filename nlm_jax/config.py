@@ -72,7 +72,7 @@ class OptimConfig:
   decay_exclude: List[str] = dataclasses.field(default_factory=lambda: ["bias", "norm"])  # no decay; + 'embedding'
   clip_norm: Optional[float] = None  # global-norm clipping
   schedule: str = "constant"  # 'constant' | 'warmup_cosine' | 'plateau'
-  warmup_steps: int = 0  # linear warm-up from 0 to lr (warmup_cosine)
+  warmup_steps: int = 0  # linear warm-up from 0 to lr (every schedule)
   decay_steps: Optional[int] = None  # cosine length; None = train.steps
   min_lr: float = 0.0  # the cosine ends here
   plateau_factor: float = 0.25  # 'plateau': lr *= factor when validation loss stops improving

@@ -36,6 +36,20 @@ def test_byte_tokenizer_covers_any_text():
   assert tok.vocab_size == 259 and tok.start_id == 257
 
 
+def test_char_tokenizer_starts_from_the_newline_id():
+  """start_id (what an empty prompt starts from) is the id of '\\n', whatever it is; 0 without one."""
+  tok = tokenizers.CharTokenizer.train("\tab\ncd\n")  # sorted: '\t' < '\n' < 'a' ...
+  assert tok.chars[:2] == ["\t", "\n"] and tok.start_id == 1
+  assert tokenizers.CharTokenizer.train("ba c").start_id == 0
+
+
+def test_byte_tokenizer_decode_drops_the_special_ids():
+  tok = tokenizers.ByteTokenizer()
+  assert (tok.start_id, tok.vocab_size) == (257, 259)  # <pad> 256, <bos> 257, <eos> 258
+  assert tok.decode([104, 256, 105, 257, 258]) == "hi"
+  assert tok.decode([257] + list("é".encode("utf-8")) + [258]) == "é"
+
+
 def test_word_tokenizer_follows_ptb_conventions():
   tok = tokenizers.WordTokenizer.train(TEXT)
   assert tok.words[:2] == ["<unk>", "<eos>"]
@@ -182,6 +196,19 @@ def test_random_windows_are_deterministic_shifted_and_cover_each_start_once_per_
   assert not np.array_equal(other["inputs"][:, 0], np.asarray(starts[:B]))
 
 
+def test_random_windows_reshuffle_every_epoch():
+  """Each epoch's starts are a permutation of all N − T starts, in a new order each epoch."""
+  tokens = np.arange(108, dtype=np.int32)  # 100 starts: 25 batches of 4 per epoch, none across epochs
+  B, T = 4, 8
+  it = iter(pipeline.random_windows(tokens, B, T, seed=7))
+  starts = np.concatenate([next(it)["inputs"][:, 0] for _ in range(3 * 100 // B)])
+  epochs = starts.reshape(3, 100)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(100))
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  assert not np.array_equal(epochs[0], epochs[2])
+
+
 def test_streams_continue_row_by_row_and_reset_each_epoch():
   tokens = np.arange(1 + 4 * 30, dtype=np.int32)
   B, T = 4, 8
@@ -264,6 +291,20 @@ def test_estimates_count_their_batches_and_are_never_the_whole_split():
   c = list(pipeline.eval_batches(tokens, "windows", 4, 8, max_batches=3, seed=2))
   assert len(a) == 3 and all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
   assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
+
+
+def test_estimate_batches_are_different_windows():
+  """An estimate of max_batches batches reads max_batches·B distinct random windows (without
+  replacement across its batches), each a contiguous, shifted window."""
+  tokens = np.arange(200, dtype=np.int32)  # token value = position
+  B, T = 4, 8
+  batches = list(pipeline.eval_batches(tokens, "windows", B, T, max_batches=3, seed=1))
+  assert len(batches) == 3
+  starts = np.concatenate([b["inputs"][:, 0] for b in batches])
+  assert len(set(starts.tolist())) == 3 * B and starts.max() <= len(tokens) - T - 1
+  for b in batches:
+    np.testing.assert_array_equal(b["inputs"], b["inputs"][:, :1] + np.arange(T))
+    np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)
 
 
 # ----------------------------------------------------------------------------- TFDS

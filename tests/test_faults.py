@@ -266,6 +266,23 @@ def test_a_checkpoint_without_checksums_is_used_with_a_warning(run):
   assert "checkpoints/10 has no sha256.json" in warning
 
 
+def test_the_best_checkpoint_by_val_loss_is_kept_beside_the_last_ones(tmp_path):
+  """keep=1: after steps with val_loss 3, 1, 2, 4 the disk holds the latest step and the one with
+  the lowest val_loss, and best_step names that one."""
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  ckpts = Checkpoints(str(tmp_path), keep=1)
+  for step, val_loss in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)):
+    ckpts.save(step, {"w": np.full(3, float(step), np.float32)}, None, {}, {}, val_loss=val_loss)
+    ckpts.wait()
+  assert ckpts.best_step() == 2
+  ckpts.close()
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 4]
+  reader = Checkpoints(str(tmp_path), read_only=True)
+  assert reader.best_step() == 2 and reader.latest_step() == 4
+  reader.close()
+
+
 # ----------------------------------------------------------------------------- 4: settings
 
 

@@ -3,6 +3,7 @@ probability model for modified Kneser–Ney."""
 
 from __future__ import annotations
 
+import collections
 import random
 
 import numpy as np
@@ -86,3 +87,87 @@ def test_unseen_context_backs_off_and_bad_arguments_are_refused():
     KneserNey(0, 4, 4, 5)
   with pytest.raises(ValueError, match="no sentences"):
     KneserNey(2, 4, 4, 5).fit([])
+
+
+# ----------------------------------------------------------------------------- modified KN by hand
+
+
+def reference_modified_kn(order: int, W: int, bos: int, eos: int, train):
+  """Chen & Goodman's interpolated modified Kneser–Ney in plain Python, with the model's conventions:
+  n−1 BOS / EOS paddings; raw counts at the highest order, continuation counts N₁₊(• g) below
+  (the unigram level too); per order D₁, D₂, D₃₊ from that order's counts-of-counts n₁..n₄ (each at
+  least 1); the unigrams interpolated with the uniform 1/W. Returns (discounts, P(w | h))."""
+  pad = order - 1
+  padded = [[bos] * pad + list(s) + [eos] * pad for s in train]
+  raw = [collections.Counter() for _ in range(order)]  # raw[k-1][k-gram]
+  for s in padded:
+    for k in range(1, order + 1):
+      for i in range(len(s) - k + 1):
+        raw[k - 1][tuple(s[i:i + k])] += 1
+  counts = []  # what each order discounts
+  for k in range(1, order + 1):
+    if k == order:
+      counts.append(dict(raw[k - 1]))
+    else:
+      left = collections.Counter(g[1:] for g in raw[k])  # each distinct (k+1)-gram once
+      counts.append({g: left.get(g, 0) for g in raw[k - 1]})
+  discounts = []
+  for c in counts:
+    n1, n2, n3, n4 = (max(sum(1 for v in c.values() if v == i), 1) for i in (1, 2, 3, 4))
+    Y = n1 / (n1 + 2 * n2)
+    discounts.append([max(1 - 2 * Y * n2 / n1, 0.0), max(2 - 3 * Y * n3 / n2, 0.0), max(3 - 4 * Y * n4 / n3, 0.0)])
+
+  def D(k, c):  # the discount of a k-gram with count c
+    return 0.0 if c == 0 else discounts[k - 1][min(c, 3) - 1]
+
+  def prob(w, h):
+    h = tuple(h)
+    k = len(h) + 1
+    if k == 1:
+      total = sum(counts[0].values())
+      c = counts[0].get((w,), 0)
+      gamma = sum(D(1, v) for v in counts[0].values()) / total
+      return (c - D(1, c)) / total + gamma / W
+    lower = prob(w, h[1:])
+    after_h = {g: v for g, v in counts[k - 1].items() if g[:-1] == h}
+    denom = sum(after_h.values())
+    if denom == 0:  # a context never seen (with a count): its mass passes down
+      return lower
+    c = after_h.get(h + (w,), 0)
+    gamma = sum(D(k, v) for v in after_h.values()) / denom
+    return max(c - D(k, c), 0.0) / denom + gamma * lower
+
+  return discounts, prob
+
+
+TINY = [[0, 1, 0, 1, 2], [0, 1, 2, 2], [1, 0, 1, 2, 3], [2, 2, 2, 1], [0, 3, 0, 1], [1, 2, 3, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("order,train", [(3, "tiny"), (2, "random"), (3, "random"), (4, "random")])
+def test_modified_discounts_and_probabilities_match_chen_goodman(order, train):
+  """D₁, D₂, D₃₊ of each order (Y = n₁/(n₁+2n₂), D₁ = 1 − 2Y n₂/n₁, D₂ = 2 − 3Y n₃/n₂,
+  D₃₊ = 3 − 4Y n₄/n₃, from continuation counts below the highest order) and every scored
+  P(w | h) of held-out sentences against a plain-Python modified Kneser–Ney."""
+  V = 4 if train == "tiny" else len(WORDS)
+  if train == "tiny":
+    sentences, test = TINY, [[0, 1, 2], [3, 3, 1, 0], [2, 1, 0, 1, 2, 2]]
+  else:
+    ids = {w: i for i, w in enumerate(WORDS)}
+    sentences, test = ([[ids[w] for w in s] for s in corpus(seed, n, 9)] for seed, n in ((0, 60), (1, 10)))
+  bos, eos = V, V + 1
+  lm = KneserNey(order, V, bos_id=bos, eos_id=eos).fit(sentences)
+  discounts, prob = reference_modified_kn(order, lm.W, bos, eos, sentences)
+  np.testing.assert_allclose(np.array(lm.D), np.array(discounts), rtol=1e-12)
+  if train == "tiny":  # by hand: trigrams n₁..n₄ = 16, 7, 2, 1; bigram continuations 7, 5, 3, 0 (→ 1)
+    np.testing.assert_allclose(lm.D[2], [8 / 15, 54 / 35, 29 / 15], rtol=1e-12)
+    np.testing.assert_allclose(lm.D[1], [7 / 17, 107 / 85, 125 / 51], rtol=1e-12)
+  # The discounts differ from each other, so using the wrong one for a count shows.
+  assert all(len({round(d, 9) for d in D}) == 3 for D in discounts)
+  pad = order - 1
+  expected = []
+  for s in test:
+    p = [bos] * pad + s + [eos] * pad
+    expected += [prob(p[i], p[i - pad:i]) for i in range(pad, len(p))]
+  got = np.exp(lm.log_prob(test))
+  assert len(got) == len(expected)
+  np.testing.assert_allclose(got, expected, rtol=1e-12)

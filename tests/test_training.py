@@ -97,6 +97,35 @@ def test_plateau_schedule_decays_lr(tmp_path, corpus):
   assert min(lrs) < 1e-9 * 0.25 + 1e-20
 
 
+def test_the_plateau_scale_multiplies_the_train_step_s_update():
+  """θ ← θ − η s g: one SGD step with the plateau scale s = 0.25 moves every parameter exactly a
+  quarter as far as the same step with s = 1."""
+  import jax.numpy as jnp
+
+  from nlm_jax import models, parallel
+  from nlm_jax.config import OptimConfig
+  from nlm_jax.training import optim
+  from nlm_jax.training.steps import LMTask
+
+  cfg = OptimConfig(name="sgd", lr=0.5)
+  model = models.build(models.TransformerConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=1, d_ff=32, context=8))
+  task = LMTask(model, optim.make_optimizer(cfg, 10), optim.plateau(cfg), parallel.make_mesh(devices=jax.devices()[:1]),
+                batch_size=2, carry_state=False, example_len=8)
+  tokens = np.random.default_rng(0).integers(0, 13, (2, 9)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((2, 8), np.float32),
+           "reset": np.ones((2,), bool)}
+  init = lambda: task.init(jax.random.key_data(jax.random.key(0)))  # the same state each call (steps donate it)
+  theta = jax.device_get(init().params)
+  full, _ = task.train_step(init(), batch)
+  state = init()
+  state = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(0.25, state.plateau.scale.dtype)))
+  quarter, _ = task.train_step(state, batch)
+  full_step = jax.tree.map(lambda new, old: np.asarray(new) - old, jax.device_get(full.params), theta)
+  quarter_step = jax.tree.map(lambda new, old: np.asarray(new) - old, jax.device_get(quarter.params), theta)
+  assert max(float(np.abs(d).max()) for d in jax.tree.leaves(full_step)) > 1e-3  # the step moved them
+  jax.tree.map(lambda q, f: np.testing.assert_allclose(q, 0.25 * f, rtol=1e-4, atol=1e-7), quarter_step, full_step)
+
+
 def test_init_from_copies_params_only(tmp_path, corpus):
   train(*overrides(tmp_path / "pre", corpus, steps=10))
   summary = train(*overrides(tmp_path / "fine", corpus, steps=10, train__init_from=tmp_path / "pre",
