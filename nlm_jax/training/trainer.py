@@ -213,6 +213,11 @@ class Run:
     return out
 
 
+  def periodic_batching(self) -> str:
+    """How the periodic evaluation reads a split: random windows under
+    `train.eval_estimator=random_windows`, whatever data.batching is; else data.batching."""
+    return "windows" if self.cfg.train.eval_estimator == "random_windows" else self.cfg.data.batching
+
   def periodic_evaluation(self, params, step: int) -> tuple[dict[str, float], dict[str, float]]:
     """The numbers logged at each evaluation, in eval mode (no dropout), by `train.eval_estimator`:
 
@@ -225,12 +230,12 @@ class Run:
     numbers and the validation split's whole result (`evaluate`'s dict).
     """
     t, d = self.cfg.train, self.cfg.data
+    batching = self.periodic_batching()
     if t.eval_estimator == "random_windows":
-      batching = "windows"
       seed_val, seed_train = (int(np.random.SeedSequence([self.cfg.seed, step, i]).generate_state(1)[0])
                               for i in (0, 1))
     else:
-      batching, seed_val, seed_train = None, self.cfg.seed + 1, self.cfg.seed + 1
+      seed_val, seed_train = self.cfg.seed + 1, self.cfg.seed + 1
     val = self.evaluate(params, d.eval_split, t.eval_batches, seed_val, batching)
     scores = {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
     n_train = t.eval_train_batches
@@ -422,7 +427,7 @@ def _check_split_lengths(run: "Run") -> None:
   first evaluation after `eval_every` steps of work (the training batches are checked by their
   iterator). The test is `eval_plan`'s, the batch count `evaluate` uses."""
   d, t = run.cfg.data, run.cfg.train
-  batching = "windows" if t.eval_estimator == "random_windows" else d.batching
+  batching = run.periodic_batching()
   rows = d.eval_rows
   splits = [(d.eval_split, t.eval_batches, "", [])]
   if t.eval_train_batches != 0:  # a number of batches (`periodic_evaluation`), never the whole split
