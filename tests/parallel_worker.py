@@ -46,14 +46,20 @@ def run(arch: str, mesh_name: str, n_steps: int):
   devices = jax.devices()[: data * fsdp * tensor]
   mesh = parallel.make_mesh(data, fsdp, tensor, devices=devices)
   cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.01, clip_norm=1.0)
-  task = LMTask(models.build(CONFIGS[arch]), optim.make_optimizer(cfg, n_steps), optim.plateau(cfg), mesh, B,
-                carry_state=arch != "transformer", example_len=T)  # gathers fsdp for the RNN/LSTM by default
+
+  def make_task(**kw):
+    return LMTask(models.build(CONFIGS[arch]), optim.make_optimizer(cfg, n_steps), optim.plateau(cfg), mesh, B,
+                  carry_state=arch != "transformer", example_len=T, **kw)  # gathers fsdp for the RNN/LSTM by default
+
+  def activation_constraints(task):
+    """The activations' layouts as the step's StableHLO states them (layers.constrain)."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=task.batch_sharding) for k, v in next(batches(1)).items()}
+    lowered = task.train_step.lower(task.abstract_state, batch).as_text()
+    return sorted(set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])>", lowered)))
+
+  task = make_task()
   state = task.init(jax.random.key_data(jax.random.key(0)))
-  # The activations' constraints as the step's StableHLO states them (layers.constrain)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=task.batch_sharding)
-                    for k, v in next(batches(1)).items()}
-  lowered = task.train_step.lower(task.abstract_state, abstract_batch).as_text()
-  activations = sorted(set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])>", lowered)))
+  activations = {"on": activation_constraints(task), "off": activation_constraints(make_task(activation_sharding=False))}
   losses = []
   for b in batches(n_steps):
     state, m = task.train_step(state, parallel.global_batch(b, task.batch_sharding, B))

@@ -20,6 +20,7 @@ use; training keeps updating `params`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -84,6 +85,7 @@ class LMTask:
     self.model, self.tx, self.plateau, self.mesh = model, tx, plateau, mesh
     self.batch_size, self.carry_state = batch_size, carry_state
     self.grad_accum, self.freeze, self.ema_decay = grad_accum, freeze, ema_decay
+    self.activation_sharding = activation_sharding
     self.example = jnp.zeros((1, example_len), jnp.int32)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.replicated = NamedSharding(mesh, P())
@@ -97,7 +99,8 @@ class LMTask:
         self.state_sharding)
     batch_sh = {k: self.batch_sharding for k in self.batch_keys}
     self.init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
-    in_mesh = self._in_mesh if activation_sharding else (lambda fn: fn)
+    # One device: nothing to lay out, and the program stays exactly what it was without constraints
+    in_mesh = self._in_mesh if activation_sharding and mesh.size > 1 else (lambda fn: fn)
     self.train_step = jax.jit(in_mesh(self._train_step), in_shardings=(self.state_sharding, batch_sh),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
     # The eval carry's batch size may differ from training's: XLA picks its layout.
@@ -113,6 +116,7 @@ class LMTask:
   def _in_mesh(self, fn):
     """fn, traced with the mesh as the context of `layers.constrain`."""
 
+    @functools.wraps(fn)  # the jitted program keeps fn's name and argument names (profiles, dumps)
     def traced(*args):
       with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
         return fn(*args)
