@@ -681,6 +681,38 @@ def test_discriminative_learning_rates_per_layer():
   assert rate(updates["body"]["embed"]) == 0.0625
 
 
+def test_discriminative_learning_rates_of_a_transformer_body():
+  """finetune.body_lr_scale alone: every body parameter learns at lr × the scale, the head at lr;
+  with finetune.layer_lr_decay (a Transformer classifier's body, SGD with lr 1 and unit gradients):
+  the final norm (the top group) at the body's rate, each block below it ÷ the decay, and the
+  learned positions at the embedding's rate (both the lowest layer)."""
+  from nlm_jax import config as config_lib
+  from nlm_jax.tasks import finetune
+  from nlm_jax.tasks.classify import Classifier
+  from nlm_jax.training import optim
+
+  def updates(*extra):
+    cfg = config_lib.load_config(None, ["workdir=x", "task.kind=classify", "model.arch=transformer",
+                                        "model.n_layers=2", "model.d_model=8", "model.n_heads=2", "model.context=8",
+                                        "model.scan_layers=false", "optim.name=sgd", "optim.lr=1.0",
+                                        "finetune.body_lr_scale=0.5", "data.files.train=x", "task.max_len=8", *extra])
+    model_cfg = config_lib.model_config(cfg, 7)
+    params = Classifier(model_cfg, 2).init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+    params = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.make_optimizer(cfg.optim, 10, finetune.lr_groups(cfg, model_cfg, head="head"))
+    return tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)[0]
+
+  rates = lambda tree: {float(r) for x in jax.tree.leaves(tree) for r in np.unique(-np.asarray(x))}
+  plain = updates()
+  assert {"embed", "pos_embed", "block_0", "block_1", "ln_f"} <= set(plain["body"])
+  assert rates(plain["head"]) == {1.0} and rates(plain["body"]) == {0.5}
+  decayed = updates("finetune.layer_lr_decay=2.0")
+  assert rates(decayed["head"]) == {1.0}
+  assert rates(decayed["body"]["ln_f"]) == {0.5}
+  assert rates(decayed["body"]["block_1"]) == {0.25} and rates(decayed["body"]["block_0"]) == {0.125}
+  assert rates(decayed["body"]["embed"]) == rates(decayed["body"]["pos_embed"]) == {0.0625}
+
+
 # The language-modelling path through the task interface: the same numbers, to the bit, as the
 # trainer gave before tasks existed (recorded with jax 0.10.2 on this project's 2-core AMD EPYC
 # before the change, and checked there against the old code). XLA's CPU code may round
@@ -1130,3 +1162,275 @@ def test_every_task_gathers_recurrent_parameters_over_fsdp_in_its_train_step(tmp
   assert transformer.gathered is None and lstm.gathered is not None
   assert jax.tree.structure(lstm.gathered) == jax.tree.structure(lstm.state_sharding.params)
   assert "lstm" in parallel.GATHER_FSDP_ARCHS and "rnn" in parallel.GATHER_FSDP_ARCHS
+
+
+def test_translation_loss_reads_the_source_as_the_prefix_and_evaluates_the_likelihood(tmp_path):
+  """A prefix-LM translation batch's prefix is [start] + the source, without its <eol> (the first
+  causal position, as the last prompt token is in decoding: no target token leaks into a position
+  that predicts one); the loss is the NLL of the prefix-LM's logits (not the causal ones), label
+  smoothed in training only: evaluation reports the likelihood, computed here in NumPy."""
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  eps = 0.1
+  run = trainer.make_run(load_config(None, translation(tmp_path / "r", write_parallel(tmp_path, n_val=20),
+                                                       task__prefix_lm="true", task__label_smoothing=eps)))
+  params = jax.device_get(run.task.init(jax.random.key_data(jax.random.key(0))).params)
+  params = jax.tree.map(lambda x: 4 * x, params)  # sharper attention: a misread mask shows
+  seqs, starts = run.examples("validation")
+  n = len(seqs)
+  batch = {k: jnp.asarray(v) for k, v in run.collate(list(range(n)), "validation", n).items()}
+  np.testing.assert_array_equal(np.asarray(batch["prefix"]), starts - 1)
+  inputs, targets, mask = (np.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
+
+  def logp(prefix):
+    out = run.model.apply({"params": params}, jnp.asarray(inputs), None, prefix_B=prefix)
+    return np.asarray(jax.nn.log_softmax(np.asarray(out.logits, np.float64)))
+
+  def nll(lp, smoothing=0.0):
+    picked = np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+    per_token = -(1 - smoothing) * picked - smoothing * lp.mean(-1)
+    return float((per_token * mask).sum())
+
+  prefix_lp = logp(jnp.asarray(starts - 1))
+  # no leak: changing a row's first target token changes no logit of the positions before it
+  leak = run.model.apply({"params": params}, jnp.asarray(inputs).at[0, starts[0]].add(1), None,
+                         prefix_B=batch["prefix"]).logits
+  full = run.model.apply({"params": params}, jnp.asarray(inputs), None, prefix_B=batch["prefix"]).logits
+  np.testing.assert_array_equal(np.asarray(leak[0, :starts[0]]), np.asarray(full[0, :starts[0]]))
+
+  objective = jax.jit(lambda p, b, k, d: run.task._objective(p, b, None, k, deterministic=d)[:2],
+                      static_argnums=3)
+  loss_sum, count = objective(params, batch, jax.random.key(0), True)
+  assert float(count) == mask.sum()
+  np.testing.assert_allclose(float(loss_sum), nll(prefix_lp), rtol=1e-5)
+  assert abs(float(loss_sum) - nll(logp(None))) > 1e-3 * nll(prefix_lp)  # the causal reading: another loss
+  smoothed, _ = objective(params, batch, jax.random.key(0), False)  # dropout 0: the same logits
+  np.testing.assert_allclose(float(smoothed), nll(prefix_lp, eps), rtol=1e-5)
+  assert abs(nll(prefix_lp, eps) - nll(prefix_lp)) > 1e-3 * nll(prefix_lp)
+  evaluated = run.evaluate(params, "validation", None)
+  assert evaluated["tokens"] == mask.sum()
+  np.testing.assert_allclose(evaluated["loss"], nll(prefix_lp) / mask.sum(), rtol=1e-5)
+
+
+def test_translate_asks_beam_search_for_the_task_settings_and_returns_each_source_s_translation(
+    tmp_path, monkeypatch):
+  """`translate` hands the search [start] + each source line + <eol>, cut to task.max_len // 2 + 1
+  ids; a Transformer's translation has at most what the context leaves after the longest prompt
+  (context + 1 − its length: the last prompt token's prediction is the first translated one) or
+  task.max_decode_len; the search gets task.min_decode_len and the length penalty asked for
+  (task.length_penalty by default, 0 too); and each output goes back to its own source, whatever
+  order the search ran them in (a spy returns each prompt's own words)."""
+  from nlm_jax import decoding
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  run = trainer.make_run(load_config(None, translation(tmp_path / "r", write_parallel(tmp_path, n_train=40),
+                                                       task__max_decode_len=30, task__min_decode_len=2,
+                                                       task__length_penalty=0.6, task__beam_size=3)))
+  tok, eol = run.tokenizer, run.eol
+  calls = []
+
+  def spy(model, params, prompts, eos_id, beam_size, max_len, alpha, **kwargs):
+    calls.append(dict(prompts=[list(map(int, p)) for p in prompts], eos_id=eos_id, beam_size=beam_size,
+                      max_len=max_len, alpha=alpha, **kwargs))
+    return [[i for i in p if i != eol] for p in prompts]  # the prompt's own words back (start = eol here)
+
+  monkeypatch.setattr(decoding, "beam_search", spy)
+  long_ = " ".join(["the big cat sees a tree"] * 3 + ["a bird"])  # 20 words: over max_len // 2 = 16
+  sources = [long_, "the red dog sees a house", "a cat", "the bird sees a small tree today"]
+  assert run.translate(None, sources) == [" ".join(long_.split()[:16]), *sources[1:3],
+                                          "the bird sees a small tree <unk>"]
+  call = calls[-1]
+  prompt = lambda s, n=None: [tok.start_id, *tok.encode(s + "\n")[:n]]
+  want = [prompt(long_, 16), *(prompt(s) for s in sources[1:])]
+  assert len(want[0]) == 32 // 2 + 1 and sorted(call["prompts"]) == sorted(want)
+  assert call["max_len"] == 32 + 1 - 17  # the context's room after the longest prompt (< max_decode_len 30)
+  assert (call["eos_id"], call["beam_size"], call["min_len"], call["alpha"]) == (eol, 3, 2, 0.6)
+  assert call["prefix_lm"] is False
+  run.translate(None, sources[1:], beam_size=2, length_penalty=0.25)
+  assert (calls[-1]["beam_size"], calls[-1]["alpha"], calls[-1]["max_len"]) == (2, 0.25, 33 - 9)  # 7 words + 2
+  run.translate(None, sources[1:], length_penalty=0.0, max_len=5)
+  assert (calls[-1]["alpha"], calls[-1]["max_len"]) == (0.0, 5)
+
+
+def test_classify_training_smooths_the_labels_and_drops_the_pooled_state_evaluation_does_neither(tmp_path, sst):
+  """task.label_smoothing = ε: the training loss is the cross-entropy of the logits read in
+  training against (1 − ε)·one-hot + ε/C (computed here in NumPy), not their NLL; task.head_dropout
+  (model.dropout 0: the only dropout): training's logits depend on the dropout key, evaluation's
+  are the same every time, and evaluation's loss is their NLL."""
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  eps = 0.1
+  run = trainer.make_run(load_config(None, classify(tmp_path / "r", sst, task__label_smoothing=eps,
+                                                    task__head_dropout=0.5, model__dropout=0)))
+  params = jax.device_get(run.task.init(jax.random.key_data(jax.random.key(0))).params)
+  params["head"] = jax.tree.map(lambda x: 20 * x, params["head"])  # confident logits: smoothing shows
+  batch = {k: jnp.asarray(v) for k, v in run.collate(list(range(12)), "train", 16).items()}  # 4 padding rows
+  y, w = np.asarray(batch["labels"]), np.asarray(batch["weights"])
+  logits = jax.jit(run.task._logits, static_argnums=3)
+  objective = jax.jit(lambda p, b, k, d: run.task._objective(p, b, None, k, deterministic=d)[:2], static_argnums=3)
+
+  def cross_entropy(logits_BxC, smoothing):
+    lp = np.asarray(jax.nn.log_softmax(np.asarray(logits_BxC, np.float64)))
+    per_row = -(1 - smoothing) * lp[np.arange(len(y)), y] - smoothing * lp.mean(-1)
+    return float((w * per_row).sum())
+
+  key = jax.random.key(5)
+  trained = logits(params, batch, key, False)
+  assert not np.allclose(np.asarray(trained), np.asarray(logits(params, batch, jax.random.key(6), False)))
+  evaluated = logits(params, batch, None, True)
+  assert not np.allclose(np.asarray(trained), np.asarray(evaluated))
+  np.testing.assert_array_equal(np.asarray(evaluated), np.asarray(logits(params, batch, None, True)))
+  loss_sum, count = objective(params, batch, key, False)
+  assert float(count) == 12
+  np.testing.assert_allclose(float(loss_sum), cross_entropy(trained, eps), rtol=1e-5)
+  assert abs(cross_entropy(trained, eps) - cross_entropy(trained, 0.0)) > 1e-2 * cross_entropy(trained, 0.0)
+  _, evaluation = jax.jit(run.task._eval_metrics)(params, None, batch)
+  np.testing.assert_allclose(float(evaluation["nll_sum"]), cross_entropy(evaluated, 0.0), rtol=1e-5)
+
+
+def test_word_dropout_never_drops_the_start_or_the_end_of_a_sentencepiece_text(tmp_path, sst):
+  """SentencePiece texts begin with <s> and end with </s>, two ids (a word tokenizer's are one):
+  word dropout keeps both, even at rate 1, and every other token of the text becomes <unk>."""
+  from nlm_jax.config import load_config
+  from nlm_jax.tasks.classify import drop_words
+  from nlm_jax.training import trainer
+
+  run = trainer.make_run(load_config(None, classify(tmp_path / "r", sst, tokenizer__kind="sentencepiece",
+                                                    tokenizer__vocab_size=60, task__word_dropout=0.5)))
+  tok = run.tokenizer
+  assert tok.start_id != tok.eos_id
+  assert sorted(run.task.keep_ids) == sorted([tok.start_id, tok.eos_id])
+  batch = run.collate(list(range(8)), "train", 8)
+  tokens, mask = batch["inputs"], batch["mask"]
+  out = np.asarray(drop_words(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask), 1.0, tok.unk_id,
+                              run.task.keep_ids))
+  ends = mask.sum(1).astype(int) - 1
+  assert (tokens[:, 0] == tok.start_id).all() and (tokens[np.arange(8), ends] == tok.eos_id).all()
+  marker = np.isin(tokens, [tok.start_id, tok.eos_id])
+  np.testing.assert_array_equal(out, np.where((mask > 0) & ~marker, tok.unk_id, tokens))
+
+
+def test_a_text_is_its_start_and_ids_cut_to_max_len():
+  """encode_texts: [start] + encode(text), max_len ids at most: a text of max_len ids stays whole,
+  a longer one keeps its first max_len (its end marker cut off)."""
+  from nlm_jax.data.tokenizers import WordTokenizer
+  from nlm_jax.tasks.classify import encode_texts
+
+  tok = WordTokenizer.train("a b c d e f\n")
+  ids = lambda words: [tok.index[w] for w in words.split()]
+  start, eos = tok.start_id, tok.eos_id
+  out = encode_texts(tok, ["a b c", "a b c d e f", "b"], max_len=5)
+  assert [x.tolist() for x in out] == [[start, *ids("a b c"), eos], [start, *ids("a b c d")], [start, *ids("b"), eos]]
+  assert all(x.dtype == np.int32 for x in out)
+
+
+def test_per_class_counts_of_an_evaluation_are_each_class_s_own(tmp_path, sst):
+  """evaluate's per_class: each class's examples and correct predictions; a head biased to class
+  1 predicts it for every text: class 0 has none right, class 1 all of its examples."""
+  from nlm_jax.config import load_config
+  from nlm_jax.tasks.classify import read_tsv
+  from nlm_jax.training import trainer
+
+  run = trainer.make_run(load_config(None, classify(tmp_path / "r", sst)))
+  params = jax.device_get(run.task.init(jax.random.key_data(jax.random.key(0))).params)
+  params["head"]["bias"] = np.asarray([-30.0, 30.0], np.float32)
+  n1 = read_tsv(sst["dev"], "sentence", "label")[1].count("1")
+  assert 0 < n1 < 100
+  result = run.evaluate(params, "validation", None)
+  assert result["per_class"] == {"0": {"examples": 100 - n1, "correct": 0}, "1": {"examples": n1, "correct": n1}}
+  assert result["accuracy"] == n1 / 100 and result["examples"] == 100
+
+
+def test_an_ensemble_s_scores_against_hand_computed_ones():
+  """`ensemble`: the members' class probabilities averaged; loss (mean −log p̄(y)), accuracy and per
+  class the examples and the correct ones, of the average and of each member, worked out by hand."""
+  from nlm_jax.tasks.classify import ensemble
+
+  y = np.asarray([0, 0, 0, 1, 1])
+  probs = {"a": [[.9, .1], [.6, .4], [.3, .7], [.2, .8], [.4, .6]],  # right: 1 1 0 1 1
+           "b": [[.7, .3], [.2, .8], [.4, .6], [.6, .4], [.1, .9]]}  # right: 1 0 0 0 1
+  texts = ["t0", "t1", "t2", "t3", "t4"], ["neg", "neg", "neg", "pos", "pos"]
+
+  def member(name):
+    return types.SimpleNamespace(cfg=types.SimpleNamespace(task=types.SimpleNamespace(kind="classify")),
+                                 labels=["neg", "pos"], raw=lambda split: texts, examples=lambda split: (None, y),
+                                 split_probabilities=lambda params, split: np.asarray(probs[name], np.float32))
+
+  result = ensemble([(name, member(name), None) for name in "ab"], "validation")
+  # the average: .8 .2 | .4 .6 | .35 .65 | .4 .6 | .25 .75, right: 1 0 0 1 1
+  assert result["runs"] == 2 and result["examples"] == 5 and result["accuracy"] == pytest.approx(3 / 5)
+  assert result["loss"] == pytest.approx(-np.log([.8, .4, .35, .6, .75]).mean(), rel=1e-6)
+  assert result["per_class"] == {"neg": {"examples": 3, "correct": 1}, "pos": {"examples": 2, "correct": 2}}
+  a, b = result["members"]
+  assert a["workdir"] == "a" and a["accuracy"] == pytest.approx(4 / 5) and b["accuracy"] == pytest.approx(2 / 5)
+  assert a["loss"] == pytest.approx(-np.log([.9, .6, .3, .8, .6]).mean(), rel=1e-6)
+  assert a["per_class"] == {"neg": {"examples": 3, "correct": 2}, "pos": {"examples": 2, "correct": 2}}
+  assert b["per_class"] == {"neg": {"examples": 3, "correct": 1}, "pos": {"examples": 2, "correct": 1}}
+
+
+def test_the_final_evaluation_reads_the_whole_split_and_a_step_counts_its_micro_batches(tmp_path, sst):
+  """With train.eval_batches=1 the evaluation at the last step reads one batch: the final one
+  still scores the whole validation split (not the periodic one's numbers); with
+  optim.grad_accum=2 a step trains on 2 × data.batch_size examples (the log's and the summary's
+  counts)."""
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  args = classify(tmp_path / "r", sst, steps=2, train__eval_every=2, train__log_every=1, train__eval_batches=1,
+                  optim__grad_accum=2)
+  summary = train(*args)
+  records = metrics(tmp_path / "r")
+  assert [r["examples"] for r in records if "examples" in r] == [32, 64]
+  assert summary["examples_seen"] == 2 * 2 * 16
+  assert summary["final_validation_examples"] == 100
+  run = trainer.make_run(load_config(None, args))
+  params = jax.tree.map(jnp.asarray, final_state(tmp_path / "r")["params"])
+  whole, first = run.evaluate(params, "validation", None), run.evaluate(params, "validation", 1)
+  assert first["examples"] == 16 and records[-1]["val_loss"] == pytest.approx(first["loss"], rel=1e-6)
+  assert summary["final_validation_loss"] == pytest.approx(whole["loss"], rel=1e-6) != first["loss"]
+  assert summary["final_validation_per_class"] == whole["per_class"]
+
+
+def test_the_data_fingerprint_changes_with_a_label(tmp_path, sst):
+  """data_fingerprint hashes every part of a split's examples: one dev label flipped (the texts
+  the same) changes the validation split's fingerprint, not the training split's."""
+  from nlm_jax.config import load_config
+  from nlm_jax.training import trainer
+
+  with open(sst["dev"]) as f:
+    lines = f.read().splitlines()
+  text, label = lines[1].split("\t")
+  flipped = tmp_path / "flipped.tsv"
+  flipped.write_text("\n".join([lines[0], f"{text}\t{1 - int(label)}", *lines[2:]]) + "\n")
+  fingerprint = lambda dev: trainer.make_run(load_config(None, classify(
+      tmp_path / "r", sst, data__files__validation=dev))).data_fingerprint()
+  before, again, after = fingerprint(sst["dev"]), fingerprint(sst["dev"]), fingerprint(flipped)
+  assert before == again
+  assert after["train"] == before["train"] and after["validation"] != before["validation"]
+
+
+def test_finetune_starts_from_the_pretrained_run_s_best_checkpoint(tmp_path, sst, monkeypatch):
+  """train.init_from loads the pretrained run's best checkpoint (lowest val_loss), not its latest:
+  here step 2 of 3 (the validation losses saved with the checkpoints are set to 3, 1, 2)."""
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  save = Checkpoints.save
+  fake = {1: 3.0, 2: 1.0, 3: 2.0}
+
+  def save_with_fake_loss(self, step, state, data_iter, config, tokenizer, val_loss=None, **kwargs):
+    return save(self, step, state, data_iter, config, tokenizer, None if val_loss is None else fake[step], **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(Checkpoints, "save", save_with_fake_loss)
+    pretrain(tmp_path / "pre", sst, steps=3, train__eval_every=1)
+  ckpts = Checkpoints(str(tmp_path / "pre"), read_only=True)
+  assert (ckpts.best_step(), ckpts.latest_step()) == (2, 3)
+  ckpts.close()
+  best, latest = (lm_body(final_state(tmp_path / "pre", step)["params"]) for step in (2, 3))
+  assert not np.array_equal(best["embed"]["embedding"], latest["embed"]["embedding"])
+  train(*classify(tmp_path / "ft", sst, steps=1, train__init_from=tmp_path / "pre", finetune__freeze_body_steps=1,
+                  train__eval_every=1))
+  assert_trees_equal(final_state(tmp_path / "ft", 1)["params"]["body"], best)
