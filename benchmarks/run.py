@@ -8,7 +8,7 @@ cost depends on the text it reads.
 
 Training batches are real text: random windows of Tiny Shakespeare (characters) for the
 Transformers, of WikiText-2 (words, |V| = 33,278) for the LSTM, RNN and FNN, read from
-../shared/data (or --data-dir). A step whose cost depends on token statistics (a scatter-add
+../shared/data (or the folder $NLM_JAX_BENCH_DATA names). A step whose cost depends on token statistics (a scatter-add
 under contention) is invisible on uniform random ids, so the `data` section times the same step
 on text, on uniform ids and on one text row repeated B times.
 

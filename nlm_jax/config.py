@@ -92,7 +92,7 @@ class TrainConfig:
   eval_train_batches: Optional[int] = None  # for eval_train_loss; None = as many as validation's, 0 = none
   checkpoint_every: Optional[int] = None  # steps between checkpoints; None = eval_every
   keep_checkpoints: int = 2  # the last N, plus the best by validation loss
-  init_from: Optional[str] = None  # run dir or checkpoint dir: start from its params only
+  init_from: Optional[str] = None  # run dir (its best checkpoint) or checkpoint dir: start from its params only
   init_backward_from: Optional[str] = None  # with task.backward: a backward LM (data.reverse) for the second body
   progress: bool = True  # progress bars on stderr
   deterministic: bool = True  # bitwise-reproducible steps on GPUs too (XLA deterministic ops; nlm_jax.runtime)
