@@ -403,3 +403,19 @@ def test_length_bucketed_reads_every_example_even_the_longest():
   epochs = [np.concatenate([next(batches)["ids"].max(1) for _ in range(6)]) for _ in range(8)]
   assert all(len(set(e)) == 96 for e in epochs)
   assert set(np.concatenate(epochs)) == set(range(100))
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+  """A leading UTF-8 byte-order mark (Notepad, Excel) is dropped: it would be a character of the
+  vocabulary and the first token, and it hid a TSV's header (no column 'sentence' in '\\ufeffsentence')."""
+  from nlm_jax.data.files import read_text
+  from nlm_jax.tasks.classify import read_tsv
+
+  plain, marked = tmp_path / "plain.tsv", tmp_path / "marked.tsv"
+  plain.write_bytes("sentence\tlabel\nfine film\t1\n".encode())
+  marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+  assert read_text(str(marked)) == read_text(str(plain)) == "sentence\tlabel\nfine film\t1\n"
+  assert read_tsv(str(marked), "sentence", "label") == (["fine film"], ["1"])
+  inner = tmp_path / "inner.txt"  # only a leading mark is one; a U+FEFF inside is text
+  inner.write_bytes("a\ufeffb".encode())
+  assert read_text(str(inner)) == "a\ufeffb"

@@ -6,8 +6,10 @@ from nlm_jax.errors import UserError
 
 
 def read_text(path: str, what: str = "data file") -> str:
-  """The UTF-8 text of `path`; a missing file, a directory or bytes that are not UTF-8 raise a
-  one-line `UserError` that starts with `what` (the setting the path came from) and names `path`."""
+  """The UTF-8 text of `path`, without a leading byte-order mark (editors on Windows write one: it
+  is not text, and it would become a token, or hide a TSV's header); a missing file, a directory or
+  bytes that are not UTF-8 raise a one-line `UserError` that starts with `what` (the setting the
+  path came from) and names `path`."""
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -16,6 +18,7 @@ def read_text(path: str, what: str = "data file") -> str:
   except IsADirectoryError:
     raise UserError(f"{what} is a directory: {path}") from None
   try:
-    return raw.decode("utf-8")
+    text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     raise UserError(f"{what} {path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+  return text[1:] if text.startswith("\ufeff") else text
