@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
+if __name__ == "__main__":  # before JAX starts; not when imported (a test's later subprocesses would inherit it)
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
 
 import argparse  # noqa: E402
 import json  # noqa: E402

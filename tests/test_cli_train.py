@@ -99,7 +99,7 @@ def test_estimators(tmp_path, corpus, evaluations, estimator):
   assert len(periodic) == 6  # 3 evaluations × (validation, train)
   seeds = {split: [c[2] for c in periodic if c[0] == split] for split in ("validation", "train")}
   if estimator == "fixed":  # the same batches every time, the run's own batching
-    assert seeds == {"validation": [4, 4, 4], "train": [4, 4, 4]} and {c[3] for c in periodic} == {None}
+    assert seeds == {"validation": [4, 4, 4], "train": [4, 4, 4]} and {c[3] for c in periodic} == {"streams"}
   else:  # nanoGPT: fresh random windows of each split at every evaluation (a state reset per window)
     assert len(set(seeds["validation"] + seeds["train"])) == 6 and {c[3] for c in periodic} == {"windows"}
   code, _, err = run_cli("train", *overrides(tmp_path / "bad", corpus, train__eval_estimator="random_windows",
