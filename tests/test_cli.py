@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import types
 import typing
 
 import pytest
@@ -168,3 +170,73 @@ def test_plot_reads_a_metrics_file_being_written_and_names_a_damaged_one(tmp_pat
   (tmp_path / "metrics.jsonl").write_text('{"step": 5, "tr\n' + good)
   with pytest.raises(UserError, match="line 1 is not JSON"):
     read_metrics(str(tmp_path))
+
+
+@pytest.fixture
+def tiny_lm_run(monkeypatch):
+  """`nlm-jax generate` finds a run: a tiny untrained LSTM over the characters of a short text (so the
+  commands' own options are what is tested, not a training run)."""
+  import jax
+  import numpy as np
+
+  from nlm_jax.data import tokenizers
+
+  tok = tokenizers.CharTokenizer.train("the cat sat on the mat\n")
+  model = models.build(models.LSTMConfig(vocab_size=tok.vocab_size, d_embed=8, d_hidden=8, n_layers=1))
+  params = model.init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+  cfg = types.SimpleNamespace(data=types.SimpleNamespace(reverse=False))
+  run = types.SimpleNamespace(model=model, tokenizer=tok, cfg=cfg)
+  monkeypatch.setattr(cli, "_load_run_of", lambda args, kind: (run, params))
+  return run
+
+
+def test_generate_zero_new_tokens_prints_the_prompt(tiny_lm_run):
+  """--max-new-tokens 0 is allowed (≥ 0): the prompt alone, streamed or as samples."""
+  code, out, err = run_cli("generate", "--workdir", "w", "--prompt", "the cat", "--max-new-tokens", 0)
+  assert (code, out) == (0, "the cat\n"), err
+  code, out, err = run_cli("generate", "--workdir", "w", "--prompt", "the", "--max-new-tokens", 0, "--num-samples", 2)
+  assert code == 0 and out == "--- sample 1 of 2 ---\nthe\n--- sample 2 of 2 ---\nthe\n", err
+  code, out, err = run_cli("generate", "--workdir", "w", "--prompt", "the", "--max-new-tokens", -1)
+  assert code == 2 and "--max-new-tokens -1" in err
+
+
+def test_generate_temperature_zero_is_greedy(tiny_lm_run):
+  """--temperature 0 is allowed: greedy decoding, the same text whatever the seed."""
+  texts = []
+  for seed in (1, 2):
+    code, out, err = run_cli("generate", "--workdir", "w", "--prompt", "the", "--max-new-tokens", 12,
+                             "--temperature", 0, "--seed", seed)
+    assert code == 0, err
+    texts.append(out)
+  assert texts[0] == texts[1] and texts[0].startswith("the") and len(texts[0]) == len("the") + 12 + 1
+  code, out, err = run_cli("generate", "--workdir", "w", "--prompt", "the", "--temperature", -0.5)
+  assert code == 2 and "--temperature -0.5" in err
+
+
+def test_generate_passes_each_sampling_option_to_its_parameter(tiny_lm_run, monkeypatch):
+  from nlm_jax import generate
+
+  seen, signature = [], inspect.signature(generate.generate_text)
+
+  def record(*args, **kwargs):
+    seen.append(signature.bind(*args, **kwargs).arguments)
+    return ["x"] * kwargs.get("num_samples", 1)
+
+  monkeypatch.setattr(generate, "generate_text", record)
+  for samples in (1, 2):
+    code, _, err = run_cli("generate", "--workdir", "w", "--prompt", "the", "--num-samples", samples, "--top-k", 3,
+                           "--top-p", 0.5, "--temperature", 0.7, "--seed", 9, "--max-new-tokens", 11)
+    assert code == 0, err
+  for arguments in seen:
+    assert (arguments["top_k"], arguments["top_p"], arguments["temperature"], arguments["seed"],
+            arguments["max_new_tokens"], arguments["prompt"]) == (3, 0.5, 0.7, 9, 11, "the")
+  assert len(seen) == 2 and seen[1]["num_samples"] == 2
+
+
+def test_an_os_error_is_one_line_and_exit_status_2(tmp_path):
+  """An OSError no command turned into a UserError (here: plot --output into a folder that does not exist)
+  is still one line, exit status 2."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 5, "tokens": 50, "train_loss": 3.0}\n')
+  code, out, err = run_cli("plot", "--workdir", tmp_path, "--output", tmp_path / "no" / "such" / "dir" / "c.png")
+  assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+  assert err.startswith("nlm-jax: error: ") and "check the path" in err

@@ -99,3 +99,48 @@ def test_a_list_for_a_mapping_or_the_reverse_names_the_key(tmp_path, override, m
   recipe.write_text("data: {files: [a, b]}\n")
   with pytest.raises(UserError, match=re.escape(f"config file {recipe}: data.files takes a mapping, not a list")):
     config_lib.load_config(str(recipe), [])
+
+
+BASE = ["workdir=w", "data.file=f", "model.arch=fnn"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.batch_size=0"], "data.batch_size=0; must be positive"),
+    (["train.steps=0"], "train.steps=0; must be positive"),
+    (["optim.lr=0"], "optim.lr=0.0; must be > 0"),
+    (["optim.b1=1.0"], r"optim.b1=1.0; must be in \[0, 1\)"),
+    (["optim.ema_decay=1.0"], r"optim.ema_decay=1.0; must be in \[0, 1\)"),
+    (["task.kind=classify", "task.max_len=128", "task.label_smoothing=1.0"],
+     r"task.label_smoothing=1.0; must be in \[0, 1\)"),
+    (["optim.plateau_factor=0"], r"optim.plateau_factor=0.0; must be in \(0, 1\]"),
+    (["tokenizer.character_coverage=0"], r"tokenizer.character_coverage=0.0; must be in \(0, 1\]"),
+    (["mesh.data=-2"], "mesh.data=-2; must be a positive size or -1"),
+    (["mesh.tensor=-2"], "mesh.tensor=-2; must be a positive size or -1"),
+    (["optim.name=adamw", "optim.weight_decay_mode=l2"], "optim.name=adamw has decoupled weight decay"),
+    (["optim.lr=nan"], "optim.lr=nan; must be a finite number"),
+    (["optim.weight_decay=inf"], "optim.weight_decay=inf; must be a finite number"),
+    (["tokenizer.kind=char", f"tokenizer.include={__file__}"],
+     "tokenizer.include is for tokenizer.kind=word, not 'char'"),
+])
+def test_numbers_outside_their_range_and_conflicting_settings_are_rejected(overrides, message):
+  """Each range's ends as RANGES states them: a closed end is allowed (next test), an open one is not."""
+  with pytest.raises(UserError, match=message):
+    config_lib.load_config(None, BASE + overrides)
+
+
+def test_the_closed_ends_of_the_ranges_are_allowed():
+  cfg = config_lib.load_config(None, BASE + [
+      "data.batch_size=1", "train.steps=1", "optim.lr=1e-12", "optim.b1=0.0", "optim.ema_decay=0.0",
+      "optim.plateau_factor=1.0", "tokenizer.character_coverage=1.0", "mesh.data=-1", "optim.weight_decay=0",
+      "optim.name=adam", "optim.weight_decay_mode=l2", "tokenizer.kind=word", f"tokenizer.include={__file__}"])
+  assert (cfg.data.batch_size, cfg.optim.b1, cfg.optim.plateau_factor, cfg.mesh.data) == (1, 0.0, 1.0, -1)
+  classify = ["task.kind=classify", "task.max_len=128"]
+  assert config_lib.load_config(None, BASE + classify + ["task.label_smoothing=0.0"]).task.label_smoothing == 0.0
+
+
+def test_model_vocab_size_may_exceed_the_tokenizers_but_not_fall_short():
+  cfg = config_lib.load_config(None, BASE + ["model.vocab_size=64"])
+  assert config_lib.model_config(cfg, vocab_size=64).vocab_size == 64
+  assert config_lib.model_config(cfg, vocab_size=60).vocab_size == 64  # padded: allowed
+  with pytest.raises(UserError, match="model.vocab_size=64 is smaller than the tokenizer's 65"):
+    config_lib.model_config(cfg, vocab_size=65)

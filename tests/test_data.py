@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +163,55 @@ def test_corpus_tokenizer_cache_follows_the_include_file(tmp_path):
   include.write_text("okapi\n")
   words = Corpus(cfg, tok_cfg).tokenizer.index
   assert "okapi" in words and "zebra" not in words
+
+
+def test_corpus_tokenizer_cache_follows_the_tokenizer_config(tmp_path):
+  """One file, one cache, two tokenizer configs: two vocabularies, not the first one's twice."""
+  (tmp_path / "c.txt").write_text(TEXT)
+  cfg = DataConfig(source="text", files={"train": str(tmp_path / "c.txt")}, cache_dir=str(tmp_path / "cache"))
+  every = Corpus(cfg, TokenizerConfig(kind="word", min_count=1)).tokenizer.index
+  frequent = Corpus(cfg, TokenizerConfig(kind="word", min_count=2)).tokenizer.index
+  assert "bird" in every and "bird" not in frequent and "mat" in frequent  # "bird" once, "mat" twice
+  assert len(Corpus(cfg, TokenizerConfig(kind="word", vocab_size=4)).tokenizer.index) == 4
+
+
+def test_corpus_tokens_cache_follows_the_tokenizer(tmp_path):
+  """The same split tokenized by a character and then a byte tokenizer over one cache: each reads back
+  its own ids (a character's id is a valid byte too, so a shared entry would load and decode wrongly)."""
+  text = "naïve café\nthe cat sat\n" * 5
+  (tmp_path / "c.txt").write_text(text)
+  cfg = DataConfig(source="text", files={"train": str(tmp_path / "c.txt")}, cache_dir=str(tmp_path / "cache"))
+  for kind in ("char", "byte", "char"):
+    corpus = Corpus(cfg, TokenizerConfig(kind=kind))
+    assert corpus.tokenizer.decode(corpus.tokens("train")) == text, kind
+
+
+def test_corpus_split_cache_follows_the_split_fractions(tmp_path):
+  path = tmp_path / "c.txt"
+  text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+  path.write_text(text)
+  for fractions, n_train in (([0.9, 0.1], 900), ([0.5, 0.5], 500), ([0.9, 0.1], 900)):
+    cfg = DataConfig(source="text", file=str(path), split_fractions=fractions, cache_dir=str(tmp_path / "cache"))
+    corpus = Corpus(cfg, TokenizerConfig(kind="char"))
+    assert corpus.tokenizer.decode(corpus.tokens("train")) == text[:n_train]
+    assert corpus.tokenizer.decode(corpus.tokens("validation")) == text[n_train:]
+
+
+def test_a_cached_id_equal_to_the_vocabulary_size_is_rebuilt(tmp_path, capsys):
+  """Ids run 0 .. V − 1: an entry holding V (one past the last id) is not of this vocabulary."""
+  path = tmp_path / "c.txt"
+  path.write_text(TEXT * 3)
+  cfg = DataConfig(source="text", files={"train": str(path)}, cache_dir=str(tmp_path / "cache"))
+  first = Corpus(cfg, TokenizerConfig(kind="char"))
+  want = first.tokens("train")
+  entry = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith("tokens-"))
+  bad = want.copy()
+  bad[-1] = first.tokenizer.vocab_size
+  np.save(entry, bad)
+  capsys.readouterr()
+  np.testing.assert_array_equal(Corpus(cfg, TokenizerConfig(kind="char")).tokens("train"), want)
+  assert "unreadable" in capsys.readouterr().err
+  np.testing.assert_array_equal(np.load(entry), want)  # rewritten
 
 
 def test_corpus_files_per_split(tmp_path):
@@ -419,3 +469,19 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
   inner = tmp_path / "inner.txt"  # only a leading mark is one; a U+FEFF inside is text
   inner.write_bytes("a\ufeffb".encode())
   assert read_text(str(inner)) == "a\ufeffb"
+
+
+def test_read_text_names_the_first_bad_byte_and_a_directory(tmp_path):
+  """The error gives the 0-based offset of the first byte that is not UTF-8, and the byte; a directory
+  is a one-line UserError too, not an IsADirectoryError."""
+  from nlm_jax.data.files import read_text
+
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"ab\xff")
+  with pytest.raises(UserError, match=r"is not valid UTF-8 \(byte 2: b'\\xff'\)"):
+    read_text(str(bad))
+  bad.write_bytes("é\n".encode() + b"x\xc3(")  # offset in bytes, not characters: é is two
+  with pytest.raises(UserError, match=r"\(byte 4: b'\\xc3'\)"):
+    read_text(str(bad))
+  with pytest.raises(UserError, match="tokenizer.include is a directory: " + re.escape(str(tmp_path)) + "$"):
+    read_text(str(tmp_path), "tokenizer.include")

@@ -485,13 +485,21 @@ def test_dropout_is_random_in_training_and_off_in_evaluation(config):
   assert np.abs(train[0] - no_dropout).max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["rnn", "lstm", "transformer"])
+@pytest.mark.parametrize("arch", ["rnn", "lstm", "transformer", "rnn-tied", "lstm-tied"])
 def test_logits_are_the_output_layer_applied_to_hidden(request, arch):
+  """Untied: h W_out + b_out; tied: h Eᵀ, plus the recurrent models' own output bias b_out (drawn
+  nonzero here, so a bias left out shows)."""
+  arch, _, tied = arch.partition("-")
   cfg = request.getfixturevalue(f"{arch}_config")
+  if tied:
+    cfg = dataclasses.replace(cfg, d_hidden=cfg.d_embed, tie_embeddings=True)
   _, variables, tokens = init_model(cfg)
   out, p = compiled_apply(cfg)(variables, tokens), variables["params"]
-  if cfg.tie_embeddings:  # logits = h Eᵀ
+  if cfg.tie_embeddings:  # logits = h Eᵀ (+ b_out)
     expected = out.hidden @ p["embed"]["embedding"].T
+    if arch != "transformer":
+      assert np.abs(p["out_bias"]).min() > 0
+      expected = expected + p["out_bias"]
   else:
     expected = out.hidden @ p["out"]["kernel"] + p["out"]["bias"]
   np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-5)

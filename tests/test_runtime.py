@@ -74,7 +74,8 @@ import jax, jax.numpy as jnp
 from nlm_jax import runtime
 used = runtime.compilation_cache(sys.argv[1])
 jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((3, 3))).block_until_ready()
-print(json.dumps({"used": used, "config": jax.config.jax_compilation_cache_dir}))
+print(json.dumps({"used": used, "config": jax.config.jax_compilation_cache_dir,
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
 """
 
 
@@ -95,11 +96,37 @@ def test_compilation_cache_is_kept_unless_turned_off_or_set_elsewhere(tmp_path, 
   out = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "given")], env=env, capture_output=True,
                        text=True, timeout=120)
   assert out.returncode == 0, out.stderr
-  used = json.loads(out.stdout.strip().splitlines()[-1])["used"]
+  state = json.loads(out.stdout.strip().splitlines()[-1])
+  used = state["used"]
   assert used == (None if where is None else str(tmp_path / where))
+  if where == "given":  # bounded: least recently used programs go past 4 GiB
+    assert state["max_size"] == runtime.COMPILATION_CACHE_MAX_BYTES == 4 << 30
   assert bool(_files(tmp_path / "given")) == (where == "given")
   if where == "own":
     assert _files(tmp_path / "own")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", "no", " OFF "])
+def test_every_spelling_of_off_turns_the_compilation_cache_off(monkeypatch, tmp_path, value):
+  import jax
+
+  monkeypatch.setenv("NLM_JAX_COMPILATION_CACHE", value)
+  before = jax.config.jax_compilation_cache_dir
+  assert runtime.compilation_cache(str(tmp_path / "xla")) is None
+  assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "xla").exists()
+
+
+def test_deterministic_false_after_the_backend_started_leaves_the_flag(monkeypatch):
+  """Once a backend runs, the flag has acted (or not) already: removing it would only make
+  `deterministic_ops()` misreport what is in effect."""
+  flags = f"--xla_force_host_platform_device_count=1 {runtime.DETERMINISTIC_FLAG}"
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  monkeypatch.setattr(runtime, "_backends_started", lambda: True)
+  runtime.configure(deterministic=False)
+  assert os.environ["XLA_FLAGS"] == flags and runtime.deterministic_ops()
+  monkeypatch.setattr(runtime, "_backends_started", lambda: False)  # before it starts: removed
+  runtime.configure(deterministic=False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1" and not runtime.deterministic_ops()
 
 
 def test_nlm_jax_train_keeps_its_programs_for_the_next_process(tmp_path):

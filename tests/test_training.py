@@ -126,6 +126,27 @@ def test_the_plateau_scale_multiplies_the_train_step_s_update():
   jax.tree.map(lambda q, f: np.testing.assert_allclose(q, 0.25 * f, rtol=1e-4, atol=1e-7), quarter_step, full_step)
 
 
+def test_reset_carry_restarts_exactly_the_rows_marked():
+  """A new epoch of the streams: the rows with reset=True take the initial state, in every leaf of the
+  carry whatever its rank and dtype (LSTM (c, h), an FNN's window of ids, a KV cache); the others keep theirs."""
+  import jax.numpy as jnp
+
+  from nlm_jax.training.steps import reset_carry
+
+  rng = np.random.default_rng(0)
+  carry = {"lstm": (rng.standard_normal((2, 5)).astype(np.float32), rng.standard_normal((2, 5)).astype(np.float32)),
+           "window": rng.integers(0, 9, (2, 3)).astype(np.int32),
+           "kv": rng.standard_normal((2, 4, 2, 3)).astype(np.float32)}
+  initial = {"lstm": (np.zeros((2, 5), np.float32), np.full((2, 5), 0.5, np.float32)),
+             "window": np.full((2, 3), 11, np.int32), "kv": np.zeros((2, 4, 2, 3), np.float32)}
+  for reset in ([True, False], [False, True], [True, True], [False, False]):
+    out = reset_carry(carry, initial, jnp.asarray(reset))
+    for got, c, c0 in zip(jax.tree.leaves(out), jax.tree.leaves(carry), jax.tree.leaves(initial)):
+      assert got.shape == c.shape and got.dtype == c.dtype
+      for b in range(2):
+        np.testing.assert_array_equal(got[b], c0[b] if reset[b] else c[b])
+
+
 def test_init_from_copies_params_only(tmp_path, corpus):
   train(*overrides(tmp_path / "pre", corpus, steps=10))
   summary = train(*overrides(tmp_path / "fine", corpus, steps=10, train__init_from=tmp_path / "pre",
