@@ -685,3 +685,78 @@ def test_a_step_pruned_while_listed_is_not_called_damaged(run, monkeypatch):
   assert ckpts.latest_step() == 5
   ckpts._move_aside(str(workdir / "checkpoints" / "10"), str(workdir / "aside"), "damaged")  # already gone
   assert ckpts.set_aside == [str(workdir / "aside" / "10")]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.seq_len=8", "data.seq_len"), ("data.batch_size=4", "data.batch_size"), ("seed=4", "seed"),
+    ("optim.name=sgd", "optim.name"), ("optim.grad_accum=2", "optim.grad_accum"),
+    ("data.batching=streams", "data.batching"),
+])
+def test_a_resume_with_another_setting_of_the_run_s_arithmetic_is_refused_naming_it(run, override, key):
+  """Each of RESUME_MUST_MATCH's settings changed on its own: a one-line refusal naming it, the
+  checkpoints untouched."""
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+  code, _, err = run_cli("train", *args_for(workdir, corpus), override, "train.stop_after=11")
+  line = one_line_error(code, err, "holds a run with a different config")
+  assert f"({key}: " in line
+  assert checkpoint_hashes(workdir) == before
+
+
+@pytest.mark.parametrize("override,key", [("optim.schedule=plateau", "optim.schedule"),
+                                          ("optim.warmup_steps=3", "optim.warmup_steps")])
+def test_a_resume_with_another_schedule_kind_or_warmup_is_refused_unless_allowed(run, override, key):
+  """The schedule's shape is its kind and warm-up too, not only the cosine's length."""
+  workdir, corpus = run
+  before = checkpoint_hashes(workdir)
+  code, _, err = run_cli("train", *args_for(workdir, corpus), override, "train.stop_after=11")
+  line = one_line_error(code, err, "train.allow_schedule_change")
+  assert key in line
+  assert checkpoint_hashes(workdir) == before
+
+
+def test_a_resume_on_a_changed_validation_file_alone_is_refused_naming_it(tmp_path, monkeypatch):
+  """data.files: the training file as it was, the validation file's text changed: refused, naming
+  the validation split (every split of the fingerprint is compared, not the first)."""
+  monkeypatch.setenv("NLM_JAX_CACHE", str(tmp_path / "cache"))
+  train_file = write_corpus(tmp_path / "train.txt")
+  val_file = write_corpus(tmp_path / "validation.txt", n_lines=60, seed=1)
+  args = [a for a in overrides(tmp_path / "r", train_file, steps=20, train__checkpoint_every=5)
+          if not a.startswith("data.file=")] + [f"data.files.train={train_file}", f"data.files.validation={val_file}"]
+  train(*args, "train.stop_after=5")
+  before = checkpoint_hashes(tmp_path / "r")
+  write_corpus(val_file, n_lines=60, seed=2)
+  code, _, err = run_cli("train", *args, "train.stop_after=6")
+  one_line_error(code, err, "the 'validation' split's text changed since this run started")
+  assert checkpoint_hashes(tmp_path / "r") == before
+
+
+def test_a_nan_validation_loss_stops_the_run_before_that_step_s_checkpoint(run, monkeypatch):
+  """Finite parameters and training losses but a NaN validation loss (at 20): the run stops with
+  one line naming it, and keeps its last good checkpoint (15) as the newest."""
+  from nlm_jax.training import trainer
+
+  workdir, corpus = run
+  evaluate = trainer.Run.periodic_evaluation
+
+  def nan_at_20(self, params, step):
+    scores, val = evaluate(self, params, step)
+    if step == 20:
+      val, scores = {**val, "loss": float("nan")}, {**scores, "val_loss": float("nan")}
+    return scores, val
+
+  monkeypatch.setattr(trainer.Run, "periodic_evaluation", nan_at_20)
+  code, _, err = run_cli("train", *args_for(workdir, corpus))
+  line = one_line_error(code, err, "validation loss is nan by step 20")
+  assert "last good checkpoint (step 15)" in line
+  assert (workdir / "checkpoints" / "15").is_dir() and not (workdir / "checkpoints" / "20").exists()
+
+
+def test_keep_checkpoints_keeps_that_many_of_the_latest_beside_the_best(run):
+  """keep_checkpoints=3, a checkpoint every step, no evaluation since the best one (10): on disk,
+  the last 3 steps and 10."""
+  workdir, corpus = run
+  code, _, err = run_cli("train", *args_for(workdir, corpus), "train.checkpoint_every=1", "train.eval_every=100",
+                         "train.stop_after=14")
+  assert code == 0, err[-3000:]
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [10, 12, 13, 14]

@@ -118,3 +118,73 @@ def test_weight_decay_touches_only_weight_matrices_when_biases_norms_embeddings_
   updates, _ = tx.update(zeros, tx.init(params), params)
   moved = {jax.tree_util.keystr(path): bool(jnp.any(u != 0)) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
   assert moved == {p: e and bool(jnp.any(x != 0)) for (p, e), x in zip(expected.items(), jax.tree.leaves(params))}
+
+
+def _layer_norm_reference(x_NxD):
+  """LayerNorm with its initial scale 1 and bias 0 (ε = 1e-5)."""
+  x_NxD = np.asarray(x_NxD, np.float64)
+  mean = x_NxD.mean(-1, keepdims=True)
+  return (x_NxD - mean) / np.sqrt(((x_NxD - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+
+def _dropout_outputs(inter) -> list:
+  return [np.asarray(v["__call__"][0]) for k, v in inter.items() if k.startswith("Dropout")]
+
+
+def test_transformer_embeddings_are_dropped_out_in_training():
+  """The first block reads Dropout(h⁰): each element 0 or h⁰/(1 − p), for h⁰ = E[w] + P."""
+  rate = 0.5
+  cfg = transformer(n_layers=1, dropout=rate, attn_dropout=0.0)
+  model, params, tokens = init(cfg)
+  inter = captured(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  h0 = np.asarray(inter["h0"][0])
+  dropped = _dropout_outputs(inter)
+  assert len(dropped) == 1, "the embeddings' dropout"
+  x = dropped[0]
+  kept = x != 0
+  assert 0.3 < 1 - kept.mean() < 0.7, "about a fraction p of h⁰ must be zeroed"
+  np.testing.assert_allclose(x[kept], h0[kept] / (1 - rate), rtol=1e-5, atol=1e-7)
+  ln1 = np.asarray(inter["block_0"]["ln1"]["__call__"][0])  # what the block normalizes is x
+  np.testing.assert_allclose(ln1, _layer_norm_reference(x.reshape(-1, cfg.d_model)), rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_attention_output_is_dropped_out_before_the_residual_add():
+  """a = h + Dropout(MHA(LN(h))): a − h (the block's output less its FFN's, less its input) is,
+  elementwise, 0 or y/(1 − p) for y the attention's output."""
+  rate = 0.5
+  cfg = transformer(n_layers=1, dropout=rate, attn_dropout=0.0)
+  model, params, tokens = init(cfg)
+  inter = captured(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  (x,) = _dropout_outputs(inter)  # the block's input h: the embeddings after their dropout
+  h = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
+  block = inter["block_0"]
+  y = np.asarray(block["attn"]["__call__"][0][0], np.float64)
+  branch = (np.asarray(block["__call__"][0][0], np.float64) - np.asarray(block["ffn"]["__call__"][0], np.float64)
+            - h)
+  big = np.abs(y) > 1e-4 * np.abs(y).max()
+  ratio = branch[big] / (y[big] / (1 - rate))  # 0 where dropped, 1 where kept
+  near0, near1 = np.abs(ratio) < 1e-2, np.abs(ratio - 1) < 1e-2
+  assert (near0 | near1).all(), "each element of the attention branch is dropped or scaled by 1/(1 − p)"
+  assert 0.3 < near0.mean() < 0.7
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_transformer_layers_draw_their_own_dropout_masks(scan):
+  """With embeddings, attention and FFN weights zeroed and the FFN's output bias 1, the residual
+  stream after 2 layers is (m₀ + m₁)/(1 − p) for the layers' FFN dropout masks m_l: scanned layers
+  too draw different masks (the value 1/(1 − p) occurs, not only 0 and 2/(1 − p))."""
+  rate = 0.5
+  cfg = transformer(n_layers=2, dropout=rate, attn_dropout=0.0, scan_layers=scan)
+  model, params, tokens = init(cfg)
+  zero = lambda x: jnp.zeros_like(x)
+  params = jax.tree.map(zero, params)
+  blocks = [params["blocks"]] if scan else [params["block_0"], params["block_1"]]
+  for b in blocks:
+    b["ffn"]["w2"]["bias"] = jnp.ones_like(b["ffn"]["w2"]["bias"])
+    for ln in ("ln1", "ln2"):
+      b[ln]["scale"] = jnp.ones_like(b[ln]["scale"])
+  params["ln_f"]["scale"] = jnp.ones_like(params["ln_f"]["scale"])
+  out = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(5)})
+  hidden = np.asarray(out.hidden).reshape(-1, cfg.d_model)
+  distinct = [len(np.unique(np.round(row, 4))) for row in hidden]
+  assert max(distinct) == 3 and np.mean([d == 3 for d in distinct]) > 0.5, distinct

@@ -219,3 +219,176 @@ def test_a_partly_written_checkpoint_is_never_resumed_from(tmp_path, corpus):
   assert code == 0 and len(warnings) == 1 and "checkpoints/20 is not used: incomplete" in warnings[0], err
   assert (workdir / "checkpoints.damaged" / "20" / "state").is_dir()
   assert json.loads(out[out.index("{"):])["steps"] == 20 and metrics(workdir)[-1]["step"] == 20
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """The same 25 steps (checkpoints every 5, all kept; evaluations at 10, 20 and 25, the last one
+  made 1 nat worse than the run's): "straight", uninterrupted; "resumed", stopped at 17, put back to
+  its step-10 checkpoint (15 and 17 deleted, their records still in metrics.jsonl), stopped by a stop
+  request at 13 (between records, after the checkpoint at 10) and resumed to the end.
+  (directory, {name: summary}, the stop's exit code and stderr)."""
+  from nlm_jax.training import trainer
+
+  d = tmp_path_factory.mktemp("interrupted")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("NLM_JAX_CACHE", str(d / "cache"))
+    evaluate = trainer.Run.periodic_evaluation
+
+    def worse_at_25(self, params, step):
+      scores, val = evaluate(self, params, step)
+      if step == 25:
+        val = {**val, "loss": val["loss"] + 1.0}
+        scores = {**scores, "val_loss": val["loss"]}
+      return scores, val
+
+    mp.setattr(trainer.Run, "periodic_evaluation", worse_at_25)
+    corpus = write_corpus(d / "corpus.txt")
+    args = lambda name: overrides(d / name, corpus, steps=25, train__checkpoint_every=5,
+                                  train__keep_checkpoints=10)
+    summaries = {"straight": train(*args("straight"))}
+    train(*args("resumed"), "train.stop_after=17")
+    for step in (15, 17):
+      shutil.rmtree(d / "resumed" / "checkpoints" / str(step))
+    with pytest.MonkeyPatch.context() as stop:
+      stop.setattr(trainer, "_stop_agreed", lambda requests, step, every: step == 13)
+      code, _, err = run_cli("train", *args("resumed"))
+    summaries["resumed"] = train(*args("resumed"))
+  return d, summaries, code, err
+
+
+def test_a_stop_request_between_records_saves_its_step_and_the_resumed_log_is_the_uninterrupted_one(interrupted):
+  """A stop request at 13 (the last checkpoint at 10) saves checkpoint 13 with the steps 11-13 it
+  has not logged; the resume drops the records past its step (those of the run stopped at 17), so
+  metrics.jsonl is the uninterrupted run's (steps strictly increasing, record 15 averaging 11-15),
+  and tokens_seen counts every step, not only the resumed invocation's."""
+  d, summaries, code, err = interrupted
+  assert code == 2 and "interrupted at step 13" in err, err[-2000:]
+  assert os.path.isdir(d / "resumed" / "checkpoints" / "13")
+  strip = lambda log: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
+  steps = [r["step"] for r in metrics(d / "resumed")]
+  assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25]
+  assert strip(metrics(d / "straight")) == strip(metrics(d / "resumed"))
+  assert summaries["resumed"]["steps"] == 25
+  assert summaries["resumed"]["tokens_seen"] == summaries["straight"]["tokens_seen"] == 25 * 8 * 16
+
+
+def test_evaluations_at_eval_every_and_the_last_step_and_only_their_checkpoints_carry_a_val_loss(interrupted):
+  """steps=25, eval_every=10: val_loss at 10, 20 and 25; of the checkpoints (every 5) only those
+  of evaluation steps carry a val_loss (no stale one), and best_checkpoint is the step of the lowest
+  val_loss (20: the last evaluation is the worst), not the latest."""
+  from nlm_jax.training.checkpoint import Checkpoints
+
+  d, summaries, _, _ = interrupted
+  for name in ("straight", "resumed"):
+    log = metrics(d / name)
+    val = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+    assert sorted(val) == [10, 20, 25]
+    ckpts = Checkpoints(str(d / name), read_only=True)
+    carried = {s: (ckpts.manager.metrics(s) or {}).get("val_loss") for s in ckpts.manager.all_steps()}
+    ckpts.close()
+    assert {s for s, v in carried.items() if v is not None} == {10, 20, 25}
+    for s in (10, 20, 25):
+      assert carried[s] == pytest.approx(val[s], rel=1e-6)
+    best = min(val, key=val.get)
+    assert best == 20 and summaries[name]["best_checkpoint"] == best
+    assert summaries[name]["latest_checkpoint"] == 25
+
+
+def test_eval_best_passes_over_a_damaged_best_checkpoint(interrupted, tmp_path):
+  """--best with the best checkpoint (20) damaged: one warning naming it, and the newest intact
+  checkpoint (25) is scored."""
+  d, _, _, _ = interrupted
+  workdir = tmp_path / "r"
+  shutil.copytree(d / "straight", workdir)
+  state = workdir / "checkpoints" / "20" / "state"
+  largest = max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  code, out, err = run_cli("eval", "--workdir", workdir, "--best", "--json")
+  assert code == 0, err[-3000:]
+  warnings = [line for line in err.splitlines() if line.startswith("nlm-jax: warning:")]
+  assert len(warnings) == 1 and "best checkpoint" in warnings[0] and "checkpoints/20 is not used" in warnings[0]
+  assert json.loads(out)["step"] == 25
+
+
+def test_train_loss_weighs_each_step_by_its_counted_tokens(tmp_path, corpus, monkeypatch):
+  """A record's train_loss is Σ nll / Σ counted targets over its window's steps, not the mean of
+  the steps' means: here every other step counts only 4 of its 16 targets per row."""
+  from nlm_jax.training import trainer
+
+  calls, windows = [0], []
+  global_batch, mean_loss = trainer.Run.global_batch, trainer._finite_mean_loss
+
+  def masked(self, batch, batch_size):
+    calls[0] += 1
+    if calls[0] % 2:
+      batch = {**batch, "mask": (batch["mask"] * (np.arange(batch["mask"].shape[-1]) < 4)).astype(np.float32)}
+    return global_batch(self, batch, batch_size)
+
+  def seen(fetched, *rest):
+    windows.append([(float(m["nll_sum"]), float(m["count"])) for m in fetched])
+    return mean_loss(fetched, *rest)
+
+  monkeypatch.setattr(trainer.Run, "global_batch", masked)
+  monkeypatch.setattr(trainer, "_finite_mean_loss", seen)
+  train(*overrides(tmp_path / "r", corpus, steps=10))
+  log = metrics(tmp_path / "r")
+  assert [r["step"] for r in log] == [5, 10] and len(windows) == 2
+  for record, window in zip(log, windows):
+    assert len({c for _, c in window}) == 2  # two token counts in the window
+    expected = sum(n for n, _ in window) / sum(c for _, c in window)
+    assert record["train_loss"] == pytest.approx(expected, rel=1e-6)
+    assert record["train_loss"] != pytest.approx(sum(n / c for n, c in window) / len(window), rel=1e-4)
+
+
+def test_logged_lr_is_the_one_of_the_window_s_last_update_and_rates_leave_out_evaluations(tmp_path, corpus,
+                                                                                           monkeypatch):
+  """With a 10-step linear warm-up, the record at step s logs the learning rate its last update
+  used, η(s − 1) = lr·(s − 1)/10 (optax counts updates from 0); and an evaluation that takes 4 s
+  (at step 10) is not in the next record's tokens_per_s (a bound with 2 s to spare for a loaded machine)."""
+  import time
+
+  from nlm_jax.training import trainer
+
+  evaluate = trainer.Run.periodic_evaluation
+
+  def slow_at_10(self, params, step):
+    if step == 10:
+      time.sleep(4.0)
+    return evaluate(self, params, step)
+
+  monkeypatch.setattr(trainer.Run, "periodic_evaluation", slow_at_10)
+  train(*overrides(tmp_path / "r", corpus, steps=15, optim__warmup_steps=10))
+  log = {r["step"]: r for r in metrics(tmp_path / "r")}
+  assert sorted(log) == [5, 10, 15]
+  for step in (5, 10):
+    assert log[step]["lr"] == pytest.approx(3e-3 * (step - 1) / 10, rel=1e-5)
+  assert log[15]["lr"] == pytest.approx(3e-3, rel=1e-5)
+  assert 5 * 8 * 16 / log[15]["tokens_per_s"] < 2.0  # steps 11-15 (~0.1 s here), not the evaluation's 4 s
+
+
+def test_plot_draws_each_curve_under_its_own_label_against_steps_and_tokens(interrupted, tmp_path, monkeypatch):
+  """The figure's lines: in the steps column x = the records' steps, in the tokens column x = their
+  tokens; the line labelled val_loss (eval_train_loss, train_loss) holds exactly those values."""
+  import matplotlib
+  from matplotlib.figure import Figure
+
+  matplotlib.use("Agg")
+  d, _, _, _ = interrupted
+  figures, savefig = [], Figure.savefig
+  monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k))[1])
+  code, out, err = run_cli("plot", "--workdir", d / "straight", "--output", tmp_path / "c.png")
+  assert code == 0 and len(figures) == 1, err
+  log = metrics(d / "straight")
+  steps_ax, tokens_ax = figures[0].axes[0], figures[0].axes[1]  # the loss row
+  for key in ("train_loss", "eval_train_loss", "val_loss"):
+    records = [r for r in log if key in r]
+    assert records
+    for ax, x in ((steps_ax, "step"), (tokens_ax, "tokens")):
+      (line,) = [ln for ln in ax.get_lines() if ln.get_label().split(" ")[0] == key]
+      np.testing.assert_array_equal(line.get_xdata(), [r[x] for r in records])
+      np.testing.assert_allclose(line.get_ydata(), [r[key] for r in records], rtol=1e-12)
