@@ -8,9 +8,9 @@ cost depends on the text it reads.
 
 Training batches are real text: random windows of Tiny Shakespeare (characters) for the
 Transformers, of WikiText-2 (words, |V| = 33,278) for the LSTM, RNN and FNN, read from
-../shared/data (or the folder $NLM_JAX_BENCH_DATA names). A step whose cost depends on token statistics (a scatter-add
-under contention) is invisible on uniform random ids, so the `data` section times the same step
-on text, on uniform ids and on one text row repeated B times.
+../shared/data (or the folder $NLM_JAX_BENCH_DATA names). A step whose cost depends on token
+statistics (a scatter-add under contention) is invisible on uniform random ids, so the `data`
+section times the same step on text, on uniform ids and on one text row repeated B times.
 
 JAX and PyTorch run in separate worker processes, timed alternately, repeat by repeat, on the same
 batches, with the same shapes, parameter counts (checked) and optimizer; a number is the median

@@ -69,7 +69,7 @@ from nlm_jax.models.layers import param_init
 from nlm_jax.tasks import finetune
 from nlm_jax.tasks.common import ExamplesRun, check_task_model, padded_length
 from nlm_jax.training import optim
-from nlm_jax.training.steps import LMTask
+from nlm_jax.training.steps import LMTask, config_options
 
 Array = jax.Array
 LABELS_FILE = "labels.json"
@@ -351,9 +351,8 @@ class ClassifyRun(ExamplesRun):
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head="head"),
                                    frozen)
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
-                             example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
-                             ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding, freeze=frozen, smoothing=t.label_smoothing,
-                             word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
+                             example_len=min(8, t.max_len), **config_options(cfg), freeze=frozen,
+                             smoothing=t.label_smoothing, word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
                              lm_weight=cfg.finetune.lm_weight)
 
   def retired_params(self, names: tuple[str, ...]) -> bool:

@@ -39,7 +39,7 @@ from nlm_jax.tasks import finetune
 from nlm_jax.tasks.common import ExamplesRun, check_task_model, padded_length
 from nlm_jax.training import checkpoint as ckpt_lib
 from nlm_jax.training import optim
-from nlm_jax.training.steps import LMTask
+from nlm_jax.training.steps import LMTask, config_options
 
 Array = jax.Array
 
@@ -163,9 +163,8 @@ class TranslateRun(ExamplesRun):
     self.tx = optim.make_optimizer(cfg.optim, cfg.train.steps, finetune.lr_groups(cfg, self.model_cfg, head=None))
     finetune.freeze(cfg, head=None)  # no new head: refused if asked for
     self.task = TranslateTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
-                              example_len=min(8, t.max_len), grad_accum=cfg.optim.grad_accum,
-                              ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding,
-                              smoothing=t.label_smoothing, prefix_lm=t.prefix_lm)
+                              example_len=min(8, t.max_len), **config_options(cfg), smoothing=t.label_smoothing,
+                              prefix_lm=t.prefix_lm)
 
   # ------------------------------------------------------------------------- data
 

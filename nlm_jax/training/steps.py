@@ -56,6 +56,13 @@ def reset_carry(carry, initial, reset_B: Array):
   return jax.tree.map(one, carry, initial)
 
 
+def config_options(cfg) -> dict[str, Any]:
+  """The keyword arguments of a task (LMTask or a subclass) that the run's config sets alike for
+  every task kind: gradient accumulation, Polyak averaging, activation sharding."""
+  return {"grad_accum": cfg.optim.grad_accum, "ema_decay": cfg.optim.ema_decay,
+          "activation_sharding": cfg.mesh.activation_sharding}
+
+
 class LMTask:
   """Next-token prediction with any of the four models, on a mesh.
 

@@ -42,7 +42,7 @@ from nlm_jax.errors import UserError
 from nlm_jax.tasks import finetune
 from nlm_jax.training import checkpoint as ckpt_lib
 from nlm_jax.training import optim, runlock
-from nlm_jax.training.steps import LMTask
+from nlm_jax.training.steps import LMTask, config_options
 
 CONFIG_FILE = "resolved_config.yaml"
 FINGERPRINT_FILE = "data_fingerprint.json"
@@ -123,8 +123,7 @@ class Run:
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     finetune.freeze(cfg, head=None)  # a language model has no new head: refused if asked for
     self.task = LMTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, cfg.data.batch_size,
-                       self.uses_carry, example_len=min(cfg.data.seq_len, 8), grad_accum=cfg.optim.grad_accum,
-                       ema_decay=cfg.optim.ema_decay, activation_sharding=cfg.mesh.activation_sharding)
+                       self.uses_carry, example_len=min(cfg.data.seq_len, 8), **config_options(cfg))
     self.rows = parallel.process_rows(cfg.data.batch_size, self.mesh)
 
   def units_per_step(self) -> int:
