@@ -446,6 +446,35 @@ def test_pretrain_finetune_scores_an_arm_s_ensemble_once_all_its_seeds_have_ende
   assert set(score({"sst2/lstm/scratch/3": "stopped"})) == {"sst2/lstm/pretrained"} and len(asked[-1]) == 3
 
 
+def test_pretrain_finetune_first_seed_runs_a_disjoint_set_of_seeds(tmp_path, monkeypatch):
+  """--first-seed 6: the fine-tunings are seeds 6, 7, ... (seed=S reaches each run, their own
+  directories), one pretraining as before; the table and the ensemble read those seeds, not 1, 2."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls = record_runs(monkeypatch)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  clock = pf.Clock(None, None)
+  arms = {"scratch": None, "pretrained": []}
+  jobs = pf.jobs_of("sst2", "lstm", {"scratch": 1, "pretrained": 2}, str(tmp_path), data, True, clock, arms,
+                    first=6)
+  assert [j.name for j in jobs] == ["sst2/lstm/pretrain", "sst2/lstm/scratch/6", "sst2/lstm/pretrained/6",
+                                    "sst2/lstm/pretrained/7"]
+  results = {job.name: job.run() for job in jobs}
+  seeds = {w: [o for o in calls[w] if o.startswith("seed=")] for w in calls if "_seed" in w}
+  assert sorted(v[-1] for v in seeds.values()) == ["seed=6", "seed=6", "seed=7"]
+  assert all(w.rsplit("_seed", 1)[1].startswith(v[-1][5:]) for w, v in seeds.items())
+  asked = []
+  monkeypatch.setattr(pf, "nlm_jax_command", lambda argv, timeout=None, what="": (
+      asked.append([argv[i + 1] for i, a in enumerate(argv) if a == "--workdir"]) or (0, '{"accuracy": 0.9}', "")))
+  counts = {"scratch": 1, "pretrained": 2}
+  scores = pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, counts, clock, first=6)
+  assert asked == [[results[f"sst2/lstm/pretrained/{s}"]["workdir"] for s in (6, 7)]]
+  assert pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, counts, clock) == {}  # seeds 1, 2: none
+  text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, counts, True, ensembles=scores, first=6)
+  rows = {line.split(" | ")[3]: line for line in text.splitlines()[2:] if line.startswith("| sst2")}
+  assert rows["scratch"].endswith("| 1 of 1 |  |") and rows["pretrained"].endswith("| 2 of 2 | 90.00 |")
+
+
 def test_ensembles_get_their_own_time_after_kill_at(monkeypatch):
   """An arm whose last seed was stopped at --kill-at is scored with --ensemble-s seconds to spare
   (it had 1 s: the ensemble of the seeds that finished was lost)."""

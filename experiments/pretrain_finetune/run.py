@@ -184,6 +184,12 @@ def seeds_of(seeds: int | dict[str, int], arm: str) -> int:
   return seeds if isinstance(seeds, int) else seeds[arm]
 
 
+def seed_range(seeds: int | dict[str, int], arm: str, first: int = 1) -> range:
+  """The seeds an arm runs: `seeds_of` of them from `first` on (--first-seed: a second, disjoint
+  set of seeds beside an earlier call's)."""
+  return range(first, first + seeds_of(seeds, arm))
+
+
 def finetune_sets(sets: list[str], backward: bool) -> list[str]:
   """The overrides every fine-tuning run adds to its recipe: `sets` (--set), and with --backward
   task.backward=true."""
@@ -192,13 +198,13 @@ def finetune_sets(sets: list[str], backward: bool) -> list[str]:
 
 def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: str, quick: bool, clock: Clock,
             arms: dict[str, list[str] | None], sets: list[str] = (), pretrain_sets: list[str] = (),
-            backward: bool = False) -> list[Job]:
+            backward: bool = False, first: int = 1) -> list[Job]:
   """One pretraining run, then `seeds` fine-tuning runs per arm (`seeds_of`). `arms`: name → None (from
   scratch, needs nothing) or the overrides of a fine-tuning from the pretrained run. `sets`: the
   overrides every fine-tuning run adds to its recipe, `pretrain_sets` the pretraining's. With
   `backward` (classification), a second language model reads the text right to left
   (data.reverse=true), every fine-tuning run has a backward body (task.backward=true) and the
-  pretrained arms start it from that model (train.init_backward_from)."""
+  pretrained arms start it from that model (train.init_backward_from). Seeds count from `first`."""
   recipe = os.path.join(CONFIGS, RECIPES[(task, arch)] + ".yaml")
   pre_recipe = os.path.join(CONFIGS, f"pretrain_{task}_{arch}.yaml")
   model = QUICK[arch] if quick else []
@@ -252,9 +258,9 @@ def jobs_of(task: str, arch: str, seeds: int | dict[str, int], tmp: str, data: s
   jobs = [Job(pre[0], functools.partial(pretrain, pretrained, []))]
   if backward:
     jobs.append(Job(pre[1], functools.partial(pretrain, pretrained_backward, ["data.reverse=true"])))
-  for seed in range(1, max(seeds_of(seeds, arm) for arm in arms) + 1):
+  for seed in range(first, first + max(seeds_of(seeds, arm) for arm in arms)):
     for arm, overrides in arms.items():
-      if seed > seeds_of(seeds, arm):
+      if seed not in seed_range(seeds, arm, first):
         continue
       jobs.append(Job(f"{task}/{arch}/{arm}/{seed}", functools.partial(finetune, arm, seed),
                       () if overrides is None else pre))
@@ -317,7 +323,7 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
 
 def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
                    seeds: int | dict[str, int], clock: Clock, errors: dict | None = None,
-                   tried: set | None = None) -> dict[str, float]:
+                   tried: set | None = None, first: int = 1) -> dict[str, float]:
   """{task/arch/arm: SST-2 dev accuracy (%) of the arm's finished seeds as one model} (`nlm-jax
   eval` with every seed's --workdir: their class probabilities averaged), for arms with ≥ 2 seeds;
   one that fails or runs out of time is reported and left out. With `errors` (the runs that
@@ -327,7 +333,7 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
   scores = {}
   for task, arch in pairs:
     for arm in arms_of(task) if task == "sst2" else ():
-      keys = [f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1)]
+      keys = [f"{task}/{arch}/{arm}/{s}" for s in seed_range(seeds, arm, first)]
       name = f"{task}/{arch}/{arm}"
       if (tried is not None and name in tried) or (errors is not None and
                                                    not all(k in results or k in errors for k in keys)):
@@ -347,7 +353,7 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
 def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
           seeds: int | dict[str, int],
           quick: bool, sets: list[str] = (), pretrain_sets: list[str] = (),
-          ensembles: dict | None = None, partial: dict | None = None) -> tuple[str, dict]:
+          ensembles: dict | None = None, partial: dict | None = None, first: int = 1) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
   spread against the first arm, from scratch; `ensembles`: the seeds as one model, per arm), and
   the per-pair rows behind it. `partial`: the validation curves of runs that did not finish (stopped
@@ -361,7 +367,7 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
     pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
     arms = list(arms_of(task))
     for arm in arms:
-      keys = [f"{task}/{arch}/{arm}/{s}" for s in range(1, seeds_of(seeds, arm) + 1)]
+      keys = [f"{task}/{arch}/{arm}/{s}" for s in seed_range(seeds, arm, first)]
       done = [results[k] for k in keys if k in results]
       pair[arm] = {k: [r[k] for r in done] for k in ("score", "val_loss", "wall_s", "curve")}
       pair[arm]["stopped"] = [partial[k]["curve"] for k in keys if k not in results and partial.get(k, {}).get("curve")]
@@ -412,6 +418,8 @@ def main() -> None:
   ap.add_argument("--scratch-seeds", type=int, default=None,
                   help="seeds of the scratch arm (default: --seeds): fewer leave a fixed time to the "
                        "pretrained arms")
+  ap.add_argument("--first-seed", type=int, default=1,
+                  help="the first seed of every arm (default 1): a later call's seeds beside an earlier one's")
   ap.add_argument("--data", default=DATA, help="folder holding sst2/, multi30k/ (and wikitext-2/) as ../shared/data")
   ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each an nlm-jax process; one GPU can "
                                                        "hold several of these small models)")
@@ -441,8 +449,8 @@ def main() -> None:
       raise SystemExit(f"--arm {spec!r}: expected a new NAME=OVERRIDES, e.g. 'body lr x0.25=finetune.body_lr_scale=0.25'")
     arms[name.strip()] = overrides.split()
   arm_tasks = args.arm_tasks.split(",") if args.arm_tasks else list(TASKS)
-  if args.seeds < 1 or (args.scratch_seeds or 0) < 0:
-    raise SystemExit("--seeds must be ≥ 1 and --scratch-seeds ≥ 0")
+  if args.seeds < 1 or (args.scratch_seeds or 0) < 0 or args.first_seed < 0:
+    raise SystemExit("--seeds must be ≥ 1, --scratch-seeds and --first-seed ≥ 0")
   seeds = args.seeds if args.scratch_seeds is None else {**{arm: args.seeds for arm in arms},
                                                          "scratch": args.scratch_seeds}
 
@@ -451,7 +459,7 @@ def main() -> None:
 
   jobs = [job for task, arch in pairs
           for job in jobs_of(task, arch, seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
-                             args.pretrain_set, args.backward)]
+                             args.pretrain_set, args.backward, args.first_seed)]
   jobs.sort(key=lambda job: "/pretrain" not in job.name)  # pretraining first: the longest chains
 
   shown_sets = finetune_sets(args.set, args.backward)
@@ -461,8 +469,9 @@ def main() -> None:
 
   def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
     text, rows = table(results, errors, pairs, arms_of, seeds, args.quick, shown_sets, shown_pretrain,
-                       ensembles, partial)
+                       ensembles, partial, args.first_seed)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "scratch_seeds": args.scratch_seeds,
+                              "first_seed": args.first_seed,
                               "set": args.set,
                               "pretrain_set": args.pretrain_set, "results": rows, "errors": errors,
                               "ensembles": ensembles or {}},
@@ -470,11 +479,11 @@ def main() -> None:
     return text, rows
 
   def on_done(results: dict, errors: dict) -> None:  # an arm whose seeds have all ended: its ensemble now
-    ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried))
+    ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried, args.first_seed))
     report(results, errors, ensembles)
 
   results, errors = run_jobs(jobs, args.jobs, clock, on_done, partial)
-  ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried))
+  ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried, first=args.first_seed))
   text, rows = report(results, errors, ensembles)
   print(text)
   plot(rows, out)
