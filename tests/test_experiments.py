@@ -598,3 +598,347 @@ def test_pretrain_finetune_scratch_seeds_gives_the_scratch_arm_its_own_number_of
   assert rows["scratch"][7] == f"{scratch_seeds} of {scratch_seeds}"
   assert rows["pretrained"][7] == rows["x0.5"][7] == "3 of 3"
   assert (rows["pretrained"][5] == "") == (scratch_seeds == 0)  # the gain over scratch
+
+
+def test_pretrain_finetune_overrides_and_time_limits_reach_the_right_runs(tmp_path, monkeypatch):
+  """An arm's own overrides reach its runs only; of --pretrain-set only the tokenizer.* ones reach
+  the pretrained arms; quick mode's fine-tuning settings (task.max_len) reach the fine-tunings, not
+  the language model, and --set comes after them (the last override wins: --set beats quick's
+  defaults); every run, pretraining too, is stopped at --kill-at (`Clock.left`); a pretraining's
+  row is its wall time and final validation loss."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls, timeouts = {}, {}
+
+  def fake_train_summary(workdir, overrides, config=None, timeout=None):
+    calls[workdir], timeouts[workdir] = overrides, timeout
+    return {"wall_s": 2.5, "final_validation_loss": 0.25, "final_validation_accuracy": 0.5}
+
+  monkeypatch.setattr(pf, "train_summary", fake_train_summary)
+  monkeypatch.setattr(pf, "curve", lambda workdir, key: [])
+  data = pf.toy_data(str(tmp_path / "toy"))
+  arms = {"scratch": None, "pretrained": [], "x0.5": ["finetune.body_lr_scale=0.5"]}
+  jobs = pf.jobs_of("sst2", "lstm", 1, str(tmp_path), data, True, pf.Clock(None, kill_at=1000.0), arms,
+                    ["task.max_len=64"], ["tokenizer.vocab_size=50", "model.dropout=0.4"])
+  results = {job.name: job.run() for job in jobs}
+  assert results["sst2/lstm/pretrain"] == {"wall_s": 2.5, "val_loss": 0.25}
+  tuned = {os.path.basename(w).split("_seed")[0].removeprefix("sst2_lstm_"): o for w, o in calls.items() if "_seed" in w}
+  [pretraining] = [o for w, o in calls.items() if "_seed" not in w]
+  assert set(tuned) == {"scratch", "pretrained", "x0.5"}
+  assert "finetune.body_lr_scale=0.5" in tuned["x0.5"]
+  assert not any("body_lr_scale" in o for arm in ("scratch", "pretrained") for o in tuned[arm])
+  for arm in ("pretrained", "x0.5"):
+    assert "tokenizer.vocab_size=50" in tuned[arm] and "model.dropout=0.4" not in tuned[arm]
+  assert "model.dropout=0.4" in pretraining and "task.max_len=32" not in pretraining
+  for overrides in tuned.values():
+    assert overrides.index("task.max_len=64") > overrides.index("task.max_len=32")
+  assert all(990.0 < t <= 1000.0 for t in timeouts.values()) and len(timeouts) == 4
+
+
+def test_pretrain_finetune_multi30k_scores_test_bleu_once_and_keeps_it(tmp_path, monkeypatch):
+  """Multi30k: each fine-tuning's score is the BLEU of `nlm-jax eval --split test` on its run
+  (within --kill-at), stored beside the run so a rerun over kept runs does not evaluate again; its
+  curve is the validation loss; quick mode adds its decoding settings; no seed ensembles (those
+  are SST-2's)."""
+  from experiments.pretrain_finetune import run as pf
+
+  calls = {}
+
+  def fake_train_summary(workdir, overrides, config=None, timeout=None):
+    calls[workdir] = overrides
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 10, "val_loss": 2.5, "val_accuracy": 0.1}) + "\n")
+      f.write(json.dumps({"step": 20, "val_loss": 2.0, "val_accuracy": 0.2}) + "\n")
+    return {"wall_s": 1.0, "final_validation_loss": 2.0}
+
+  asked = []
+
+  def fake_command(argv, timeout=None, what=""):
+    asked.append((argv, timeout))
+    return 0, json.dumps({"bleu": 27.5, "loss": 2.0}), ""
+
+  monkeypatch.setattr(pf, "train_summary", fake_train_summary)
+  monkeypatch.setattr(pf, "nlm_jax_command", fake_command)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  clock = pf.Clock(None, kill_at=1000.0)
+  arms = {"scratch": None, "pretrained": []}
+  jobs = {job.name: job for job in pf.jobs_of("multi30k", "transformer", 2, str(tmp_path), data, True, clock, arms)}
+  result = jobs["multi30k/transformer/scratch/1"].run()
+  workdir = result["workdir"]
+  assert result["score"] == 27.5 and result["val_loss"] == 2.0 and result["curve"] == [(10, 2.5), (20, 2.0)]
+  [(argv, timeout)] = asked
+  assert argv == ["eval", "--workdir", workdir, "--split", "test", "--json"] and 990.0 < timeout <= 1000.0
+  assert json.load(open(os.path.join(workdir, "eval_test.json")))["bleu"] == 27.5
+  assert jobs["multi30k/transformer/scratch/1"].run()["score"] == 27.5 and len(asked) == 1  # kept: not again
+  assert "task.max_decode_len=12" in calls[workdir] and "task.max_len=32" in calls[workdir]
+  results = {name: job.run() for name, job in jobs.items()}
+  asked.clear()
+  assert pf.seed_ensembles(results, [("multi30k", "transformer")], lambda task: arms, 2, clock) == {}
+  assert asked == []
+
+
+def test_pretrain_finetune_pretraining_text(tmp_path):
+  """SST-2's pretraining text: WikiText-2's training lines lowercased, without headings or blank
+  lines, then SST-2's training sentences (not its header); those sentences alone also go to
+  sst2_train_text.txt. Multi30k's: its English and German training lines, shuffled together."""
+  from experiments.pretrain_finetune import run as pf
+
+  data = tmp_path / "data"
+  (data / "wikitext-2").mkdir(parents=True)
+  (data / "sst2").mkdir()
+  (data / "wikitext-2" / "train.txt").write_text(" = Valkyria Chronicles = \n\n The Cat SAT . \n = = Plot = = \n It ran \n")
+  (data / "sst2" / "train.tsv").write_text("sentence\tlabel\na fine movie\t1\nso dull\t0\n")
+  out = tmp_path / "out"
+  out.mkdir()
+  with open(pf.unlabelled_text("sst2", str(out), str(data))) as f:
+    assert f.read().splitlines() == ["the cat sat .", "it ran", "a fine movie", "so dull"]
+  assert (out / "sst2_train_text.txt").read_text().splitlines() == ["a fine movie", "so dull"]
+  toy = pf.toy_data(str(tmp_path / "toy"))
+  with open(pf.unlabelled_text("multi30k", str(out), toy)) as f:
+    lines = f.read().splitlines()
+  en, de = ((tmp_path / "toy" / "multi30k" / f"train.{lang}").read_text().split("\n") for lang in ("en", "de"))
+  assert sorted(lines) == sorted(line for line in en + de if line)
+  assert any(line.startswith("die") for line in lines[:100]) and any(line.startswith("the") for line in lines[:100])
+
+
+def test_pretrain_finetune_table_gain_spread_and_notes():
+  """The table's numbers: each arm's mean ± std over its seeds (2 decimals), its gain over the
+  first arm (scratch; none on scratch's own row), the spread as the larger sample std of the arm
+  and scratch (nan where neither has 2 seeds); the pretraining's row kept; notes for --set and
+  --pretrain-set, the unfinished runs in name order, and QUICK MODE only when quick."""
+  from experiments.pretrain_finetune import run as pf
+
+  scores = {"scratch": [80.0, 82.0], "pretrained": [85.0, 89.0, 90.0], "x0.5": [70.0, 71.0]}
+  results = {f"sst2/lstm/{arm}/{i + 1}": {"score": x, "val_loss": 0.5, "wall_s": 1.0, "curve": []}
+             for arm, xs in scores.items() for i, x in enumerate(xs)}
+  results["sst2/lstm/pretrain"] = {"wall_s": 9.0, "val_loss": 3.0}
+  results.update({f"multi30k/lstm/{arm}/1": {"score": s, "val_loss": 2.0, "wall_s": 1.0, "curve": []}
+                  for arm, s in (("scratch", 20.0), ("pretrained", 23.5))})
+  arms = lambda task: {"scratch": None, "pretrained": [], "x0.5": ["finetune.body_lr_scale=0.5"]} \
+      if task == "sst2" else {"scratch": None, "pretrained": []}
+  errors = {"sst2/lstm/x0.5/3": "stopped", "multi30k/lstm/pretrained/2": "failed"}
+  text, rows = pf.table(results, errors, [("sst2", "lstm"), ("multi30k", "lstm")], arms, 3, True,
+                        ["task.pooling=concat"], ["tokenizer.vocab_size=50"])
+  cells = {(line.split(" | ")[0][2:], line.split(" | ")[3]): line.split(" | ")[4:8]
+           for line in text.splitlines()[2:] if line.startswith("| ")}
+  assert cells["sst2", "scratch"] == ["81.00 ± 1.41", "", "1.41", "2 of 3"]
+  assert cells["sst2", "pretrained"] == ["88.00 ± 2.65", "+7.00", "2.65", "3 of 3"]
+  assert cells["sst2", "x0.5"] == ["70.50 ± 0.71", "-10.50", "1.41", "2 of 3"]
+  assert cells["multi30k", "pretrained"] == ["23.50", "+3.50", "nan", "1 of 3"]
+  assert rows["sst2/lstm"]["pretrain"] == {"wall_s": 9.0, "val_loss": 3.0} and rows["multi30k/lstm"]["pretrain"] is None
+  assert rows["sst2/lstm"]["pretrained"]["score"] == [85.0, 89.0, 90.0]
+  assert "Every fine-tuning run added to its recipe: `task.pooling=concat`." in text
+  assert "Every pretraining added to its recipe: `tokenizer.vocab_size=50`." in text
+  assert "Not finished: multi30k/lstm/pretrained/2 (failed); sst2/lstm/x0.5/3 (stopped)" in text
+  assert text.endswith("QUICK MODE on toy data, not a result.")
+  assert "QUICK MODE" not in pf.table(results, {}, [("sst2", "lstm")], arms, 3, False)[0]
+
+
+def test_pretrain_finetune_scheduler_keeps_the_order_and_waits_for_every_need():
+  """A job starts only once every job it needs has finished (the pretrained arm of --backward
+  needs both language models), and a job whose needs end goes before later jobs in the list (no
+  job waits queued behind a busy worker); the table is rewritten after a failed run too; a
+  failure is named by its message's last line (the error under a command's output), or its type."""
+  import threading
+  import time
+
+  from experiments.pretrain_finetune.run import Clock, Job, run_jobs
+
+  lock, events = threading.Lock(), []
+
+  def work(name, seconds=0.05, error=None):
+    def run():
+      with lock:
+        events.append(f"start {name}")
+      time.sleep(seconds)
+      with lock:
+        events.append(f"end {name}")
+      if error is not None:
+        raise error
+      return {"name": name}
+    return run
+
+  jobs = [Job("slow", work("slow", 0.4)), Job("fast", work("fast")), Job("both", work("both"), ("slow", "fast"))]
+  results, errors = run_jobs(jobs, 3, Clock(None, None), lambda r, e: None)
+  assert set(results) == {"slow", "fast", "both"} and events.index("start both") > events.index("end slow")
+  events.clear()
+  jobs = [Job("p1", work("p1", 0.1)), Job("p2", work("p2", 0.4)), Job("a", work("a"), ("p1",)), Job("z", work("z"))]
+  results, errors = run_jobs(jobs, 2, Clock(None, None), lambda r, e: None)
+  assert set(results) == {"p1", "p2", "a", "z"} and events.index("start a") < events.index("start z")
+  reports = []
+  jobs = [Job("ok", work("ok", 0)),
+          Job("bad", work("bad", 0, SystemExit("nlm-jax train failed for /runs/bad:\nTraceback\nValueError: no lr"))),
+          Job("empty", work("empty", 0, RuntimeError()))]
+  results, errors = run_jobs(jobs, 1, Clock(None, None), lambda r, e: reports.append((len(r), len(e))))
+  assert errors == {"bad": "ValueError: no lr", "empty": "RuntimeError"}
+  assert reports == [(1, 0), (1, 1), (1, 2)]
+
+
+def test_pretrain_finetune_a_failed_ensemble_is_tried_once(monkeypatch):
+  """An arm whose ensemble evaluation fails is named in `tried` too: a later finished run does
+  not start its `nlm-jax eval --split validation` again."""
+  from experiments.pretrain_finetune import run as pf
+
+  asked = []
+
+  def failing(argv, timeout=None, what=""):
+    asked.append(argv)
+    return 1, "", "nlm-jax: error: out of memory"
+
+  results = {f"sst2/lstm/pretrained/{s}": {"workdir": f"/runs/p{s}"} for s in (1, 2)}
+  tried = set()
+  monkeypatch.setattr(pf, "nlm_jax_command", failing)
+  for _ in range(2):
+    assert pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: {"pretrained": []}, 2, pf.Clock(None, None),
+                             {}, tried) == {}
+  assert asked == [["eval", "--workdir", "/runs/p1", "--workdir", "/runs/p2", "--split", "validation", "--json"]]
+  assert tried == {"sst2/lstm/pretrained"}
+
+
+def test_pretrain_finetune_run_directory_names():
+  """An arm's name becomes a directory name of letters, digits, dots and single underscores;
+  `tag` is '_' and the first 8 hex digits of the overrides' SHA-256 (space-joined): a kept --runs
+  folder's directories keep their names from one version to the next."""
+  import hashlib
+
+  from experiments.pretrain_finetune import run as pf
+
+  assert pf.slug("body lr (x0.25)") == "body_lr_x0.25" and pf.slug("pretrained") == "pretrained"
+  assert pf.tag([]) == ""
+  assert pf.tag(["a=1", "b=2"]) == "_" + hashlib.sha256(b"a=1 b=2").hexdigest()[:8]
+
+
+def test_pretrain_finetune_main_runs_every_pair_arm_and_seed(tmp_path, monkeypatch):
+  """The command line end to end, its runs faked: the pretrainings go first (not the arms named
+  "pretrained..."); --arm runs on
+  --arm-tasks only, beside scratch and pretrained; --scratch-seeds and --first-seed pick each arm's
+  seeds; results.json holds the rows and the SST-2 ensembles; a run that failed fails the command
+  (after the table is written); an --arm named like an existing arm is refused."""
+  import sys
+
+  from experiments.pretrain_finetune import run as pf
+
+  order = []
+
+  def fake_train_summary(workdir, overrides, config=None, timeout=None):
+    order.append((os.path.basename(workdir), [o for o in overrides if o.startswith("seed=")]))
+    os.makedirs(workdir, exist_ok=True)
+    if "multi30k_lstm_pretrained_seed4" in workdir:
+      raise SystemExit("nlm-jax train failed: boom")
+    return {"wall_s": 1.0, "final_validation_loss": 0.5, "final_validation_accuracy": 0.75}
+
+  def fake_command(argv, timeout=None, what=""):
+    return 0, json.dumps({"bleu": 30.0} if "test" in argv else {"accuracy": 0.8}), ""
+
+  monkeypatch.setattr(pf, "train_summary", fake_train_summary)
+  monkeypatch.setattr(pf, "nlm_jax_command", fake_command)
+  monkeypatch.setattr(pf, "curve", lambda workdir, key: [])
+  monkeypatch.setattr(pf, "train_in_process", lambda enabled: None)
+  monkeypatch.setattr(pf, "plot", lambda rows, out: None)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  out = tmp_path / "out"
+  argv = ["run", "--pairs", "sst2/lstm,multi30k/lstm", "--arm", "x half=finetune.body_lr_scale=0.5",
+          "--arm-tasks", "sst2", "--seeds", "2", "--scratch-seeds", "1", "--first-seed", "3", "--data", data,
+          "--runs", str(tmp_path / "runs"), "--out", str(out)]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit, match="1 of 10 runs did not finish"):
+    pf.main()
+  names = [name for name, _ in order]
+  assert names[:2] == ["pretrain_sst2_lstm", "pretrain_multi30k_lstm"]  # before any fine-tuning (one at a time)
+  assert sorted(s for _, seeds in order for s in seeds) == ["seed=3"] * 5 + ["seed=4"] * 3
+  res = json.load(open(out / "results.json"))
+  sst2, multi30k = res["results"]["sst2/lstm"], res["results"]["multi30k/lstm"]
+  assert set(sst2) == {"pretrain", "scratch", "pretrained", "x half"} and set(multi30k) == {"pretrain", "scratch", "pretrained"}
+  assert [len(sst2[arm]["score"]) for arm in ("scratch", "pretrained", "x half")] == [1, 2, 2]
+  assert sst2["pretrained"]["score"] == [75.0, 75.0] and multi30k["pretrained"]["score"] == [30.0]
+  assert res["ensembles"] == {"sst2/lstm/pretrained": pytest.approx(80.0), "sst2/lstm/x half": pytest.approx(80.0)}
+  assert res["errors"] == {"multi30k/lstm/pretrained/4": "nlm-jax train failed: boom"}
+  monkeypatch.setattr(sys, "argv", argv + ["--arm", "pretrained=finetune.body_lr_scale=0.1"])
+  order.clear()
+  with pytest.raises(SystemExit, match="expected a new NAME=OVERRIDES"):
+    pf.main()
+  assert order == []
+
+
+def test_nlm_jax_train_reuses_finished_runs_and_reports_failures(tmp_path, monkeypatch):
+  """nlm_jax_train: a finished run (its wall time and summary.json kept) is not started again and
+  reports its first wall time; a kept wall time without a summary is not a finished run; a
+  failing command stops the experiment with its error; a complete summary.json older than the
+  run stopped at the time limit is an earlier run's, not this one's."""
+  import experiments.common as common
+
+  workdir = tmp_path / "r"
+  workdir.mkdir()
+  started = []
+
+  def finishing(argv, timeout=None, what=""):
+    started.append(argv)
+    (workdir / "summary.json").write_text(json.dumps({"final_validation_loss": 0.5}))
+    return 0, "", ""
+
+  monkeypatch.setattr(common, "nlm_jax_command", finishing)
+  wall = common.nlm_jax_train(str(workdir), ["seed=1"])
+  assert len(started) == 1 and started[0][-1] == "seed=1"
+  assert common.nlm_jax_train(str(workdir), ["seed=1"]) == wall and len(started) == 1
+  (workdir / "summary.json").unlink()
+  common.nlm_jax_train(str(workdir), ["seed=1"])
+  assert len(started) == 2
+  (workdir / "experiment_wall_s.json").unlink()
+  monkeypatch.setattr(common, "nlm_jax_command", lambda argv, timeout=None, what="": (1, "", "lots\nValueError: bad lr"))
+  with pytest.raises(SystemExit, match="ValueError: bad lr"):
+    common.nlm_jax_train(str(workdir), [])
+  os.utime(workdir / "summary.json", (1e9, 1e9))  # complete, but from before this run started
+
+  def stopped(argv, timeout=None, what=""):
+    raise SystemExit(f"{what} stopped after 1 s (the time limit)")
+
+  monkeypatch.setattr(common, "nlm_jax_command", stopped)
+  with pytest.raises(SystemExit, match="time limit"):
+    common.nlm_jax_train(str(workdir), [], timeout=1)
+
+
+def test_experiment_common_scratch_mean_std_results_and_parallel(tmp_path, monkeypatch):
+  """scratch: a --runs folder is kept as it is; a temporary one loses its run directories at exit
+  but keeps the files at its top. mean_std: mean ± sample std with `digits` decimals, the value
+  alone for one, '—' for none. write_results: the table replaces what stands between README.md's
+  markers (markers kept), only with update_readme. run_parallel: results in the tasks' order;
+  one job at a time: each called in this thread."""
+  import atexit
+  import threading
+  import time
+
+  import experiments.common as common
+
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))
+  registered = []
+  monkeypatch.setattr(atexit, "register", registered.append)
+  kept = tmp_path / "kept"
+  (kept / "run1").mkdir(parents=True)
+  assert common.scratch("x-", str(kept)) == str(kept) and registered == []
+  folder = common.scratch("x-", None)
+  os.makedirs(os.path.join(folder, "run1", "checkpoints"))
+  with open(os.path.join(folder, "results.json"), "w") as f:
+    f.write("{}")
+  [remove_runs] = registered
+  remove_runs()
+  assert os.listdir(folder) == ["results.json"] and os.listdir(kept) == ["run1"]
+  os.remove(os.path.join(folder, "results.json"))
+  os.rmdir(folder)
+
+  assert common.mean_std([], 2) == "—" and common.mean_std([1.23456], 3) == "1.235"
+  assert common.mean_std([1.0, 2.0, 6.0], 1) == "3.0 ± 2.6"
+
+  out = tmp_path / "out"
+  out.mkdir()
+  readme = "# X\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n"
+  (out / "README.md").write_text(readme)
+  common.write_results(str(out), "| new |", {"a": 1}, update_readme=False)
+  assert (out / "README.md").read_text() == readme and json.load(open(out / "results.json")) == {"a": 1}
+  common.write_results(str(out), "| new |", {"a": 1}, update_readme=True)
+  assert (out / "README.md").read_text() == "# X\n<!-- results:start -->\n| new |\n<!-- results:end -->\ntail\n"
+  assert (out / "results.md").read_text() == "| new |\n"
+
+  main = threading.current_thread()
+  assert common.run_parallel([lambda: (time.sleep(0.2), "first")[1], lambda: "second"], 2) == ["first", "second"]
+  assert common.run_parallel([lambda: threading.current_thread() is main], 1) == [True]
