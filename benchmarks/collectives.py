@@ -36,8 +36,6 @@ from nlm_jax.training.steps import LMTask  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_tensor4": (2, 1, 4), "fsdp2_tensor4": (1, 2, 4),
           "data2_fsdp2_tensor2": (2, 2, 2)}
 # (name, model config, batch B, length T): the benchmarks' large Transformer and a word-level LSTM
@@ -54,6 +52,15 @@ QUICK = {
 }
 
 
+def element_bits(dtype: str) -> int:
+  """Bits of one element of an HLO type: pred 8 (a byte), else the width its name starts with
+  (s4 4, f8e4m3fn 8, bf16 16, c64 64: the complex pair); 0 for token and other non-arrays."""
+  if dtype == "pred":
+    return 8
+  m = re.match(r"[a-z]+(\d+)", dtype)
+  return int(m.group(1)) if m else 0
+
+
 def collectives(hlo: str) -> dict[str, tuple[int, int]]:
   """{collective: (count, bytes of its results)} of a compiled HLO module's text (an async pair,
   `-start`/`-done`, counted once, by its `-done`, whose result is the output alone)."""
@@ -62,11 +69,11 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     m = re.search(r"=\s+(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(", line)
     if not m or m.group(3) == "-start":
       continue
-    size = 0
-    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
-      size += DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    bits = 0
+    for dtype, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]", m.group(1)):
+      bits += element_bits(dtype) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
     out[m.group(2)][0] += 1
-    out[m.group(2)][1] += size
+    out[m.group(2)][1] += -(-bits // 8)
   return {c: tuple(v) for c, v in out.items() if v[0]}
 
 
