@@ -942,3 +942,429 @@ def test_experiment_common_scratch_mean_std_results_and_parallel(tmp_path, monke
   main = threading.current_thread()
   assert common.run_parallel([lambda: (time.sleep(0.2), "first")[1], lambda: "second"], 2) == ["first", "second"]
   assert common.run_parallel([lambda: threading.current_thread() is main], 1) == [True]
+
+
+def test_category_purity_counts_other_words_and_averages_over_words():
+  """Two tight categories, 4 directions and 5 ordinals: a direction's 5 nearest other words hold
+  the 3 other directions (0.6), an ordinal's the 4 other ordinals (0.8); overall is the mean over
+  words, chance the mean of (n_c − 1) / (n − 1)."""
+  from experiments.embeddings.run import CATEGORIES, category_purity
+
+  rng = np.random.default_rng(0)
+  words = CATEGORIES["directions"] + CATEGORIES["ordinals"] + ["filler"]
+  index = {w: i for i, w in enumerate(words)}
+  E = rng.normal(size=(len(words), 16)) * 0.01
+  E[:4, 0] += 1.0
+  E[4:9, 1] += 1.0
+  p = category_purity(E, index)
+  assert p["words"] == 9 and p["by_category"] == pytest.approx({"directions": 0.6, "ordinals": 0.8})
+  assert p["overall"] == pytest.approx((4 * 0.6 + 5 * 0.8) / 9)
+  assert p["chance"] == pytest.approx((4 * 3 / 8 + 5 * 4 / 8) / 9)
+
+
+def test_analogies_exclude_the_question_words_and_weigh_relations_by_questions():
+  """b = a + ε·o_a with every offset o orthogonal to the rest: b − a + c points at c, then at d;
+  with a, b, c excluded every gender question finds d. Ordinal words are orthogonal one-hots, so
+  each question finds the first word not excluded (a filler): 0. A pair with a word past `search`
+  is left out; `all` weighs each relation by its questions."""
+  from experiments.embeddings.run import analogies
+
+  words = ["filler", "man", "woman", "king", "queen", "he", "she", "her", "one", "first", "two", "second", "his"]
+  index = {w: i for i, w in enumerate(words)}
+  E = np.zeros((len(words), 2 * len(words)))
+  E[np.arange(len(words)), np.arange(len(words))] = 1.0
+  for k, (a, b) in enumerate([("man", "woman"), ("king", "queen"), ("he", "she"), ("his", "her")]):
+    E[index[b]] = E[index[a]]
+    E[index[b], len(words) + k] = 0.1
+  out = analogies(E, index, search=len(words) - 1)  # "his" is past the search
+  assert out["gender"] == {"accuracy": 1.0, "questions": 6} and out["ordinal"] == {"accuracy": 0.0, "questions": 2}
+  assert out["plural"] == {"accuracy": None, "questions": 0}
+  assert out["all"] == {"accuracy": pytest.approx(6 / 8), "questions": 8}
+
+
+def test_neighbours_are_the_nearest_other_words_by_cosine_and_pca_keeps_the_plane():
+  """Neighbours: the TOP_K highest cosines, the query itself excluded. PCA: category words on a
+  plane through a far-off point come back as their centred coordinates along the plane's axes
+  (wider spread first; each axis up to its sign)."""
+  from experiments.embeddings.run import CATEGORIES, TOP_K, neighbours, pca_points
+
+  rng = np.random.default_rng(0)
+  words = ["king", "three"] + [f"w{i}" for i in range(20)]
+  index = {w: i for i, w in enumerate(words)}
+  E = rng.normal(size=(len(words), 8))
+  out = neighbours(E, words, index, len(words))
+  assert set(out) == {"king", "three"}
+  U = E / np.linalg.norm(E, axis=1, keepdims=True)
+  for q in out:
+    cos = {w: float(U[index[w]] @ U[index[q]]) for w in words if w != q}
+    assert out[q] == sorted(cos, key=cos.get, reverse=True)[:TOP_K]
+
+  cat_words = CATEGORIES["days"] + CATEGORIES["directions"]
+  index = {w: i for i, w in enumerate(cat_words)}
+  a, b = rng.normal(size=len(cat_words)), rng.normal(size=len(cat_words))
+  a, b = 3 * (a - a.mean()), b - b.mean()
+  b -= (a @ b) / (a @ a) * a  # uncorrelated: the plane's axes are the principal ones
+  u, v = np.eye(6)[0], np.eye(6)[1]
+  E = 5.0 + a[:, None] * u + b[:, None] * v
+  points = pca_points(E, index)
+  assert [(p["word"], p["category"]) for p in points] == [(w, "days") for w in CATEGORIES["days"]] + [
+      (w, "directions") for w in CATEGORIES["directions"]]
+  np.testing.assert_allclose(np.abs([p["x"] for p in points]), np.abs(a), atol=1e-9)
+  np.testing.assert_allclose(np.abs([p["y"] for p in points]), np.abs(b), atol=1e-9)
+
+
+def test_embeddings_report_rows_and_chance_levels():
+  """mean ± std over seeds per probe, the purity's chance from the first seed, an analogy's chance
+  1 / the words searched."""
+  import types
+
+  from experiments.embeddings.run import report
+
+  def probe(purity, analogy, ppl):
+    return {"purity": {"overall": purity, "by_category": {"days": purity}, "chance": 0.125, "words": 9},
+            "analogies": {**{r: {"accuracy": None, "questions": 0} for r in ("gender", "nationality", "plural",
+                                                                              "past tense")},
+                          "ordinal": {"accuracy": analogy, "questions": 4}, "all": {"accuracy": analogy, "questions": 4}},
+            "search": 200, "val_ppl": ppl}
+
+  probes = {"trained": [probe(0.5, 0.25, 100.0), probe(0.7, 0.75, 120.0)], "random": [probe(0.1, 0.0, None)] * 2}
+  first = {"neighbours": {"trained": {"king": ["queen", "man"]}, "random": {"king": ["a", "b"]}}}
+  table = report(probes, first, types.SimpleNamespace(quick=False, seeds=2), 800)
+  assert "validation perplexity 110.0 ± 14.1 (mean ± std over 2 seeds)" in table
+  assert "(9 words) | 0.600 ± 0.141 | 0.100 ± 0.000 | 0.125 |" in table
+  assert "| … days | 0.600 ± 0.141 | 0.100 ± 0.000 | |" in table
+  assert "| analogies, ordinal (3CosAdd, 4 questions) | 0.500 ± 0.354 | 0.000 ± 0.000 | 0.0050 |" in table
+  assert "gender" not in table and "| king | queen, man | a, b |" in table
+
+
+def test_long_range_report_gradient_ratios_and_bold_thresholds():
+  """Gradient cells: ‖∂L_T/∂x_{T−d}‖ / ‖∂L_T/∂x_T‖ for d = 10, 50, 90 ('—' past the window);
+  copy: bold at a mean ≥ 0.9; adding: bold at a mean error < 0.04."""
+  from experiments.long_range.run import report
+
+  results = {"quick": False, "seeds": 2, "steps": 100,
+             "gradients": {"rnn": {"trained": list(range(1, 61))}, "lstm": {"initialization": list(range(1, 51))}},
+             "gaps": [5, 10], "copy": {"lstm": {"5": [0.9, 0.9], "10": [1.0, 0.7]}},
+             "lengths": [10, 20], "adding": {"lstm": {"10": [0.04, 0.04], "20": [0.01, 0.2]},
+                                             "rnn": {"10": [0.03, 0.04], "20": [0.5, 0.5]}}}
+  table = report(results)
+  assert "| RNN, trained | 8.3e-01 | 1.7e-01 | — |" in table
+  assert "| LSTM, initialization | 8.0e-01 | — | — |" in table
+  assert "| lstm | **0.90 ± 0.00** | 0.85 ± 0.21 |" in table
+  assert "| lstm | 0.040 ± 0.000 | 0.105 ± 0.134 |" in table
+  assert "| rnn | **0.035 ± 0.007** | 0.500 ± 0.000 |" in table
+
+
+def test_input_gradient_norms_average_rows_and_score_each_row_s_own_target():
+  """The norms of a batch are the mean of each row's own: duplicated rows change nothing, and one
+  row's loss is its own target's."""
+  import flax.linen as nn
+  import jax
+
+  from experiments.long_range.run import input_gradient_norms
+  from nlm_jax import models
+
+  cfg = models.RNNConfig(vocab_size=7, d_embed=4, d_hidden=5, n_layers=1)
+  params = nn.unbox(models.build(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
+  windows = np.random.default_rng(0).integers(0, 7, (2, 4))
+  both = input_gradient_norms(cfg, params, windows)
+  rows = [input_gradient_norms(cfg, params, windows[i:i + 1]) for i in range(2)]
+  assert both.shape == (3,) and np.all(both > 0)
+  np.testing.assert_allclose(both, (rows[0] + rows[1]) / 2, rtol=1e-5)
+
+
+def test_in_context_reads_each_line_after_earlier_ones():
+  """Eight earlier lines before each line for the recurrent models, one for the Transformer; no
+  trailing <eos>."""
+  import types
+
+  from experiments.long_range.run import in_context
+
+  tok = types.SimpleNamespace(encode=lambda text: np.array([ord(c) for c in text] + [0]))
+  for arch, n_prev in (("lstm", 8), ("rnn", 8), ("transformer", 1)):
+    run = types.SimpleNamespace(tokenizer=tok, model_cfg=types.SimpleNamespace(arch=arch))
+    ids = in_context(run, ["ab:ab", "cd:cd"], lambda n: ["xy:xy"] * n)
+    assert [bytes(row.astype(np.uint8)).decode() for row in ids] == ["xy:xy\n" * n_prev + line
+                                                                      for line in ("ab:ab", "cd:cd")]
+
+
+def test_line_tasks_train_on_windows_of_two_lines_and_keep_seed_order(tmp_path, monkeypatch):
+  """Copy and adding runs: seq_len is two lines with their newline; every held-out line is
+  scored; each cell lists the seeds' scores in seed order."""
+  from experiments.long_range import run as lr
+
+  calls = []
+
+  def scored_run(workdir, arch, size, files, seq_len, steps, seed, score, label):
+    calls.append((workdir, seq_len, steps, score.args))
+    return {"rnn": 0.0, "lstm": 0.5, "transformer": 1.0}[arch] + seed / 10
+
+  monkeypatch.setattr(lr, "scored_run", scored_run)
+  copy = lr.copy_task(str(tmp_path), True, 2, [3], 7, 1)
+  line = lr.copy_lines(1, 3, np.random.default_rng(0))[0]
+  assert {c[1] for c in calls} == {2 * (len(line) + 1)} and {c[2] for c in calls} == {7}
+  assert all(len(c[3][1]) == 20 for c in calls)
+  assert copy == {"rnn": {"3": [0.1, 0.2]}, "lstm": {"3": [0.6, 0.7]}, "transformer": {"3": [1.1, 1.2]}}
+  calls.clear()
+  adding = lr.adding_task(str(tmp_path), True, 1, [6], 7, 1)
+  line = lr.adding_lines(1, 6, np.random.default_rng(0))[0]
+  assert {c[1] for c in calls} == {2 * (len(line) + 1)} and all(len(c[3][1]) == 20 for c in calls)
+  assert adding == {"rnn": {"6": [0.1]}, "lstm": {"6": [0.6]}, "transformer": {"6": [1.1]}}
+
+
+def test_long_range_full_settings_and_merge(tmp_path, monkeypatch):
+  """Without --quick: gaps 5, 10, 20, lengths 10, 20, 2000 steps; --merge keeps the parts not run."""
+  from experiments.long_range import run as lr
+
+  text = tmp_path / "input.txt"
+  text.write_text("text\n")
+  monkeypatch.setattr(lr, "TEXT", str(text))
+  got = {}
+
+  def task(name):
+    def run(tmp, quick, seeds, sizes, steps, jobs):
+      got[name] = (quick, seeds, sizes, steps, jobs)
+      return {"lstm": {str(s): [0.5] * seeds for s in sizes}}
+    return run
+
+  monkeypatch.setattr(lr, "copy_task", task("copy"))
+  monkeypatch.setattr(lr, "adding_task", task("adding"))
+  monkeypatch.setattr(lr, "plot", lambda results, out: None)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "results.json").write_text(json.dumps({"gradients": {"rnn": {"trained": [1.0, 2.0]}}, "steps": 2000}))
+  monkeypatch.setattr(sys, "argv", ["run", "--seeds", "2", "--parts", "copy,adding", "--merge", "--jobs", "1",
+                                    "--out", str(out), "--runs", str(tmp_path / "runs")])
+  lr.main()
+  assert got == {"copy": (False, 2, [5, 10, 20], 2000, 1), "adding": (False, 2, [10, 20], 2000, 1)}
+  results = json.loads((out / "results.json").read_text())
+  assert results["gradients"] == {"rnn": {"trained": [1.0, 2.0]}} and results["gaps"] == [5, 10, 20]
+
+
+def test_loss_by_position_averages_consecutive_windows(monkeypatch):
+  """Position i's loss: the mean over the whole consecutive windows of `length` tokens (the tail
+  left out) of each window's −log P at i, every window scored from an empty context."""
+  import nlm_jax.scoring
+
+  from experiments.positional_encodings.run import loss_by_position
+
+  chunks = []
+
+  def token_log_probs(model, params, tokens, chunk):  # −log P(w_{t+1}) := w_{t+1}
+    chunks.append(chunk)
+    return -np.asarray(tokens[1:], np.float64)
+
+  monkeypatch.setattr(nlm_jax.scoring, "token_log_probs", token_log_probs)
+  nll = loss_by_position(None, None, np.arange(22), 5)  # windows 0-4, 5-9, 10-14, 15-19
+  np.testing.assert_allclose(nll, np.arange(1, 5) + 7.5)
+  assert chunks == [5] * 4
+
+
+def fake_load_run(tokens, **cfg):
+  """`trainer.load_run` of a run whose corpus is `tokens` and whose config's data section is `cfg`."""
+  import types
+
+  def load_run(workdir):
+    corpus = types.SimpleNamespace(tokens=lambda split: tokens)
+    run = types.SimpleNamespace(corpus=corpus, cfg=types.SimpleNamespace(data=types.SimpleNamespace(**cfg)),
+                                model=workdir)
+    return run, {}, None
+  return load_run
+
+
+def test_positional_encodings_table_cells_context_and_beyond(tmp_path, monkeypatch):
+  """Each length's cell: the mean over positions of the loss by position; beyond: positions
+  64..255 of the 256 windows; a learned table has 64 rows and is scored at 64 only, the others
+  have 256; the first --eval-chars validation tokens are scored; curves are the seeds' mean."""
+  from experiments.positional_encodings import run as pe
+  from nlm_jax.training import trainer
+
+  contexts, scored = {}, []
+  walls = iter([1.0, 2.0, 6.0] * 4)
+
+  def nlm_jax_train(workdir, overrides, config=None):
+    contexts[os.path.basename(workdir)] = [o for o in overrides if o.startswith("model.context=")]
+    return next(walls)
+
+  def loss_by_position(model, params, tokens, length):
+    scored.append(len(tokens))
+    seed = int(model[-1])
+    return np.arange(length - 1, dtype=np.float64) + seed
+
+  monkeypatch.setattr(pe, "nlm_jax_train", nlm_jax_train)
+  monkeypatch.setattr(pe, "loss_by_position", loss_by_position)
+  monkeypatch.setattr(trainer, "load_run", fake_load_run(np.arange(5000), eval_split="validation", batch_size=4))
+  monkeypatch.setattr(sys, "argv", ["run", "--quick", "--seeds", "3", "--eval-chars", "1000", "--out", str(tmp_path)])
+  pe.main()
+  assert contexts["learned_seed1"] == ["model.context=64"] and contexts["rotary_seed2"] == ["model.context=256"]
+  assert set(scored) == {1000}
+  res = json.loads((tmp_path / "results.json").read_text())
+  rotary, learned = res["results"]["rotary"], res["results"]["learned"]
+  assert rotary["64"] == [32.0, 33.0, 34.0] and rotary["128"] == [64.0, 65.0, 66.0]
+  assert rotary["256"] == [128.0, 129.0, 130.0] and rotary["beyond"] == [160.0, 161.0, 162.0]
+  assert learned["64"] == [32.0, 33.0, 34.0] and learned["128"] == learned["256"] == learned["beyond"] == []
+  assert res["loss_by_position"]["none"] == list(np.arange(255) + 2.0)
+  assert res["loss_by_position"]["learned"] == list(np.arange(63) + 2.0)
+  table = (tmp_path / "results.md").read_text()
+  assert "| rotary | 33.0000 ± 1.0000 | 65.0000 ± 1.0000 | 129.0000 ± 1.0000 | 161.0000 ± 1.0000 | 3 s |" in table
+  assert "| learned | 33.0000 ± 1.0000 | — | — | — | 3 s |" in table
+
+
+def test_architectures_one_run_settings_and_curve(tmp_path, monkeypatch):
+  """A run's optimizer decays to a tenth of its rate, evaluates and logs six times; its curve is
+  the evaluations' tokens, seconds and validation loss."""
+  from experiments.architectures import run as ar
+
+  seen = []
+
+  def train_summary(workdir, overrides):
+    seen.extend(overrides)
+    return {"wall_s": 12.0, "final_validation_perplexity": 50.0, "params": 1234, "tokens_seen": 600}
+
+  monkeypatch.setattr(ar, "train_summary", train_summary)
+  rows = [{"step": 10, "tokens": 100, "elapsed_s": 1.5, "train_loss": 3.0},
+          {"step": 10, "tokens": 100, "elapsed_s": 2.0, "val_loss": 2.5},
+          {"step": 20, "tokens": 200, "elapsed_s": 4.0, "val_loss": 2.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  corpus = {"data": ["data.x=1"], "lr": 2e-3, "steps": 60}
+  r = ar.one_run("toy", corpus, "lstm", ["model.arch=lstm"], str(tmp_path), 2)
+  assert {"optim.lr=0.002", "optim.min_lr=0.0002", "train.steps=60", "train.eval_every=10", "train.log_every=10",
+          "seed=2", "data.x=1", "model.arch=lstm"} <= set(seen)
+  assert r == {"val_ppl": 50.0, "wall_s": 12.0, "params": 1234, "tokens": 600,
+               "curve": [{"tokens": 100, "elapsed_s": 2.0, "val_loss": 2.5}, {"tokens": 200, "elapsed_s": 4.0,
+                                                                             "val_loss": 2.0}]}
+
+
+def test_architectures_rows_and_table(tmp_path, monkeypatch):
+  """Rows gather every seed's perplexity and wall time; the table's cells are their mean ± std."""
+  from experiments.architectures import run as ar
+
+  def one_run(name, corpus, arch, model, workdir, seed):
+    return {"val_ppl": {"fnn": 40.0, "rnn": 30.0, "lstm": 20.0, "transformer": 10.0}[arch] + 2 * seed,
+            "wall_s": 10.0 * seed, "params": len(arch) * 1000, "tokens": 840,
+            "curve": [{"tokens": 420, "elapsed_s": 1.0, "val_loss": 3.0}, {"tokens": 840, "elapsed_s": 2.0,
+                                                                          "val_loss": 2.0}]}
+
+  monkeypatch.setattr(ar, "one_run", one_run)
+  monkeypatch.setattr(ar, "unigram_perplexity", lambda overrides, workdir: 99.0)
+  monkeypatch.setattr(sys, "argv", ["run", "--quick", "--seeds", "2", "--corpora", "wikitext2", "--out", str(tmp_path)])
+  ar.main()
+  rows = json.loads((tmp_path / "results.json").read_text())["results"]["wikitext2"]["rows"]
+  assert rows["lstm"]["val_ppl"] == [22.0, 24.0] and rows["lstm"]["wall_s"] == [10.0, 20.0]
+  assert len(rows["lstm"]["curves"]) == 2 and rows["lstm"]["params"] == 4000
+  table = (tmp_path / "results.md").read_text()
+  assert "6 steps, 840 training tokens for every model" in table
+  assert "| unigram (training-split frequencies, no training) | — | 99.00 | — |" in table
+  assert "| LSTM | 4,000 | 23.00 ± 1.41 | 15 ± 7 s |" in table
+  assert "| Transformer | 11,000 | 13.00 ± 1.41 | 15 ± 7 s |" in table
+
+
+def test_optimization_settings_change_one_thing_each():
+  """Against the baseline (AdamW at the workload's rate, decay to a tenth, 10% warm-up, cosine):
+  L2 in the loss at the same λ, a constant or plateau (÷4) schedule, the rate × 0.3, 3, 10."""
+  from experiments.optimization.run import WORKLOADS, settings
+
+  s = settings(WORKLOADS["wikitext2_lstm"])  # 200 steps, AdamW 5e-3, weight decay 0.01, clip 0.25
+  common = ["optim.clip_norm=0.25"]
+  assert s["AdamW (baseline)"] == ("optimizer", ["optim.name=adamw", "optim.lr=0.005", "optim.min_lr=0.0005", *common,
+                                                 "optim.weight_decay=0.01", "optim.schedule=warmup_cosine",
+                                                 "optim.warmup_steps=20"])
+  assert s["SGD"][1][:3] == ["optim.name=sgd", "optim.lr=20", "optim.min_lr=2"]
+  assert s["Adam + L2 in the loss (λ = 0.01)"] == ("weight decay", [
+      "optim.name=adam", "optim.lr=0.005", "optim.min_lr=0.0005", *common, "optim.weight_decay=0.01",
+      "optim.weight_decay_mode=l2", "optim.schedule=warmup_cosine", "optim.warmup_steps=20"])
+  assert s["AdamW, plateau ÷4"][1][-3:] == ["optim.schedule=plateau", "optim.plateau_factor=0.25",
+                                             "optim.plateau_patience=1"]
+  assert [s[f"AdamW, lr × {f}"][1][1:3] for f in ("0.3", "3", "10")] == [
+      ["optim.lr=0.0015", "optim.min_lr=0.00015"], ["optim.lr=0.015", "optim.min_lr=0.0015"],
+      ["optim.lr=0.05", "optim.min_lr=0.005"]]
+
+
+def test_optimization_table_against_the_baseline_s_mean(tmp_path, monkeypatch):
+  """'vs baseline': a setting's mean perplexity over the baseline's mean, less one (the unigram's
+  too); only the chosen groups run, the baseline always."""
+  from experiments.optimization import run as op
+
+  ppl = {"AdamW (baseline)": [10.0, 11.0, 15.0], "AdamW, constant lr": [24.0] * 3, "AdamW, plateau ÷4": [6.0] * 3}
+
+  def one_run(name, w, setting, optim, workdir, seed):
+    return {"val_ppl": ppl[setting][seed - 1], "curve": [(1, 3.0), (2, 2.0)], "wall_s": 1.0}
+
+  monkeypatch.setattr(op, "one_run", one_run)
+  monkeypatch.setattr(op, "unigram_perplexity", lambda overrides, workdir: 18.0)
+  monkeypatch.setattr(sys, "argv", ["run", "--quick", "--seeds", "3", "--workloads", "wikitext2_lstm", "--groups",
+                                    "schedule", "--out", str(tmp_path)])
+  op.main()
+  table = (tmp_path / "results.md").read_text()
+  assert "| unigram (training-split frequencies, no training) | reference | 18.00 | +50.0% |" in table
+  assert "| AdamW (baseline) | optimizer | 12.00 ± 2.65 | +0.0% |" in table
+  assert "| AdamW, constant lr | schedule | 24.00 ± 0.00 | +100.0% |" in table
+  assert "| AdamW, plateau ÷4 | schedule | 6.00 ± 0.00 | -50.0% |" in table
+
+
+def test_ngram_mixture_lambda_on_validation_and_perplexity():
+  """λ maximizes the validation likelihood (1 of 4 validation tokens only model a predicts:
+  λ = 0.25); the test perplexity is that of λ·P_a + (1 − λ)·P_b; perplexity is e^(mean NLL)."""
+  from experiments.ngram_vs_neural.run import mixture, ppl
+
+  assert ppl(np.log([0.5, 0.125])) == pytest.approx(4.0)
+  a_val, b_val = np.array([0.0, -1e9, -1e9, -1e9]), np.array([-1e9, 0.0, 0.0, 0.0])
+  lam, test_ppl = mixture(a_val, b_val, np.log([0.5, 0.5]), np.log([0.1, 0.1]))
+  assert lam == pytest.approx(0.25) and test_ppl == pytest.approx(1 / (0.25 * 0.5 + 0.75 * 0.1))
+
+
+def test_ngram_vs_neural_rows_and_table(tmp_path, monkeypatch):
+  """Every model scores the test tokens w_1..w_{N−1} (Kneser–Ney's first score and trailing EOS
+  ones left out); the summary compares the best neural or mixed model's mean perplexity with the
+  best n-gram's; training time is the mean over seeds."""
+  import types
+
+  import nlm_jax.ngram
+  import nlm_jax.scoring
+  from experiments.ngram_vs_neural import run as ng
+  from nlm_jax.training import trainer
+
+  tokens = np.arange(50) % 7
+  nplm = {(1, 1): 4.0, (1, 2): 6.0, (1, 3): 8.0, (0, 1): 10.0, (0, 2): 10.0, (0, 3): 10.0}  # (direct, seed): ppl
+
+  def token_log_probs(model, params, t):
+    return np.full(len(t) - 1, -np.log(nplm[model]))
+
+  class KneserNey:
+    def __init__(self, n, vocab_size, bos_id, eos_id):
+      self.n = n
+
+    def fit(self, sentences):
+      return self
+
+    def log_prob(self, sentences):  # w_0 (from BOS), w_1..w_{N−1}, then n − 1 EOS
+      [t] = sentences
+      return np.r_[np.log(1e-3), np.full(len(t) - 1, -np.log({3: 9.0, 5: 7.0}[self.n])), np.full(self.n - 1, 0.0)]
+
+    def num_ngrams(self):
+      return [10, 20]
+
+  def load_run(workdir):
+    name = os.path.basename(workdir)  # fnn_direct{d}_seed{s}
+    corpus = types.SimpleNamespace(tokens=lambda split: tokens)
+    run = types.SimpleNamespace(corpus=corpus, model=(int(name[10]), int(name[-1])),
+                                tokenizer=types.SimpleNamespace(eos_id=0, vocab_size=7))
+    return run, {"w": np.zeros(3)}, None
+
+  monkeypatch.setattr(ng, "train_fnn", lambda workdir, direct, seed, steps, extra: {1: 1.0, 2: 2.0, 3: 6.0}[seed])
+  monkeypatch.setattr(trainer, "load_run", load_run)
+  monkeypatch.setattr(nlm_jax.scoring, "token_log_probs", token_log_probs)
+  monkeypatch.setattr(nlm_jax.ngram, "KneserNey", KneserNey)
+  monkeypatch.setattr(sys, "argv", ["run", "--quick", "--seeds", "3", "--out", str(tmp_path)])
+  ng.main()
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert rows["Kneser–Ney n=5 (modified, interpolated)"]["test_ppl"] == [pytest.approx(7.0)]
+  assert rows["NPLM n=5, direct connections on"]["test_ppl"] == pytest.approx([4.0, 6.0, 8.0])
+  # constant probabilities: λ = 1 where the NPLM is better on validation, else 0
+  mixed = rows["mixture NPLM (direct on) + KN n=5, λ on validation"]
+  assert mixed["lambda"] == [1.0, 1.0, 0.0] and mixed["test_ppl"] == pytest.approx([4.0, 6.0, 7.0])
+  table = (tmp_path / "results.md").read_text()
+  assert "| NPLM n=5, direct connections on | 6.0 ± 2.0 | 3 | 3 s |" in table
+  assert "| Kneser–Ney n=3 (modified, interpolated) | 9.0 | 30 n-grams |" in table
+  best_neural, best_kn = (4.0 + 6.0 + 7.0) / 3, 7.0
+  assert f"{100 * (best_neural / best_kn - 1):+.1f}% test perplexity" in table
