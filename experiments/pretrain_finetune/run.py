@@ -460,8 +460,8 @@ def main() -> None:
   jobs = [job for task, arch in pairs
           for job in jobs_of(task, arch, seeds, tmp, data, args.quick, clock, arms_of(task), args.set,
                              args.pretrain_set, args.backward, args.first_seed)]
-  # pretraining first (the longest chains); not the "pretrained" arms' runs, named ".../pretrained/<seed>"
-  jobs.sort(key=lambda job: not job.name.endswith(("/pretrain", "/pretrain_backward")))
+  needed = {name for job in jobs for name in job.needs}  # the pretrainings: first, they head the longest chains
+  jobs.sort(key=lambda job: job.name not in needed)
 
   shown_sets = finetune_sets(args.set, args.backward)
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
