@@ -3,6 +3,7 @@
     nlm-jax train --config FILE [key=value ...]
     nlm-jax config show [--config FILE] [key=value ...]     every key: value, default, meaning
     nlm-jax eval --workdir DIR [--workdir DIR ...] [--split NAME] [--json]   (several classifiers: an ensemble)
+    nlm-jax eval --workdir DIR --workdir DIR [...] --soup      (their parameters averaged: one network)
     nlm-jax generate --workdir DIR --prompt TEXT [--num-samples N] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S]
     nlm-jax predict --workdir DIR --text TEXT [--text TEXT ...] [--json]     (a classifier)
@@ -51,6 +52,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
   from nlm_jax.training import trainer
 
+  if args.soup:
+    return _eval_soup(args)
   if len(args.workdir) > 1:
     return _eval_ensemble(args)
   run, params, step = trainer.load_run(args.workdir[0], args.step, args.best)
@@ -95,6 +98,42 @@ def _eval_ensemble(args) -> int:
     for member in result.pop("members"):
       print(f"{'member':>14}: accuracy {member['accuracy']:.6f}  loss {member['loss']:.6f}  step {member['step']}  "
             f"{member['workdir']}")
+    for key, value in result.items():
+      print(f"{key:>14}: {value}")
+  return 0
+
+
+def _eval_soup(args) -> int:
+  """Several runs' parameters averaged into one network (a uniform model soup), scored as any run's
+  `eval` is on the first run's split, beside each run's own score on it."""
+  from nlm_jax import soup
+  from nlm_jax.training import trainer
+
+  members, steps = [], []
+  for workdir in args.workdir:
+    run, params, step = trainer.load_run(workdir, args.step, args.best)
+    members.append((str(workdir), run, params))
+    steps.append(step)
+  soup.check(members)
+  run0 = members[0][1]
+  split = args.split or run0.cfg.data.eval_split
+
+  def score(run, params) -> dict:
+    if run.cfg.task.kind == "translate":
+      result = run.evaluate(params, split, None, bleu=True)
+      result.pop("hypotheses")
+      return result
+    return run.evaluate(params, split, None)
+
+  scores = [{"workdir": name, "step": step, **score(run0, params)} for (name, _, params), step in zip(members, steps)]
+  result = {"split": split, "runs": len(members), **score(run0, soup.average([p for _, _, p in members])),
+            "members": scores}
+  if args.json:
+    print(json.dumps(json_safe(result), allow_nan=False))
+  else:
+    for member in result.pop("members"):
+      numbers = "  ".join(f"{k} {v:.6f}" for k, v in member.items() if isinstance(v, float))
+      print(f"{'member':>14}: {numbers}  step {member['step']}  {member['workdir']}")
     for key, value in result.items():
       print(f"{key:>14}: {value}")
   return 0
@@ -257,6 +296,9 @@ def parser() -> argparse.ArgumentParser:
     if name == "eval":
       e.add_argument("--split", default=None, help="split name (default: the run's data.eval_split)")
       e.add_argument("--json", action="store_true", help="print one JSON object (default: one line per number)")
+      e.add_argument("--soup", action="store_true",
+                     help="with several --workdir: score the one network their averaged parameters make (a "
+                          "uniform model soup; runs of one architecture, tokenizer and task), not an ensemble")
     elif name == "translate":
       e.add_argument("--text", action="append", required=True,
                      help="a source sentence (repeat for several; one translation per line)")

@@ -166,6 +166,8 @@ class DistributedConfig:
 class Config:
   workdir: str = MISSING  # the run directory (required)
   seed: int = 0  # initialization, data order, dropout
+  init_seed: Optional[int] = None  # the network's initialization only (data order and dropout stay seed's);
+  #   null: seed. Runs that differ only in seed then start from one network (a model soup's members)
   task: TaskConfig = dataclasses.field(default_factory=TaskConfig)  # what is learned: lm | classify | translate
   model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # model.arch and the fields of its config
   data: DataConfig = dataclasses.field(default_factory=DataConfig)  # text source and batching

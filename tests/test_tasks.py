@@ -314,6 +314,64 @@ def test_eval_of_several_classifiers_is_their_averaged_probabilities(tmp_path, s
     expect_error("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / name, must_mention=message)
 
 
+def test_init_seed_fixes_the_network_and_leaves_dropout_and_data_order_to_seed(tmp_path, sst):
+  """init_seed=7: the initial network (here, unchanged by one step at a warm-up's zero rate) is seed
+  7's whatever the seed, and the run's key (dropout) stays its seed's."""
+  runs = {"a": dict(seed=2, init_seed=7), "b": dict(seed=5, init_seed=7), "c": dict(seed=7), "d": dict(seed=2)}
+  states = {}
+  for name, extra in runs.items():
+    train(*classify(tmp_path / name, sst, steps=1, optim__warmup_steps=5, model__dropout=0.1, **extra))
+    states[name] = final_state(tmp_path / name)
+  assert_trees_equal(states["a"]["params"], states["c"]["params"])
+  assert_trees_equal(states["b"]["params"], states["c"]["params"])
+  assert not np.array_equal(states["d"]["params"]["head"]["kernel"], states["c"]["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(states["a"]["key"], states["d"]["key"])
+  assert not np.array_equal(states["a"]["key"], states["c"]["key"])
+
+
+def test_eval_soup_scores_the_runs_averaged_parameters_as_one_network(tmp_path, sst):
+  """`nlm-jax eval --workdir A --workdir B --soup`: the network whose parameters are the runs'
+  mean, scored as `eval` scores a run, beside each run's own score; a run souped with itself is
+  itself; runs that are not one network are a one-line error naming the difference."""
+  from test_errors import expect_error
+  from nlm_jax.training import trainer
+
+  train(*classify(tmp_path / "a", sst, steps=20, init_seed=3))
+  train(*classify(tmp_path / "b", sst, steps=20, seed=5, init_seed=3))
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / "b", "--soup", "--json")
+  assert code == 0, err
+  result = json.loads(out)
+  run, a, _ = trainer.load_run(tmp_path / "a")
+  _, b, _ = trainer.load_run(tmp_path / "b")
+  mean = jax.tree.map(lambda x, y: (np.asarray(x, np.float64) + np.asarray(y, np.float64)) / 2, a, b)
+  assert not np.allclose(mean["head"]["kernel"], np.asarray(a["head"]["kernel"]), atol=1e-4)  # two networks
+  texts, labels = run.raw("validation")
+  p = run.predict(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), mean), texts)
+  y = np.asarray([run.labels.index(label) for label in labels])
+  assert result["runs"] == 2 and result["examples"] == len(texts) == 100
+  assert result["accuracy"] == np.mean(p.argmax(1) == y)
+  assert result["loss"] == pytest.approx(-np.log(p[np.arange(len(y)), y]).mean(), rel=1e-5)
+  for name, member in zip("ab", result["members"]):
+    code, out, err = run_cli("eval", "--workdir", tmp_path / name, "--json")
+    alone = json.loads(out)
+    assert member["accuracy"] == alone["accuracy"] and member["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / "a", "--soup", "--json")
+  itself = {k: v for k, v in json.loads(out).items() if k not in ("runs", "members")}
+  code, out, err = run_cli("eval", "--workdir", tmp_path / "a", "--json")
+  alone = json.loads(out)
+  assert alone.pop("step") == 20 and itself == alone
+
+  train(*classify(tmp_path / "vocab", sst, steps=2, tokenizer__vocab_size=12))
+  train(*classify(tmp_path / "mean", sst, steps=2, task__pooling="mean"))
+  train(*classify(tmp_path / "wide", sst, steps=2, model__d_hidden=8))
+  pretrain(tmp_path / "lm", sst, steps=2)
+  for name, message in (("vocab", "another tokenizer"), ("mean", "task.pooling: 'last' vs 'mean'"),
+                        ("wide", "model.d_hidden: 16 vs 8"), ("lm", "task.kind: 'classify' vs 'lm'")):
+    expect_error("eval", "--workdir", tmp_path / "a", "--workdir", tmp_path / name, "--soup", must_mention=message)
+  expect_error("eval", "--workdir", tmp_path / "a", "--soup", must_mention="at least two runs")
+
+
 @pytest.mark.parametrize("arch,backward", [("lstm", False), ("lstm", True), ("transformer", False)])
 def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_path, sst, arch, backward):
   """finetune.lm_weight = λ (GPT-1's auxiliary objective): the training loss is the classification

@@ -639,6 +639,8 @@ def _train(cfg: config_lib.Config, started: Optional[float] = None) -> dict[str,
 
   if resume_step is None:
     state = run.task.init(jax.random.key_data(jax.random.key(cfg.seed)))
+    if cfg.init_seed is not None:  # the network (and its optimizer state) of init_seed, dropout's key of seed
+      state = run.task.init(jax.random.key_data(jax.random.key(cfg.init_seed))).replace(key=state.key)
     if init_from is not None:
       initial = state.params
       state = run.load_pretrained(state, *init_from)
