@@ -425,6 +425,38 @@ def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_ensemble(tmp_path
   assert rows["scratch"].endswith("| 3 of 3 | 93.00 |") and rows["pretrained"].endswith("| 3 of 3 |  |")
 
 
+def test_pretrain_finetune_scores_each_sst2_arm_s_seeds_as_one_soup_beside_the_ensemble(tmp_path, monkeypatch):
+  """--soups: each SST-2 arm's seeds are also scored by `nlm-jax eval --soup` (once, whatever the
+  ensemble's `tried` says), in a column of its own; without it the table has no such column."""
+  from experiments.pretrain_finetune import run as pf
+
+  record_runs(monkeypatch)
+  data = pf.toy_data(str(tmp_path / "toy"))
+  clock = pf.Clock(None, None)
+  arms = {"scratch": None, "pretrained": []}
+  results = {job.name: job.run() for job in pf.jobs_of("sst2", "lstm", 2, str(tmp_path), data, True, clock, arms)}
+  asked = []
+
+  def fake_command(argv, timeout=None, what=""):
+    asked.append(argv)
+    return 0, json.dumps({"accuracy": 0.5 if "--soup" in argv else 0.75}), ""
+
+  monkeypatch.setattr(pf, "nlm_jax_command", fake_command)
+  tried = set()
+  together = pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, 2, clock, {}, tried)
+  soups = pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, 2, clock, {}, tried, soup=True)
+  assert together == {"sst2/lstm/scratch": 75.0, "sst2/lstm/pretrained": 75.0}
+  assert soups == {"sst2/lstm/scratch": 50.0, "sst2/lstm/pretrained": 50.0}
+  assert ["--soup" in argv for argv in asked] == [False, False, True, True]
+  assert pf.seed_ensembles(results, [("sst2", "lstm")], lambda task: arms, 2, clock, {}, tried, soup=True) == {}
+  text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, 2, True, ensembles=together, soups=soups)
+  assert text.splitlines()[0].endswith("| the seeds as one ensemble | the seeds as one soup |")
+  rows = [line for line in text.splitlines()[2:] if line.startswith("| sst2")]
+  assert len(rows) == 2 and all(row.endswith("| 2 of 2 | 75.00 | 50.00 |") for row in rows)
+  text, _ = pf.table(results, {}, [("sst2", "lstm")], lambda task: arms, 2, True, ensembles=together)
+  assert "soup" not in text and text.splitlines()[2].endswith("| 75.00 |")
+
+
 def test_pretrain_finetune_scores_an_arm_s_ensemble_once_all_its_seeds_have_ended(tmp_path, monkeypatch):
   """While runs go on (`errors` given), an arm is scored as soon as each of its seeds has finished
   or failed, once (`tried`), so a --kill-at that stops another arm's runs does not leave it no time."""

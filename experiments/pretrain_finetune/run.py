@@ -136,11 +136,13 @@ class Clock:
     return self.left(self.ensemble_s)
 
 
-def evaluate(workdirs: str | list[str], split: str, timeout: float | None = None) -> dict:
-  """`nlm-jax eval --json` of a run on `split` (several runs: as one ensemble); SystemExit if it fails."""
+def evaluate(workdirs: str | list[str], split: str, timeout: float | None = None, soup: bool = False) -> dict:
+  """`nlm-jax eval --json` of a run on `split` (several runs: as one ensemble, or with `soup` as the
+  one network of their averaged parameters); SystemExit if it fails."""
   workdirs = [workdirs] if isinstance(workdirs, str) else workdirs
   code, out, err = nlm_jax_command(["eval", *(a for w in workdirs for a in ("--workdir", w)), "--split", split,
-                                    "--json"], timeout, f"nlm-jax eval of {', '.join(workdirs)}")
+                                    "--json", *(["--soup"] if soup else [])], timeout,
+                                   f"nlm-jax eval of {', '.join(workdirs)}")
   if code:
     raise SystemExit(f"nlm-jax eval failed for {', '.join(workdirs)}:\n{err[-2000:]}")
   return json.loads(out)
@@ -323,9 +325,10 @@ def run_jobs(jobs: list[Job], n: int, clock: Clock, on_done: Callable[[dict, dic
 
 def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
                    seeds: int | dict[str, int], clock: Clock, errors: dict | None = None,
-                   tried: set | None = None, first: int = 1) -> dict[str, float]:
+                   tried: set | None = None, first: int = 1, soup: bool = False) -> dict[str, float]:
   """{task/arch/arm: SST-2 dev accuracy (%) of the arm's finished seeds as one model} (`nlm-jax
-  eval` with every seed's --workdir: their class probabilities averaged), for arms with ≥ 2 seeds;
+  eval` with every seed's --workdir: their class probabilities averaged; `soup`: the one network
+  of their averaged parameters, `nlm-jax eval --soup`), for arms with ≥ 2 seeds;
   one that fails or runs out of time is reported and left out. With `errors` (the runs that
   ended unfinished so far), only arms whose every seed has ended, so an arm's ensemble can be
   scored while other runs still train, not after --kill-at; arms named in `tried` are skipped,
@@ -335,33 +338,37 @@ def seed_ensembles(results: dict, pairs: list[tuple[str, str]], arms_of: Callabl
     for arm in arms_of(task) if task == "sst2" else ():
       keys = [f"{task}/{arch}/{arm}/{s}" for s in seed_range(seeds, arm, first)]
       name = f"{task}/{arch}/{arm}"
-      if (tried is not None and name in tried) or (errors is not None and
+      mark = f"{name} (soup)" if soup else name
+      if (tried is not None and mark in tried) or (errors is not None and
                                                    not all(k in results or k in errors for k in keys)):
         continue
       runs = [results[k]["workdir"] for k in keys if "workdir" in results.get(k, {})]
       if len(runs) < 2:
         continue
       if tried is not None:
-        tried.add(name)
+        tried.add(mark)
       try:
-        scores[name] = 100 * evaluate(runs, TASKS[task]["split"], clock.left_for_ensembles())["accuracy"]
+        scores[name] = 100 * evaluate(runs, TASKS[task]["split"], clock.left_for_ensembles(), soup)["accuracy"]
       except SystemExit as e:
-        print(f"{name}: no ensemble ({str(e).strip()[-300:]})", flush=True)
+        print(f"{name}: no {'soup' if soup else 'ensemble'} ({str(e).strip()[-300:]})", flush=True)
   return scores
 
 
 def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Callable[[str], dict],
           seeds: int | dict[str, int],
           quick: bool, sets: list[str] = (), pretrain_sets: list[str] = (),
-          ensembles: dict | None = None, partial: dict | None = None, first: int = 1) -> tuple[str, dict]:
+          ensembles: dict | None = None, partial: dict | None = None, first: int = 1,
+          soups: dict | None = None) -> tuple[str, dict]:
   """The markdown table of the finished runs (one row per task, model and arm; the gain and the
-  spread against the first arm, from scratch; `ensembles`: the seeds as one model, per arm), and
+  spread against the first arm, from scratch; `ensembles`: the seeds as one model, per arm;
+  `soups`, when given, another column: the seeds' averaged parameters as one network), and
   the per-pair rows behind it. `partial`: the validation curves of runs that did not finish (stopped
   at --kill-at), named with their last evaluation under the table and kept apart in the rows
   ("stopped"), never in the means."""
   ensembles, partial = ensembles or {}, partial or {}
   lines = ["| task | model | metric | arm | mean ± std over seeds | gain over scratch | seeds' spread (max std) "
-           "| runs done | the seeds as one ensemble |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+           "| runs done | the seeds as one ensemble |" + (" the seeds as one soup |" if soups is not None else ""),
+           "|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if soups is not None else "")]
   rows = {}
   for task, arch in pairs:
     pair = rows[f"{task}/{arch}"] = {"pretrain": results.get(f"{task}/{arch}/pretrain")}
@@ -377,8 +384,10 @@ def table(results: dict, errors: dict, pairs: list[tuple[str, str]], arms_of: Ca
       gain = f"{statistics.mean(x) - statistics.mean(base):+.2f}" if x and base and arm != arms[0] else ""
       spread = max((statistics.stdev(v) for v in (x, base) if len(v) > 1), default=float("nan"))
       together = ensembles.get(f"{task}/{arch}/{arm}")
+      soup = None if soups is None else soups.get(f"{task}/{arch}/{arm}")
       lines.append(f"| {task} | {arch} | {TASKS[task]['title']} | {arm} | {mean_std(x, 2)} | {gain} | "
-                   f"{spread:.2f} | {len(x)} of {seeds_of(seeds, arm)} | {'' if together is None else f'{together:.2f}'} |")
+                   f"{spread:.2f} | {len(x)} of {seeds_of(seeds, arm)} | {'' if together is None else f'{together:.2f}'} |"
+                   + ("" if soups is None else f" {'' if soup is None else f'{soup:.2f}'} |"))
   for what, overrides in (("fine-tuning run", sets), ("pretraining", pretrain_sets)):
     if overrides:
       lines += ["", f"Every {what} added to its recipe: `{' '.join(overrides)}`."]
@@ -427,6 +436,9 @@ def main() -> None:
   ap.add_argument("--kill-at", type=float, default=None, help="seconds: runs still going are stopped")
   ap.add_argument("--ensemble-s", type=float, default=30.0,
                   help="seconds after --kill-at that scoring the seed ensembles may still take (default 30)")
+  ap.add_argument("--soups", action="store_true",
+                  help="also score each SST-2 arm's seeds as a model soup (their parameters averaged: one network; "
+                       "add --set init_seed=N so the seeds share their initial head)")
   ap.add_argument("--out", default=None, help="folder for results (default: beside this file; quick: a temp dir)")
   add_runs_argument(ap)
   args = ap.parse_args()
@@ -467,24 +479,29 @@ def main() -> None:
   shown_pretrain = args.pretrain_set + (["(and a backward LM with data.reverse=true)"] if args.backward else [])
 
   ensembles, tried, partial = {}, set(), {}
+  soups = {} if args.soups else None
 
   def report(results: dict, errors: dict, ensembles: dict | None = None) -> tuple[str, dict]:
     text, rows = table(results, errors, pairs, arms_of, seeds, args.quick, shown_sets, shown_pretrain,
-                       ensembles, partial, args.first_seed)
+                       ensembles, partial, args.first_seed, soups)
     write_results(out, text, {"quick": args.quick, "seeds": args.seeds, "scratch_seeds": args.scratch_seeds,
                               "first_seed": args.first_seed,
                               "set": args.set,
                               "pretrain_set": args.pretrain_set, "results": rows, "errors": errors,
-                              "ensembles": ensembles or {}},
+                              "ensembles": ensembles or {}, "soups": soups},
                   update_readme=not args.quick)
     return text, rows
 
   def on_done(results: dict, errors: dict) -> None:  # an arm whose seeds have all ended: its ensemble now
     ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried, args.first_seed))
+    if soups is not None:
+      soups.update(seed_ensembles(results, pairs, arms_of, seeds, clock, errors, tried, args.first_seed, soup=True))
     report(results, errors, ensembles)
 
   results, errors = run_jobs(jobs, args.jobs, clock, on_done, partial)
   ensembles.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried, first=args.first_seed))
+  if soups is not None:
+    soups.update(seed_ensembles(results, pairs, arms_of, seeds, clock, tried=tried, first=args.first_seed, soup=True))
   text, rows = report(results, errors, ensembles)
   print(text)
   plot(rows, out)
