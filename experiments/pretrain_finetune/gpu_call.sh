@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU call for the SST-2 target: the 1,024-wide LSTM (the best fine-tuned model so far,
+# 85.83 ± 0.24 on an H100) again, five pretrained seeds that share their initial head
+# (`--set init_seed=1`), scored each alone, as one ensemble and as one model soup (`--soups`).
+#
+# Here (once):  bash experiments/pretrain_finetune/gpu_call.sh stage
+#   copies SST-2 and WikiText-2 into .gpudata/ (ignored by .git/info/exclude), and the wheels the
+#   GPU machine lacks into .whl/ (pip download for its Python 3.12, x86-64).
+# There (one `run` call, carry [".whl", ".gpudata"], timeout_s 590):
+#   bash experiments/pretrain_finetune/gpu_call.sh run
+#   results under $OUT/pf: results.json, the table, curves, and the runs' logs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [ "${1:-}" = stage ]; then
+  for d in /.gpudata/ /.whl/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
+  mkdir -p .gpudata/sst2 .gpudata/wikitext-2 .whl
+  cp ../shared/data/sst2/{train,dev}.tsv .gpudata/sst2/
+  cp ../shared/data/wikitext-2/train.txt .gpudata/wikitext-2/
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl \
+    grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 omegaconf==2.4.0 tensorboardX==2.6.5 cloudpickle
+  du -sh .gpudata .whl
+  exit 0
+fi
+
+[ "${1:-}" = run ] || { echo "usage: $0 stage|run" >&2; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-cuda-mps-control -d || true
+OUT=${OUT:-/tmp/out}
+P=/tmp/pf
+mkdir -p $P
+python3 -m experiments.pretrain_finetune.run --pairs sst2/lstm --data .gpudata --runs $P --out $OUT/pf \
+  --jobs 6 --seeds 5 --scratch-seeds 0 --kill-at 530 --soups \
+  --set task.pooling=concat --set init_seed=1 --set train.checkpoint_every=1500 --set train.keep_checkpoints=1 \
+  --pretrain-set train.keep_checkpoints=1 --pretrain-set model.dropout=0.4 \
+  --pretrain-set tokenizer.vocab_size=40000 --pretrain-set tokenizer.include=$P/sst2_train_text.txt \
+  --set model.d_embed=512 --set model.d_hidden=1024 --pretrain-set model.d_embed=512 \
+  --pretrain-set model.d_hidden=1024 --pretrain-set train.steps=12000 2>&1 | tail -40 || echo "runner: exit $?"
+# every run's log and config, one file (few files come back from the machine)
+(cd $P && find . -name metrics.jsonl -o -name resolved_config.yaml -o -name 'eval_*.json' | tar czf $OUT/logs.tgz -T -)
