@@ -298,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
       e.add_argument("--json", action="store_true", help="print one JSON object (default: one line per number)")
       e.add_argument("--soup", action="store_true",
                      help="with several --workdir: score the one network their averaged parameters make (a "
-                          "uniform model soup; runs of one architecture, tokenizer and task), not an ensemble")
+                          "uniform model soup; runs of one architecture, tokenizer and task; default: an ensemble of "
+                          "several classifiers)")
     elif name == "translate":
       e.add_argument("--text", action="append", required=True,
                      help="a source sentence (repeat for several; one translation per line)")
