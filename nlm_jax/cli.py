@@ -63,12 +63,7 @@ def _eval(args) -> int:
     from nlm_jax.training.checkpoint import warn
 
     warn(f"{changed}: these numbers are not on the data it was evaluated on in training")
-  if run.cfg.task.kind == "translate":  # and BLEU of beam-search translations
-    result = run.evaluate(params, split, None, bleu=True)
-    result.pop("hypotheses")
-  else:
-    result = run.evaluate(params, split, None)
-  result = {"split": split, "step": step, **result}
+  result = {"split": split, "step": step, **_scores(run, params, split)}
   if args.json:
     print(json.dumps(json_safe(result), allow_nan=False))
   else:
@@ -77,9 +72,17 @@ def _eval(args) -> int:
   return 0
 
 
-def _eval_ensemble(args) -> int:
-  """Several classification runs as one model: their class probabilities averaged per example."""
-  from nlm_jax.tasks import classify
+def _scores(run, params, split: str) -> dict:
+  """`run.evaluate` of the whole split (translation: and BLEU of beam-search translations)."""
+  if run.cfg.task.kind == "translate":
+    result = run.evaluate(params, split, None, bleu=True)
+    result.pop("hypotheses")
+    return result
+  return run.evaluate(params, split, None)
+
+
+def _members(args) -> tuple[list, list]:
+  """[(workdir, run, params), ...] of every --workdir, and their checkpoints' steps."""
   from nlm_jax.training import trainer
 
   members, steps = [], []
@@ -87,6 +90,14 @@ def _eval_ensemble(args) -> int:
     run, params, step = trainer.load_run(workdir, args.step, args.best)
     members.append((str(workdir), run, params))
     steps.append(step)
+  return members, steps
+
+
+def _eval_ensemble(args) -> int:
+  """Several classification runs as one model: their class probabilities averaged per example."""
+  from nlm_jax.tasks import classify
+
+  members, steps = _members(args)
   split = args.split or members[0][1].cfg.data.eval_split
   result = classify.ensemble(members, split)
   for member, step in zip(result["members"], steps):
@@ -107,26 +118,14 @@ def _eval_soup(args) -> int:
   """Several runs' parameters averaged into one network (a uniform model soup), scored as any run's
   `eval` is on the first run's split, beside each run's own score on it."""
   from nlm_jax import soup
-  from nlm_jax.training import trainer
 
-  members, steps = [], []
-  for workdir in args.workdir:
-    run, params, step = trainer.load_run(workdir, args.step, args.best)
-    members.append((str(workdir), run, params))
-    steps.append(step)
+  members, steps = _members(args)
   soup.check(members)
   run0 = members[0][1]
   split = args.split or run0.cfg.data.eval_split
-
-  def score(run, params) -> dict:
-    if run.cfg.task.kind == "translate":
-      result = run.evaluate(params, split, None, bleu=True)
-      result.pop("hypotheses")
-      return result
-    return run.evaluate(params, split, None)
-
-  scores = [{"workdir": name, "step": step, **score(run0, params)} for (name, _, params), step in zip(members, steps)]
-  result = {"split": split, "runs": len(members), **score(run0, soup.average([p for _, _, p in members])),
+  scores = [{"workdir": name, "step": step, **_scores(run0, params, split)}
+            for (name, _, params), step in zip(members, steps)]
+  result = {"split": split, "runs": len(members), **_scores(run0, soup.average([p for _, _, p in members]), split),
             "members": scores}
   if args.json:
     print(json.dumps(json_safe(result), allow_nan=False))

@@ -37,18 +37,24 @@ def _network_config(run) -> dict[str, Any]:
           "tokenizer": run.tokenizer.to_dict(), "classes": getattr(run, "labels", None)}
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-  for key in [*a, *(k for k in b if k not in a)]:
-    x, y = a.get(key), b.get(key)
-    if isinstance(x, dict) and isinstance(y, dict):
-      found = _first_difference(x, y, f"{prefix}{key}.")
-      if found:
-        return found
-    elif x != y:
-      if key == "tokenizer" or prefix.startswith("tokenizer."):
-        return f"{prefix}{key} (another tokenizer or vocabulary)"
-      return f"{prefix}{key}: {x!r} vs {y!r}"
+def _difference(want: dict, got: dict) -> str | None:
+  """The first setting of `_network_config` in which two runs differ (a tokenizer by its key only:
+  its vocabulary is no message)."""
+  from nlm_jax.training import trainer
+
+  for key in want:
+    if key == "tokenizer":
+      name = next((k for k in sorted(set(want[key]) | set(got[key])) if want[key].get(k) != got[key].get(k)), None)
+      if name is not None:
+        return f"tokenizer.{name} (another tokenizer or vocabulary)"
+    elif diff := trainer._first_difference(want[key], got[key], key, ("", "")):
+      return diff
   return None
+
+
+def _shapes(params) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(path): (x.shape, str(x.dtype))
+          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def check(members: list) -> None:
@@ -56,18 +62,14 @@ def check(members: list) -> None:
   if len(members) < 2:
     raise UserError("a soup needs at least two runs (repeat --workdir)")
   first, run0, params0 = members[0]
-  want = _network_config(run0)
-  shapes0 = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params0)
+  want, shapes0 = _network_config(run0), _shapes(params0)
   for name, run, params in members[1:]:
-    diff = _first_difference(want, _network_config(run))
+    diff = _difference(want, _network_config(run))
     if diff:
       raise UserError(f"{name} and {first} are not one network ({diff}): they cannot be averaged")
-    shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+    shapes = _shapes(params)
     if shapes != shapes0:
-      paths0 = dict(jax.tree_util.tree_flatten_with_path(shapes0, is_leaf=lambda x: isinstance(x, tuple))[0])
-      paths = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
-      where = next((jax.tree_util.keystr(p) for p in sorted(set(paths0) | set(paths), key=str)
-                    if paths0.get(p) != paths.get(p)), "?")
+      where = next(k for k in sorted(set(shapes0) | set(shapes)) if shapes0.get(k) != shapes.get(k))
       raise UserError(f"{name} and {first} have other parameters ({where}): they cannot be averaged")
 
 

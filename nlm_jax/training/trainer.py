@@ -64,14 +64,17 @@ def _lookup(d: dict, dotted: str):
   return d
 
 
-def _first_difference(old: Any, new: Any, prefix: str) -> Optional[str]:
+def _first_difference(old: Any, new: Any, prefix: str, sides: tuple[str, str] = (" (checkpoint)", " (now)")
+                      ) -> Optional[str]:
+  """'prefix.key: old vs new' of the first (sorted) key where two nested dicts differ, each value
+  followed by its side's label; None if they are equal."""
   if isinstance(old, dict) and isinstance(new, dict):
     for key in sorted(set(old) | set(new)):
-      diff = _first_difference(old.get(key), new.get(key), f"{prefix}.{key}")
+      diff = _first_difference(old.get(key), new.get(key), f"{prefix}.{key}", sides)
       if diff:
         return diff
     return None
-  return None if old == new else f"{prefix}: {old!r} (checkpoint) vs {new!r} (now)"
+  return None if old == new else f"{prefix}: {old!r}{sides[0]} vs {new!r}{sides[1]}"
 
 
 # ----------------------------------------------------------------------------- the run
