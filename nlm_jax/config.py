@@ -114,6 +114,10 @@ class TaskConfig:
   word_dropout: float = 0.0  # classify: in training, each word of a text is read as <unk> with this probability
   prefix_lm: bool = False  # Transformer: translate's source / classify's text attends in both directions
   backward: bool = False  # classify: a second body reads the text right to left; the head reads both (ELMo)
+  teachers: List[str] = dataclasses.field(default_factory=list)  # classify: runs (workdirs) whose averaged class
+  #   probabilities on the training split are soft targets (knowledge distillation; their last checkpoints)
+  distill_weight: float = 0.5  # classify, with teachers: α, the loss is (1 − α)·NLL(label) + α·T²·KL(teachers ‖ model)
+  distill_temperature: float = 1.0  # classify, with teachers: T, both distributions' softmax temperature
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
   max_decode_len: int = 64  # translate: most tokens a translation may have
@@ -129,6 +133,7 @@ TASK_KEYS = {
     "decode_batch_size": ("translate",),
     "text_field": ("classify",), "label_field": ("classify",), "pooling": ("classify",),
     "head_dropout": ("classify",), "word_dropout": ("classify",), "backward": ("classify",),
+    "teachers": ("classify",), "distill_weight": ("classify",), "distill_temperature": ("classify",),
     "max_len": ("classify", "translate"), "label_smoothing": ("classify", "translate"),
     "prefix_lm": ("classify", "translate"),
 }
@@ -221,6 +226,8 @@ RANGES = {
     "task.label_smoothing": (0, 1, "in [0, 1)", "open-high"),
     "task.head_dropout": (0, 1, "in [0, 1)", "open-high"),
     "task.word_dropout": (0, 1, "in [0, 1)", "open-high"),
+    "task.distill_weight": (0, 1, "in [0, 1]"),
+    "task.distill_temperature": (0, None, "> 0", "open"),
     "task.beam_size": (1, None, "≥ 1"),
     "task.length_penalty": (0, None, "≥ 0"),
     "task.max_decode_len": (1, None, "≥ 1"),
@@ -304,6 +311,10 @@ def validate(cfg: Config) -> Config:
       shown = str(value).lower() if isinstance(value, bool) else value
       raise UserError(f"config: task.{key}={shown} is for task.kind={' or '.join(kinds)}, not {cfg.task.kind} "
                       "(it would be ignored)")
+  for key in ("distill_weight", "distill_temperature"):
+    if not cfg.task.teachers and getattr(cfg.task, key) != getattr(defaults, key):
+      raise UserError(f"config: task.{key} is for distillation from task.teachers, which is not set (it would be "
+                      "ignored)")
   if cfg.train.eval_estimator == "random_windows" and cfg.task.kind != "lm":
     raise UserError(f"config: train.eval_estimator=random_windows is for task.kind=lm (windows of a text), not "
                     f"{cfg.task.kind}")

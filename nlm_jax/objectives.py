@@ -48,6 +48,20 @@ def classification_nll(logits_BxC: Array, labels_B: Array, mask_B: Array | None 
                         None if mask_B is None else mask_B[:, None], label_smoothing)
 
 
+def distillation_kl(logits_BxC: Array, soft_BxC: Array, temperature: float = 1.0,
+                    mask_B: Array | None = None) -> tuple[Array, Array]:
+  """Summed T² · KL(q_b ‖ softmax(logits_b / T)) over the examples, and their count: knowledge
+  distillation's soft-target loss (Hinton et al. 2015), with `soft` the teachers' class
+  distributions q at the same temperature T (T² keeps its gradients' scale as T changes)."""
+  dtype = jnp.promote_types(logits_BxC.dtype, jnp.float32)
+  log_p_BxC = jax.nn.log_softmax(logits_BxC.astype(dtype) / temperature, axis=-1)
+  kl_B = optax.losses.kl_divergence(log_p_BxC, soft_BxC.astype(dtype)) * temperature**2
+  if mask_B is None:
+    return kl_B.sum(), jnp.asarray(kl_B.size, jnp.float32)
+  mask_B = mask_B.astype(jnp.float32)
+  return (kl_B * mask_B).sum(), mask_B.sum()
+
+
 def perplexity(nll_sum, count):
   """exp(mean NLL)."""
   return jnp.exp(nll_sum / count)

@@ -372,6 +372,94 @@ def test_eval_soup_scores_the_runs_averaged_parameters_as_one_network(tmp_path, 
   expect_error("eval", "--workdir", tmp_path / "a", "--soup", must_mention="at least two runs")
 
 
+def test_distillation_kl_matches_numpy():
+  """T² · KL(q ‖ softmax(z / T)) per example, weighted, summed; zero where the model is the teacher."""
+  from nlm_jax.objectives import distillation_kl
+
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(5, 3)).astype(np.float32) * 2
+  q = rng.dirichlet(np.ones(3), size=5).astype(np.float32)
+  q[1] = [0.0, 0.25, 0.75]  # a zero target probability adds nothing (0 · log 0 = 0)
+  weights = np.array([1, 1, 0, 1, 0.5], np.float32)
+  for T in (1.0, 2.5):
+    z = logits / T - (logits / T).max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    kl = (q * (np.log(np.where(q > 0, q, 1.0)) - log_p)).sum(1)
+    total, count = distillation_kl(jnp.asarray(logits), jnp.asarray(q), T, jnp.asarray(weights))
+    np.testing.assert_allclose(float(total), T**2 * (weights * kl).sum(), rtol=1e-5)
+    assert float(count) == 3.5
+  p = jax.nn.softmax(jnp.asarray(logits) / 2.0)
+  np.testing.assert_allclose(float(distillation_kl(jnp.asarray(logits), p, 2.0)[0]), 0.0, atol=1e-5)
+
+
+def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilities(tmp_path, sst):
+  """task.teachers: the soft targets are the teachers' probabilities on the training split, each
+  p^(1/T) renormalized, then averaged (NumPy here, from each teacher's own predictions); a training
+  batch carries its examples' targets, its loss is (1 − α)·NLL + α·T²·KL and the log splits it
+  (train_class_loss, train_distill_kl); α = 0 trains bitwise the run without teachers; a resume
+  whose teachers changed is refused, naming them; a teacher that cannot teach is a one-line error."""
+  from test_errors import expect_error
+  from nlm_jax.config import load_config
+  from nlm_jax.objectives import classification_nll, distillation_kl
+  from nlm_jax.training import trainer
+
+  for name, seed in (("a", 5), ("b", 6)):
+    train(*classify(tmp_path / name, sst, steps=20, seed=seed))
+  alpha, T = 0.7, 2.0
+  teachers = f"[{tmp_path / 'a'},{tmp_path / 'b'}]"
+  args = classify(tmp_path / "s", sst, steps=6, train__eval_every=3, task__teachers=teachers,
+                  task__distill_weight=alpha, task__distill_temperature=T)
+  run = trainer.make_run(load_config(None, args))
+  texts, labels = run.raw("train")
+  expected = 0.0
+  for name in "ab":
+    teacher, params, _ = trainer.load_run(tmp_path / name)
+    p = teacher.predict(params, texts).astype(np.float64)
+    expected = expected + p ** (1 / T) / (p ** (1 / T)).sum(1, keepdims=True) / 2
+  soft = run.soft_targets()
+  assert soft.shape == (len(texts), 2) and not np.allclose(soft, np.round(soft), atol=0.05)
+  np.testing.assert_allclose(soft, expected, rtol=2e-5)
+
+  indices = [7, 3, 250, 0, 41]
+  batch = run.collate(indices, "train", 8)  # the training iterator's batches are collate's
+  assert (batch["soft"][:5] == soft[indices]).all() and not batch["soft"][5:].any()
+  assert not run.collate([0, 1], "validation", 2)["soft"].any()  # evaluation reads the labels only
+  params = run.task.init(jax.random.key_data(jax.random.key(3))).params
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss_sum, count, _, extra = run.task._objective(params, b, None, None, deterministic=True)
+  logits = run.task._logits(params, b, None, deterministic=True)
+  nll = float(classification_nll(logits, b["labels"], b["weights"])[0])
+  kl = float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
+  assert kl > 0.01
+  np.testing.assert_allclose(float(loss_sum), (1 - alpha) * nll + alpha * kl, rtol=1e-5)
+
+  train(*args)
+  record = metrics(tmp_path / "s")[0]
+  np.testing.assert_allclose((1 - alpha) * record["train_class_loss"] + alpha * record["train_distill_kl"],
+                             record["train_loss"], rtol=1e-5)
+  plain = train(*classify(tmp_path / "plain", sst, steps=6, train__eval_every=3))
+  zero = train(*classify(tmp_path / "zero", sst, steps=6, train__eval_every=3, task__teachers=teachers,
+                         task__distill_weight=0))
+  assert zero["final_validation_loss"] == plain["final_validation_loss"]
+  assert_trees_equal(final_state(tmp_path / "zero")["params"], final_state(tmp_path / "plain")["params"])
+
+  train(*classify(tmp_path / "r", sst, steps=6, train__eval_every=3, task__teachers=teachers, train__stop_after=3))
+  train(*classify(tmp_path / "b", sst, steps=25, seed=6))  # teacher b trains on: other targets
+  expect_error("train", *classify(tmp_path / "r", sst, steps=6, train__eval_every=3, task__teachers=teachers),
+               must_mention="the teachers' soft targets (task.teachers) changed")
+  pretrain(tmp_path / "lm", sst, steps=2)
+  (tmp_path / "other").mkdir()
+  other = write_sentiment(tmp_path / "other", n_train=300)
+  train(*classify(tmp_path / "o", other, steps=2))
+  for teacher, message in ((tmp_path / "lm", "is a task.kind=lm run"), (tmp_path / "o", "another 'train' split"),
+                           (tmp_path / "none", "no nlm-jax run")):
+    expect_error("train", *classify(tmp_path / "x", sst, task__teachers=f"[{teacher}]"), must_mention=message)
+  for extra, message in ((dict(task__distill_weight=0.3), "task.distill_weight is for distillation"),
+                         (dict(task__teachers=teachers, task__distill_weight=1.5), "task.distill_weight=1.5")):
+    expect_error("train", *classify(tmp_path / "x", sst, **extra), must_mention=message)
+  assert not (tmp_path / "x").exists() or set(p.name for p in (tmp_path / "x").iterdir()) == {".lock"}
+
+
 @pytest.mark.parametrize("arch,backward", [("lstm", False), ("lstm", True), ("transformer", False)])
 def test_lm_weight_adds_each_text_s_mean_next_token_nll_of_its_own_words(tmp_path, sst, arch, backward):
   """finetune.lm_weight = λ (GPT-1's auxiliary objective): the training loss is the classification

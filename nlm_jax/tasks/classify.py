@@ -28,6 +28,15 @@ their output layers and training minimizes the classification NLL + λ × each t
 next-token NLL under each body (`text_lm_nll`; the backward body's over the reversed text): the
 words predicted are the text's own, before word dropout. Evaluation scores the classes only.
 
+With task.teachers = [run, ...] (knowledge distillation, Hinton et al. 2015; an ensemble's
+teachers: Buciluǎ et al. 2006), the teachers' class probabilities on every training example,
+softened to the temperature T (p^(1/T), renormalized) and averaged over them, are soft targets q:
+training minimizes (1 − α)·NLL(label) + α·T²·KL(q ‖ softmax(logits / T)) per text (α:
+task.distill_weight, T: task.distill_temperature). The teachers are classification runs of the same
+classes that read the same training split (each through its own tokenizer and network); their
+targets are computed once, when training starts, from their last checkpoints, and recorded in the
+run's data fingerprint (a resume with other teachers is refused like one with other data).
+
 With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
 to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
 parameters load the same.
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
 from typing import Optional
@@ -73,6 +83,7 @@ from nlm_jax.training.steps import LMTask, config_options
 
 Array = jax.Array
 LABELS_FILE = "labels.json"
+SOFT_TARGETS = "the teachers' soft targets (task.teachers)"  # their data-fingerprint entry
 
 
 # ----------------------------------------------------------------------------- data
@@ -246,8 +257,12 @@ class ClassifyTask(LMTask):
   batch_keys = ("inputs", "mask", "labels", "weights")
 
   def __init__(self, *args, smoothing: float = 0.0, word_dropout: float = 0.0, unk_id: Optional[int] = None,
-               keep_ids: tuple[int, ...] = (), lm_weight: float = 0.0, **kwargs):
+               keep_ids: tuple[int, ...] = (), lm_weight: float = 0.0, distill: Optional[tuple[float, float]] = None,
+               **kwargs):
     self.smoothing, self.lm_weight = smoothing, lm_weight
+    self.distill = distill  # (α, T): batches carry the teachers' soft targets, 'soft' (B, C)
+    if distill is not None:
+      self.batch_keys = ClassifyTask.batch_keys + ("soft",)
     self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
@@ -271,13 +286,18 @@ class ClassifyTask(LMTask):
   def _objective(self, params, batch, carry, key, deterministic: bool):
     """Σ over the batch's texts of the classification NLL, + λ × each text's mean next-token NLL
     under every body (finetune.lm_weight = λ; the backward body's over the reversed text). The
-    words the language model predicts are the text's own, before word dropout."""
+    words the language model predicts are the text's own, before word dropout. With teachers
+    (distill = (α, T)) the classification NLL is (1 − α)·NLL + α·T²·KL(soft targets ‖ model at T)."""
     logits_BxC, lm_logits = self._outputs(params, batch, key, deterministic)
     loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
     correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
     extra = {"correct": correct}
-    if lm_logits:
+    if lm_logits or self.distill is not None:
       extra["class_nll_sum"] = loss_sum
+    if self.distill is not None:
+      alpha, temperature = self.distill
+      extra["distill_kl_sum"], _ = objectives.distillation_kl(logits_BxC, batch["soft"], temperature, batch["weights"])
+      loss_sum = (1.0 - alpha) * loss_sum + alpha * extra["distill_kl_sum"]
     for name, logits_BxTxV in lm_logits.items():
       tokens_BxT = batch["inputs"] if name == "body" else reverse_texts(batch["inputs"], batch["mask"])
       extra[f"{name}_lm_nll_sum"] = text_lm_nll(logits_BxTxV, tokens_BxT, batch["mask"], batch["weights"])
@@ -287,11 +307,12 @@ class ClassifyTask(LMTask):
   def train_scores(self, metrics: list[dict]) -> dict:
     """train_accuracy of the micro-batches since the last log; with finetune.lm_weight also the two
     parts of train_loss: train_class_loss (the classification loss, smoothed as trained) and, per body, its mean
-    next-token NLL per text (train_lm_loss, train_lm_loss_backward)."""
+    next-token NLL per text (train_lm_loss, train_lm_loss_backward); with task.teachers the
+    classification loss and train_distill_kl (T² · the KL from the teachers' soft targets)."""
     count = sum(float(m["count"]) for m in metrics)
     out = {"train_accuracy": sum(float(m["correct"]) for m in metrics) / count}
     for key, name in (("class_nll_sum", "train_class_loss"), ("body_lm_nll_sum", "train_lm_loss"),
-                      ("body_backward_lm_nll_sum", "train_lm_loss_backward")):
+                      ("body_backward_lm_nll_sum", "train_lm_loss_backward"), ("distill_kl_sum", "train_distill_kl")):
       if key in metrics[0]:
         out[name] = sum(float(m[key]) for m in metrics) / count
     return out
@@ -353,7 +374,8 @@ class ClassifyRun(ExamplesRun):
     self.task = ClassifyTask(self.model, self.tx, optim.plateau(cfg.optim), self.mesh, d.batch_size, False,
                              example_len=min(8, t.max_len), **config_options(cfg), freeze=frozen,
                              smoothing=t.label_smoothing, word_dropout=t.word_dropout, unk_id=unk_id, keep_ids=keep_ids,
-                             lm_weight=cfg.finetune.lm_weight)
+                             lm_weight=cfg.finetune.lm_weight,
+                             distill=(t.distill_weight, t.distill_temperature) if t.teachers else None)
 
   def retired_params(self, names: tuple[str, ...]) -> bool:
     """Whether a parameter is one classifiers no longer keep: the language model's output layer
@@ -395,7 +417,44 @@ class ClassifyRun(ExamplesRun):
 
   def collate(self, indices: list[int], split: str, rows: int) -> dict[str, np.ndarray]:
     ids, labels = self.examples(split)
-    return collate([ids[i] for i in indices], labels[indices], rows, self.cfg.task.max_len)
+    batch = collate([ids[i] for i in indices], labels[indices], rows, self.cfg.task.max_len)
+    if self.cfg.task.teachers:  # every batch has the key; only training reads it (other splits: zeros)
+      batch["soft"] = np.zeros((rows, len(self.labels)), np.float32)
+      if split == self.cfg.data.train_split:
+        batch["soft"][:len(indices)] = self.soft_targets()[indices]
+    return batch
+
+  def soft_targets(self) -> np.ndarray:
+    """The teachers' (task.teachers) class distributions (N, C) on the training split, at
+    temperature T: each teacher's probabilities p^(1/T) renormalized, averaged over them (cached)."""
+    if "_soft" not in self.__dict__:
+      from nlm_jax.training import trainer
+
+      t, split = self.cfg.task, self.cfg.data.train_split
+      texts, labels = self.raw(split)
+      total = None
+      for path in t.teachers:
+        run, params, _ = trainer.load_run(path, mesh=self.mesh)
+        if run.cfg.task.kind != "classify":
+          raise UserError(f"task.teachers: {path} is a task.kind={run.cfg.task.kind} run, not a classifier")
+        if run.labels != self.labels:
+          raise UserError(f"task.teachers: {path} has the classes {run.labels}, this run {self.labels}")
+        if run.raw(split) != (texts, labels):
+          raise UserError(f"task.teachers: {path} reads another {split!r} split than this run (its data.files, "
+                          "data.tfds or data.max_examples differ)")
+        log_p = np.log(np.maximum(run.split_probabilities(params, split).astype(np.float64), np.finfo(np.float64).tiny))
+        q = np.exp((log_p - log_p.max(1, keepdims=True)) / t.distill_temperature)
+        q /= q.sum(1, keepdims=True)
+        total = q if total is None else total + q
+      self._soft = (total / len(t.teachers)).astype(np.float32)
+    return self._soft
+
+  def data_fingerprint(self, splits: Optional[list[str]] = None) -> dict[str, str]:
+    """The splits' fingerprints; when training from task.teachers also their soft targets'."""
+    out = super().data_fingerprint(splits)
+    if self.cfg.task.teachers and splits is None:
+      out[SOFT_TARGETS] = hashlib.sha256(np.ascontiguousarray(self.soft_targets()).tobytes()).hexdigest()[:16]
+    return out
 
   def evaluate(self, params, split: str, max_batches: Optional[int], seed: int = 0, batching=None) -> dict:
     """Loss (mean NLL), accuracy, and per class the examples and the correct ones, over a split

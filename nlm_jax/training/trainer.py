@@ -407,8 +407,9 @@ def _check_data(workdir: str, fingerprint: dict, resuming: bool, allow_change: b
       raise UserError(f"{path} is unreadable ({e}); delete it to resume without the data check") from None
     changed = [s for s in fingerprint if saved.get(s) not in (None, fingerprint[s])]
     if changed:
-      what = f"the {changed[0]!r} split's text changed since this run started (token fingerprint " \
-             f"{saved[changed[0]]} then, {fingerprint[changed[0]]} now)"
+      key = changed[0]  # a split's name, or what else was fingerprinted ("the teachers' soft targets ...")
+      thing = key if key.startswith("the ") else f"the {key!r} split's text"
+      what = f"{thing} changed since this run started (fingerprint {saved[key]} then, {fingerprint[key]} now)"
       if not allow_change:
         raise UserError(f"{what}; restore the data, use a new workdir, or set train.allow_data_change=true")
       ckpt_lib.warn(f"{what}; continuing (train.allow_data_change=true)")
