@@ -442,7 +442,7 @@ class ClassifyRun(ExamplesRun):
         if run.raw(split) != (texts, labels):
           raise UserError(f"task.teachers: {path} reads another {split!r} split than this run (its data.files, "
                           "data.tfds or data.max_examples differ)")
-        log_p = np.log(np.maximum(run.split_probabilities(params, split).astype(np.float64), np.finfo(np.float64).tiny))
+        log_p = np.log(np.maximum(run.split_probabilities(params, split, by_length=True).astype(np.float64), np.finfo(np.float64).tiny))
         q = np.exp((log_p - log_p.max(1, keepdims=True)) / t.distill_temperature)
         q /= q.sum(1, keepdims=True)
         total = q if total is None else total + q
@@ -475,14 +475,18 @@ class ClassifyRun(ExamplesRun):
     batch = collate(ids, np.zeros(len(ids), np.int32), len(ids), self.cfg.task.max_len)
     return np.asarray(jax.jit(self.task.predict)(params, batch["inputs"], batch["mask"]))
 
-  def split_probabilities(self, params, split: str) -> np.ndarray:
+  def split_probabilities(self, params, split: str, by_length: bool = False) -> np.ndarray:
     """Class probabilities (N, C) of every example of a split, in the split's order (the batches
-    `evaluate` reads)."""
+    `evaluate` reads; `by_length`: computed in batches of similar length, less padding to read)."""
+    order = np.argsort([len(x) for x in self.examples(split)[0]], kind="stable") if by_length else None
     predict, out = jax.jit(self.task.predict), []
-    for batch, n in self.eval_batches(split):
+    for batch, n in self.eval_batches(split, order=order):
       probs_BxC = predict(params, batch["inputs"], batch["mask"])
       out.append(np.asarray(multihost_utils.process_allgather(probs_BxC, tiled=True))[:n])
-    return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+    probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+    if order is not None:  # row k is example order[k]'s
+      probs[order] = probs.copy()
+    return probs
 
 
 def ensemble(members: list, split: str) -> dict:

@@ -77,16 +77,18 @@ class ExamplesRun:
     return iter(pipeline.length_bucketed(lengths, self.cfg.data.batch_size, self.cfg.seed, self.rows,
                                          lambda chosen: self.collate(chosen, split, len(chosen))))
 
-  def eval_batches(self, split: str, max_batches: Optional[int] = None):
+  def eval_batches(self, split: str, max_batches: Optional[int] = None, order: Optional[np.ndarray] = None):
     """(global batch, its number of real examples) for a split's evaluation batches (all of them,
-    or the first `max_batches`), in the split's order: data.eval_batch_size examples each (the
-    same ones on any mesh), padded with weight-0 rows to the mesh's rows (`eval_batch_size`)."""
+    or the first `max_batches`), in the split's order (or the examples `order` lists):
+    data.eval_batch_size examples each (the same ones on any mesh), padded with weight-0 rows to
+    the mesh's rows (`eval_batch_size`)."""
     n = len(self.examples(split)[0])
+    order = np.arange(n) if order is None else np.asarray(order)
     L, B = self.cfg.data.eval_rows, self.eval_batch_size()
     rows = parallel.process_rows(B, self.mesh)
     n_batches = -(-n // L) if max_batches is None else min(-(-n // L), max_batches)
     for k in range(n_batches):
-      local = self.collate(list(range(k * L, min((k + 1) * L, n))), split, B)
+      local = self.collate(order[k * L:(k + 1) * L].tolist(), split, B)
       yield self.global_batch({key: v[rows] for key, v in local.items()}, B), min(L, n - k * L)
 
   def eval_sums(self, params, split: str, max_batches: Optional[int]) -> dict:
