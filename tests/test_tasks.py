@@ -452,7 +452,7 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   other = write_sentiment(tmp_path / "other", n_train=300)
   train(*classify(tmp_path / "o", other, steps=2))
   for teacher, message in ((tmp_path / "lm", "is a task.kind=lm run"), (tmp_path / "o", "another 'train' split"),
-                           (tmp_path / "none", "no nlm-jax run")):
+                           (tmp_path / "none", "no nlm-jax run"), (tmp_path / "x", "its own teacher")):
     expect_error("train", *classify(tmp_path / "x", sst, task__teachers=f"[{teacher}]"), must_mention=message)
   for extra, message in ((dict(task__distill_weight=0.3), "task.distill_weight is for distillation"),
                          (dict(task__teachers=teachers, task__distill_weight=1.5), "task.distill_weight=1.5")):

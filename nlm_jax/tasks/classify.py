@@ -434,6 +434,8 @@ class ClassifyRun(ExamplesRun):
       texts, labels = self.raw(split)
       total = None
       for path in t.teachers:
+        if os.path.abspath(os.path.expanduser(path)) == os.path.abspath(os.path.expanduser(self.cfg.workdir)):
+          raise UserError(f"task.teachers: {path} is this run's own workdir; a run cannot be its own teacher")
         run, params, _ = trainer.load_run(path, mesh=self.mesh)
         if run.cfg.task.kind != "classify":
           raise UserError(f"task.teachers: {path} is a task.kind={run.cfg.task.kind} run, not a classifier")
