@@ -280,3 +280,25 @@ def test_two_processes_match_one_process(tmp_path, task):
   np.testing.assert_allclose([r["val_loss"] for r in two if "val_loss" in r],
                              [r["val_loss"] for r in one if "val_loss" in r], rtol=1e-5)
   assert os.path.isdir(tmp_path / "two" / "checkpoints" / str(one[-1]["step"]))
+
+
+def test_a_process_loads_only_the_rows_its_devices_hold(monkeypatch):
+  """process_rows: the block of a global batch this process's devices hold under the batch
+  sharding (here devices holding rows 8-11 and 12-15 of 16, as process 1 of 2 on a data axis of
+  4), the whole batch where every device holds it (a tensor axis across processes), and a one-line
+  error for rows that are not one block."""
+  from nlm_jax import parallel
+  from nlm_jax.errors import UserError
+
+  def holding(*blocks):
+    stub = type("Sharding", (), {"addressable_devices_indices_map": lambda self, shape: {
+        d: (slice(a, b),) for d, (a, b) in enumerate(blocks)}})
+    monkeypatch.setattr(parallel, "batch_sharding", lambda mesh: stub())
+
+  holding((8, 12), (12, 16))
+  assert parallel.process_rows(16, mesh=None) == slice(8, 16)
+  holding((None, None), (None, None))  # every device holds the whole batch
+  assert parallel.process_rows(16, mesh=None) == slice(0, 16)
+  holding((0, 4), (8, 12))
+  with pytest.raises(UserError, match="not one block"):
+    parallel.process_rows(16, mesh=None)
