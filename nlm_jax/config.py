@@ -116,7 +116,7 @@ class TaskConfig:
   backward: bool = False  # classify: a second body reads the text right to left; the head reads both (ELMo)
   teachers: List[str] = dataclasses.field(default_factory=list)  # classify: runs (workdirs) whose averaged class
   #   probabilities on the training split are soft targets (knowledge distillation; their last checkpoints)
-  distill_weight: float = 0.5  # classify, with teachers: α, the loss is (1 − α)·NLL(label) + α·T²·KL(teachers ‖ model)
+  distill_weight: float = 0.5  # classify, with teachers: α; the loss is (1 − α)·NLL + α·T²·KL(teachers ‖ model)
   distill_temperature: float = 1.0  # classify, with teachers: T, both distributions' softmax temperature
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)

@@ -444,7 +444,8 @@ class ClassifyRun(ExamplesRun):
         if run.raw(split) != (texts, labels):
           raise UserError(f"task.teachers: {path} reads another {split!r} split than this run (its data.files, "
                           "data.tfds or data.max_examples differ)")
-        log_p = np.log(np.maximum(run.split_probabilities(params, split, by_length=True).astype(np.float64), np.finfo(np.float64).tiny))
+        p_NxC = run.split_probabilities(params, split, by_length=True).astype(np.float64)
+        log_p = np.log(np.maximum(p_NxC, np.finfo(np.float64).tiny))
         q = np.exp((log_p - log_p.max(1, keepdims=True)) / t.distill_temperature)
         q /= q.sum(1, keepdims=True)
         total = q if total is None else total + q
