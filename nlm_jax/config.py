@@ -118,6 +118,8 @@ class TaskConfig:
   #   probabilities on the training split are soft targets (knowledge distillation; their last checkpoints)
   distill_weight: float = 0.5  # classify, with teachers: α; the loss is (1 − α)·NLL + α·T²·KL(teachers ‖ model)
   distill_temperature: float = 1.0  # classify, with teachers: T, both distributions' softmax temperature
+  transfer_copies: int = 0  # classify, with teachers: k masked copies of each training text, soft targets only
+  transfer_mask: float = 0.1  # classify, with transfer_copies: each word of a copy is <unk> with this probability
   beam_size: int = 4  # translate: beams of the search (1 = greedy)
   length_penalty: float = 0.6  # translate: α of GNMT's ((5 + n)/6)^α (0 = none)
   max_decode_len: int = 64  # translate: most tokens a translation may have
@@ -134,6 +136,7 @@ TASK_KEYS = {
     "text_field": ("classify",), "label_field": ("classify",), "pooling": ("classify",),
     "head_dropout": ("classify",), "word_dropout": ("classify",), "backward": ("classify",),
     "teachers": ("classify",), "distill_weight": ("classify",), "distill_temperature": ("classify",),
+    "transfer_copies": ("classify",), "transfer_mask": ("classify",),
     "max_len": ("classify", "translate"), "label_smoothing": ("classify", "translate"),
     "prefix_lm": ("classify", "translate"),
 }
@@ -228,6 +231,8 @@ RANGES = {
     "task.word_dropout": (0, 1, "in [0, 1)", "open-high"),
     "task.distill_weight": (0, 1, "in [0, 1]"),
     "task.distill_temperature": (0, None, "> 0", "open"),
+    "task.transfer_copies": (0, None, "≥ 0"),
+    "task.transfer_mask": (0, 1, "in [0, 1]"),
     "task.beam_size": (1, None, "≥ 1"),
     "task.length_penalty": (0, None, "≥ 0"),
     "task.max_decode_len": (1, None, "≥ 1"),
@@ -311,10 +316,12 @@ def validate(cfg: Config) -> Config:
       shown = str(value).lower() if isinstance(value, bool) else value
       raise UserError(f"config: task.{key}={shown} is for task.kind={' or '.join(kinds)}, not {cfg.task.kind} "
                       "(it would be ignored)")
-  for key in ("distill_weight", "distill_temperature"):
+  for key in ("distill_weight", "distill_temperature", "transfer_copies", "transfer_mask"):
     if not cfg.task.teachers and getattr(cfg.task, key) != getattr(defaults, key):
       raise UserError(f"config: task.{key} is for distillation from task.teachers, which is not set (it would be "
                       "ignored)")
+  if cfg.task.transfer_mask != defaults.transfer_mask and not cfg.task.transfer_copies:
+    raise UserError("config: task.transfer_mask is for task.transfer_copies ≥ 1, which is 0 (it would be ignored)")
   if cfg.train.eval_estimator == "random_windows" and cfg.task.kind != "lm":
     raise UserError(f"config: train.eval_estimator=random_windows is for task.kind=lm (windows of a text), not "
                     f"{cfg.task.kind}")

@@ -401,6 +401,7 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   from test_errors import expect_error
   from nlm_jax.config import load_config
   from nlm_jax.objectives import classification_nll, distillation_kl
+  from nlm_jax.tasks.classify import MASK, TRANSFER, mask_copies
   from nlm_jax.training import trainer
 
   for name, seed in (("a", 5), ("b", 6)):
@@ -443,6 +444,49 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   assert zero["final_validation_loss"] == plain["final_validation_loss"]
   assert_trees_equal(final_state(tmp_path / "zero")["params"], final_state(tmp_path / "plain")["params"])
 
+  # A transfer set (task.transfer_copies): masked copies of the training texts, taught by the teachers alone
+  copies = mask_copies(texts, 2, 0.25, seed=7)  # the student's seed below
+  assert len(copies) == 2 * len(texts) and copies == mask_copies(texts, 2, 0.25, 7) != mask_copies(texts, 2, 0.25, 3)
+  for text, copy in zip(texts * 2, copies):  # copy-major: every text's first copy, then every second one
+    words, read = text.split(), copy.split()
+    assert len(read) == len(words) and MASK in read and all(r in (w, MASK) for w, r in zip(words, read))
+  assert all(c.split().count(MASK) == 1 for c in mask_copies(texts, 1, 0.0, 2))  # one word at least, at rate 0
+  share = sum(c.split().count(MASK) for c in copies) / sum(len(c.split()) for c in copies)
+  assert 0.25 < share < 0.4  # each word at 0.25, and one per copy besides
+  args = classify(tmp_path / "t", sst, steps=6, train__eval_every=3, task__teachers=teachers, task__distill_weight=alpha,
+                  task__distill_temperature=T, task__transfer_copies=2, task__transfer_mask=0.25, seed=7)
+  run = trainer.make_run(load_config(None, args))
+  assert run.train_source() == TRANSFER and run.transfer_texts() == copies
+  on_copies = 0.0
+  for name in "ab":
+    teacher, params, _ = trainer.load_run(tmp_path / name)
+    p = teacher.predict(params, copies).astype(np.float64)
+    on_copies = on_copies + p ** (1 / T) / (p ** (1 / T)).sum(1, keepdims=True) / 2
+  soft = run.soft_targets()
+  np.testing.assert_allclose(soft, np.concatenate([expected, on_copies]), rtol=2e-5)
+  n, unk = len(texts), run.tokenizer.unk_id
+  indices = [5, n + 5, 2 * n + 9, 1]
+  batch = run.collate(indices, TRANSFER, 6)
+  assert batch["labelled"].tolist() == [1, 0, 0, 1, 0, 0] and batch["weights"].tolist() == [1, 1, 1, 1, 0, 0]
+  assert (batch["soft"][:4] == soft[indices]).all() and not batch["soft"][4:].any()
+  unks = ((batch["inputs"] == unk) & (batch["mask"] > 0)).sum(1)  # <unk> is also the padding's id
+  assert unks[1] == copies[5].split().count(MASK) > unks[0]
+  assert run.collate(indices[:1], "train", 2)["labelled"].tolist() == [1, 0]
+  params = run.task.init(jax.random.key_data(jax.random.key(3))).params
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss_sum, count, _, extra = run.task._objective(params, b, None, None, deterministic=True)
+  logits = run.task._logits(params, b, None, deterministic=True)
+  nll = float(classification_nll(logits, b["labels"], b["labelled"])[0])
+  kl = float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
+  assert float(count) == 4 and float(extra["labelled"]) == 2
+  np.testing.assert_allclose(float(loss_sum), (1 - alpha) * nll + alpha * kl, rtol=1e-5)
+  straight = train(*args)  # and a resume on the transfer set is exact
+  args = [f"workdir={tmp_path / 't2'}"] + args[1:]  # classify's first is the workdir
+  train(*args, "train.stop_after=3")
+  resumed = train(*args)
+  assert resumed["final_validation_loss"] == straight["final_validation_loss"]
+  assert_trees_equal(final_state(tmp_path / "t"), final_state(tmp_path / "t2"))
+
   train(*classify(tmp_path / "r", sst, steps=6, train__eval_every=3, task__teachers=teachers, train__stop_after=3))
   train(*classify(tmp_path / "b", sst, steps=21, seed=6))  # teacher b trains on: other targets
   expect_error("train", *classify(tmp_path / "r", sst, steps=6, train__eval_every=3, task__teachers=teachers),
@@ -451,11 +495,18 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   (tmp_path / "other").mkdir()
   other = write_sentiment(tmp_path / "other", n_train=300)
   train(*classify(tmp_path / "o", other, steps=2))
+  train(*classify(tmp_path / "bytes", sst, steps=2, tokenizer__kind="byte"))
   for teacher, message in ((tmp_path / "lm", "is a task.kind=lm run"), (tmp_path / "o", "another 'train' split"),
                            (tmp_path / "none", "no nlm-jax run"), (tmp_path / "x", "its own teacher")):
     expect_error("train", *classify(tmp_path / "x", sst, task__teachers=f"[{teacher}]"), must_mention=message)
   for extra, message in ((dict(task__distill_weight=0.3), "task.distill_weight is for distillation"),
-                         (dict(task__teachers=teachers, task__distill_weight=1.5), "task.distill_weight=1.5")):
+                         (dict(task__teachers=teachers, task__distill_weight=1.5), "task.distill_weight=1.5"),
+                         (dict(task__transfer_copies=1), "task.transfer_copies is for distillation"),
+                         (dict(task__teachers=teachers, task__transfer_mask=0.3), "task.transfer_mask is for"),
+                         (dict(task__teachers=teachers, task__transfer_copies=1, tokenizer__kind="byte"),
+                          "needs tokenizer.kind=word"),
+                         (dict(task__teachers=f"[{tmp_path / 'bytes'}]", task__transfer_copies=1),
+                          "reads text with a byte tokenizer")):
     expect_error("train", *classify(tmp_path / "x", sst, **extra), must_mention=message)
   assert not (tmp_path / "x").exists() or set(p.name for p in (tmp_path / "x").iterdir()) == {".lock"}
 

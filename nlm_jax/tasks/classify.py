@@ -36,6 +36,12 @@ task.distill_weight, T: task.distill_temperature). The teachers are classificati
 classes that read the same training split (each through its own tokenizer and network); their
 targets are computed once, when training starts, from their last checkpoints, and recorded in the
 run's data fingerprint (a resume with other teachers is refused like one with other data).
+With task.transfer_copies = k, training also reads a *transfer set* (Tang et al. 2019, who distil
+BERT into a BiLSTM on SST-2 this way): k copies of each training text, each word of a copy replaced
+by <unk> with probability task.transfer_mask (and one word at least), drawn once from the run's
+seed. A copy has no label (masking may remove what the label rests on): its loss is α·T²·KL(teachers'
+targets on the copy ‖ model) alone. The teachers are unsure of such texts, so their targets there
+say more than the labels do. Masking needs word tokenizers (the run's and the teachers').
 
 With task.prefix_lm (a Transformer), the text is read as a prefix LM's prefix: every token attends
 to every token of the text (not to the padding), as in an encoder; the pretrained causal LM's
@@ -84,6 +90,9 @@ from nlm_jax.training.steps import LMTask, config_options
 Array = jax.Array
 LABELS_FILE = "labels.json"
 SOFT_TARGETS = "the teachers' soft targets (task.teachers)"  # their data-fingerprint entry
+TRANSFER = "<train+transfer>"  # the examples training reads with task.transfer_copies: the split, then the copies
+TEXTS = "<texts>"  # `text_probabilities`' texts, while they are read
+MASK = "<unk>"  # a masked word of a transfer copy: a word tokenizer's unknown word
 
 
 # ----------------------------------------------------------------------------- data
@@ -157,6 +166,35 @@ def collate(ids: list[np.ndarray], labels: np.ndarray, rows: int, max_len: int) 
   out_labels[:len(ids)] = labels
   weights = (np.arange(rows) < len(ids)).astype(np.float32)
   return {"inputs": inputs, "mask": mask, "labels": out_labels, "weights": weights}
+
+
+def mask_copies(texts: list[str], copies: int, rate: float, seed: int) -> list[str]:
+  """`copies` copies of each text, all texts' first copies, then their second ones, ...: in each,
+  one word (whitespace-separated) chosen uniformly and each other word with probability `rate` is
+  replaced by MASK (a text without words stays empty). The same texts, copies, rate and seed give
+  the same copies."""
+  rng, out = np.random.default_rng([seed, 0x7472616E73666572]), []  # 'transfer'
+  for _ in range(copies):
+    for text in texts:
+      words = text.split()
+      if words:
+        masked = rng.random(len(words)) < rate
+        masked[rng.integers(len(words))] = True
+        words = [MASK if m else w for w, m in zip(words, masked)]
+      out.append(" ".join(words))
+  return out
+
+
+def mismatch(run, labels: list[str], split: str, raw: tuple) -> Optional[str]:
+  """Why a run cannot be scored beside (or teach) classifiers of `labels` reading `raw` as their
+  `split` split, or None: it is no classifier, has other classes, or reads another split."""
+  if run.cfg.task.kind != "classify":
+    return f"is a task.kind={run.cfg.task.kind} run, not a classifier"
+  if run.labels != labels:
+    return f"has the classes {run.labels}, not {labels}"
+  if run.raw(split) != raw:
+    return f"reads another {split!r} split (its data.files, data.tfds or data.max_examples differ)"
+  return None
 
 
 # ----------------------------------------------------------------------------- model
@@ -260,9 +298,9 @@ class ClassifyTask(LMTask):
                keep_ids: tuple[int, ...] = (), lm_weight: float = 0.0, distill: Optional[tuple[float, float]] = None,
                **kwargs):
     self.smoothing, self.lm_weight = smoothing, lm_weight
-    self.distill = distill  # (α, T): batches carry the teachers' soft targets, 'soft' (B, C)
-    if distill is not None:
-      self.batch_keys = ClassifyTask.batch_keys + ("soft",)
+    self.distill = distill  # (α, T): batches carry the teachers' soft targets, 'soft' (B, C), and
+    if distill is not None:  # which rows have a label, 'labelled' (B,): 0 on transfer copies and padding
+      self.batch_keys = ClassifyTask.batch_keys + ("soft", "labelled")
     self.word_dropout, self.unk_id, self.keep_ids = word_dropout, unk_id, keep_ids
     super().__init__(*args, **kwargs)
 
@@ -287,16 +325,21 @@ class ClassifyTask(LMTask):
     """Σ over the batch's texts of the classification NLL, + λ × each text's mean next-token NLL
     under every body (finetune.lm_weight = λ; the backward body's over the reversed text). The
     words the language model predicts are the text's own, before word dropout. With teachers
-    (distill = (α, T)) the classification NLL is (1 − α)·NLL + α·T²·KL(soft targets ‖ model at T)."""
+    (distill = (α, T)) the classification NLL is (1 − α)·NLL + α·T²·KL(soft targets ‖ model at T),
+    and a text without a label (a transfer copy) has the second term only; the loss is the mean
+    over all texts."""
     logits_BxC, lm_logits = self._outputs(params, batch, key, deterministic)
-    loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], batch["weights"], self.smoothing)
-    correct, _ = objectives.accuracy(logits_BxC, batch["labels"], batch["weights"])
+    labelled_B = batch["labelled"] if self.distill is not None else batch["weights"]
+    loss_sum, count = objectives.classification_nll(logits_BxC, batch["labels"], labelled_B, self.smoothing)
+    correct, _ = objectives.accuracy(logits_BxC, batch["labels"], labelled_B)
     extra = {"correct": correct}
     if lm_logits or self.distill is not None:
       extra["class_nll_sum"] = loss_sum
     if self.distill is not None:
       alpha, temperature = self.distill
-      extra["distill_kl_sum"], _ = objectives.distillation_kl(logits_BxC, batch["soft"], temperature, batch["weights"])
+      extra["labelled"] = count
+      extra["distill_kl_sum"], count = objectives.distillation_kl(logits_BxC, batch["soft"], temperature,
+                                                                  batch["weights"])
       loss_sum = (1.0 - alpha) * loss_sum + alpha * extra["distill_kl_sum"]
     for name, logits_BxTxV in lm_logits.items():
       tokens_BxT = batch["inputs"] if name == "body" else reverse_texts(batch["inputs"], batch["mask"])
@@ -308,13 +351,16 @@ class ClassifyTask(LMTask):
     """train_accuracy of the micro-batches since the last log; with finetune.lm_weight also the two
     parts of train_loss: train_class_loss (the classification loss, smoothed as trained) and, per body, its mean
     next-token NLL per text (train_lm_loss, train_lm_loss_backward); with task.teachers the
-    classification loss and train_distill_kl (T² · the KL from the teachers' soft targets)."""
+    classification loss and train_distill_kl (T² · the KL from the teachers' soft targets). The
+    accuracy and classification loss are over the texts with a label (not the transfer copies)."""
     count = sum(float(m["count"]) for m in metrics)
-    out = {"train_accuracy": sum(float(m["correct"]) for m in metrics) / count}
-    for key, name in (("class_nll_sum", "train_class_loss"), ("body_lm_nll_sum", "train_lm_loss"),
-                      ("body_backward_lm_nll_sum", "train_lm_loss_backward"), ("distill_kl_sum", "train_distill_kl")):
+    labelled = sum(float(m["labelled"]) for m in metrics) if "labelled" in metrics[0] else count
+    out = {"train_accuracy": sum(float(m["correct"]) for m in metrics) / max(labelled, 1.0)}
+    for key, name, n in (("class_nll_sum", "train_class_loss", labelled), ("body_lm_nll_sum", "train_lm_loss", count),
+                         ("body_backward_lm_nll_sum", "train_lm_loss_backward", count),
+                         ("distill_kl_sum", "train_distill_kl", count)):
       if key in metrics[0]:
-        out[name] = sum(float(m[key]) for m in metrics) / count
+        out[name] = sum(float(m[key]) for m in metrics) / max(n, 1.0)
     return out
 
   def _eval_metrics(self, params, carry, batch):
@@ -364,6 +410,9 @@ class ClassifyRun(ExamplesRun):
     self.model = Classifier(self.model_cfg, len(self.labels), t.pooling, t.head_dropout, t.prefix_lm, t.backward,
                             lm_outputs=cfg.finetune.lm_weight > 0)
     unk_id = getattr(self.tokenizer, "unk_id", None)
+    if t.transfer_copies and self.tokenizer.kind != "word":
+      raise UserError(f"task.transfer_copies masks words as {MASK}, which needs tokenizer.kind=word; this run's "
+                      f"tokenizer is {self.tokenizer.kind}")
     if t.word_dropout and unk_id is None:
       raise UserError(f"task.word_dropout needs a tokenizer with an unknown-word token (word, sentencepiece); "
                       f"tokenizer.kind={self.tokenizer.kind} has none")
@@ -398,8 +447,22 @@ class ClassifyRun(ExamplesRun):
   def read_tfds(self, split: str) -> tuple[list[str], list[str]]:
     return read_tfds(self.cfg.data, split, self.cfg.task.text_field, self.cfg.task.label_field)
 
+  def train_source(self) -> str:
+    """What training reads: the training split, and with task.transfer_copies its copies (TRANSFER)."""
+    return TRANSFER if self.cfg.task.transfer_copies else self.cfg.data.train_split
+
+  def transfer_texts(self) -> list[str]:
+    """The transfer set: task.transfer_copies masked copies of each training text (`mask_copies`)."""
+    t = self.cfg.task
+    return mask_copies(self.raw(self.cfg.data.train_split)[0], t.transfer_copies, t.transfer_mask, self.cfg.seed)
+
   def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """(token ids of each text, class index of each label) of a split."""
+    """(token ids of each text, class index of each label) of a split; TRANSFER: the training
+    split's, then its transfer copies' (class 0: they have none, see `collate`'s 'labelled')."""
+    if split == TRANSFER and split not in self._splits:
+      ids, labels = self.examples(self.cfg.data.train_split)
+      copies = encode_texts(self.tokenizer, self.transfer_texts(), self.cfg.task.max_len)
+      self._splits[split] = ids + copies, np.concatenate([labels, np.zeros(len(copies), np.int32)])
     if split not in self._splits:
       texts, labels = self.raw(split)
       index = {label: i for i, label in enumerate(self.labels)}
@@ -418,33 +481,39 @@ class ClassifyRun(ExamplesRun):
   def collate(self, indices: list[int], split: str, rows: int) -> dict[str, np.ndarray]:
     ids, labels = self.examples(split)
     batch = collate([ids[i] for i in indices], labels[indices], rows, self.cfg.task.max_len)
-    if self.cfg.task.teachers:  # every batch has the key; only training reads it (other splits: zeros)
+    if self.cfg.task.teachers:  # every batch has the keys; only training reads them (other splits: zeros)
       batch["soft"] = np.zeros((rows, len(self.labels)), np.float32)
-      if split == self.cfg.data.train_split:
+      if split in (self.cfg.data.train_split, TRANSFER):
         batch["soft"][:len(indices)] = self.soft_targets()[indices]
+      batch["labelled"] = batch["weights"].copy()
+      if split == TRANSFER:  # a transfer copy (an index past the training split's) has no label
+        batch["labelled"][:len(indices)] *= np.asarray(indices) < len(self.raw(self.cfg.data.train_split)[0])
     return batch
 
   def soft_targets(self) -> np.ndarray:
-    """The teachers' (task.teachers) class distributions (N, C) on the training split, at
-    temperature T: each teacher's probabilities p^(1/T) renormalized, averaged over them (cached)."""
+    """The teachers' (task.teachers) class distributions (N, C) on the training split (and after it
+    on its transfer copies, `transfer_texts`), at temperature T: each teacher's probabilities
+    p^(1/T) renormalized, averaged over them (cached)."""
     if "_soft" not in self.__dict__:
       from nlm_jax.training import trainer
 
       t, split = self.cfg.task, self.cfg.data.train_split
-      texts, labels = self.raw(split)
+      copies = self.transfer_texts() if t.transfer_copies else []
       total = None
       for path in t.teachers:
         if os.path.abspath(os.path.expanduser(path)) == os.path.abspath(os.path.expanduser(self.cfg.workdir)):
           raise UserError(f"task.teachers: {path} is this run's own workdir; a run cannot be its own teacher")
         run, params, _ = trainer.load_run(path, mesh=self.mesh)
-        if run.cfg.task.kind != "classify":
-          raise UserError(f"task.teachers: {path} is a task.kind={run.cfg.task.kind} run, not a classifier")
-        if run.labels != self.labels:
-          raise UserError(f"task.teachers: {path} has the classes {run.labels}, this run {self.labels}")
-        if run.raw(split) != (texts, labels):
-          raise UserError(f"task.teachers: {path} reads another {split!r} split than this run (its data.files, "
-                          "data.tfds or data.max_examples differ)")
-        p_NxC = run.split_probabilities(params, split, by_length=True).astype(np.float64)
+        why = mismatch(run, self.labels, split, self.raw(split))
+        if why:
+          raise UserError(f"task.teachers: {path} {why}, unlike this run")
+        if copies and run.tokenizer.kind != "word":
+          raise UserError(f"task.teachers: {path} reads text with a {run.tokenizer.kind} tokenizer; the masked words "
+                          f"({MASK}) of task.transfer_copies need word tokenizers")
+        p_NxC = run.split_probabilities(params, split, by_length=True)
+        if copies:
+          p_NxC = np.concatenate([p_NxC, run.text_probabilities(params, copies)])
+        p_NxC = p_NxC.astype(np.float64)
         log_p = np.log(np.maximum(p_NxC, np.finfo(np.float64).tiny))
         q = np.exp((log_p - log_p.max(1, keepdims=True)) / t.distill_temperature)
         q /= q.sum(1, keepdims=True)
@@ -478,6 +547,14 @@ class ClassifyRun(ExamplesRun):
     batch = collate(ids, np.zeros(len(ids), np.int32), len(ids), self.cfg.task.max_len)
     return np.asarray(jax.jit(self.task.predict)(params, batch["inputs"], batch["mask"]))
 
+  def text_probabilities(self, params, texts: list[str]) -> np.ndarray:
+    """Class probabilities (N, C) of texts, read as a split's examples (in batches of similar length)."""
+    self._splits[TEXTS] = encode_texts(self.tokenizer, texts, self.cfg.task.max_len), np.zeros(len(texts), np.int32)
+    try:
+      return self.split_probabilities(params, TEXTS, by_length=True)
+    finally:
+      del self._splits[TEXTS]
+
   def split_probabilities(self, params, split: str, by_length: bool = False) -> np.ndarray:
     """Class probabilities (N, C) of every example of a split, in the split's order (the batches
     `evaluate` reads; `by_length`: computed in batches of similar length, less padding to read)."""
@@ -501,12 +578,10 @@ def ensemble(members: list, split: str) -> dict:
     if run.cfg.task.kind != "classify":
       raise UserError(f"{name} is a task.kind={run.cfg.task.kind} run; an ensemble needs classification runs")
   (first, run0, _), probs, scores = members[0], [], []
-  texts, labels = run0.raw(split)
   for name, run, params in members:
-    if run.labels != run0.labels:
-      raise UserError(f"{name} has the classes {run.labels}, {first} has {run0.labels}: not one ensemble")
-    if run.raw(split) != (texts, labels):
-      raise UserError(f"{name} reads another {split!r} split than {first} (its data.files or data.tfds differ)")
+    why = mismatch(run, run0.labels, split, run0.raw(split))
+    if why:
+      raise UserError(f"{name} {why}, unlike {first}: not one ensemble")
     p_NxC = run.split_probabilities(params, split)
     probs.append(p_NxC)
     scores.append({"workdir": name, **_scores(p_NxC, run.examples(split)[1], run.labels)})

@@ -70,9 +70,13 @@ class ExamplesRun:
   def examples(self, split: str) -> tuple:
     raise NotImplementedError
 
+  def train_source(self) -> str:
+    """The name `examples` and `collate` know the training examples by: the training split."""
+    return self.cfg.data.train_split
+
   def train_iterator(self):
     """Infinite training batches of examples of similar length (`pipeline.length_bucketed`)."""
-    split = self.cfg.data.train_split
+    split = self.train_source()
     lengths = [len(x) for x in self.examples(split)[0]]
     return iter(pipeline.length_bucketed(lengths, self.cfg.data.batch_size, self.cfg.seed, self.rows,
                                          lambda chosen: self.collate(chosen, split, len(chosen))))
