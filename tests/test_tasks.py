@@ -480,6 +480,9 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   kl = float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
   assert float(count) == 4 and float(extra["labelled"]) == 2
   np.testing.assert_allclose(float(loss_sum), (1 - alpha) * nll + alpha * kl, rtol=1e-5)
+  logged = run.task.train_scores([{"count": count, **extra}])  # accuracy and NLL: of the labelled texts
+  np.testing.assert_allclose([logged["train_accuracy"], logged["train_class_loss"], logged["train_distill_kl"]],
+                             [float(extra["correct"]) / 2, nll / 2, kl / 4], rtol=1e-5)
   straight = train(*args)  # and a resume on the transfer set is exact
   args = [f"workdir={tmp_path / 't2'}"] + args[1:]  # classify's first is the workdir
   train(*args, "train.stop_after=3")
