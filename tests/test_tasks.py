@@ -412,11 +412,16 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
                   task__distill_weight=alpha, task__distill_temperature=T)
   run = trainer.make_run(load_config(None, args))
   texts, labels = run.raw("train")
-  expected = 0.0
-  for name in "ab":
-    teacher, params, _ = trainer.load_run(tmp_path / name)
-    p = teacher.predict(params, texts).astype(np.float64)
-    expected = expected + p ** (1 / T) / (p ** (1 / T)).sum(1, keepdims=True) / 2
+
+  def targets(texts):  # NumPy: the teachers' probabilities of the texts at T, averaged
+    out = 0.0
+    for name in "ab":
+      teacher, params, _ = trainer.load_run(tmp_path / name)
+      p = teacher.predict(params, texts).astype(np.float64)
+      out = out + p ** (1 / T) / (p ** (1 / T)).sum(1, keepdims=True) / 2
+    return out
+
+  expected = targets(texts)
   soft = run.soft_targets()
   assert soft.shape == (len(texts), 2) and not np.allclose(soft, np.round(soft), atol=0.05)
   np.testing.assert_allclose(soft, expected, rtol=2e-5)
@@ -425,12 +430,17 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   batch = run.collate(indices, "train", 8)  # the training iterator's batches are collate's
   assert (batch["soft"][:5] == soft[indices]).all() and not batch["soft"][5:].any()
   assert not run.collate([0, 1], "validation", 2)["soft"].any()  # evaluation reads the labels only
-  params = run.task.init(jax.random.key_data(jax.random.key(3))).params
-  b = {k: jnp.asarray(v) for k, v in batch.items()}
-  loss_sum, count, _, extra = run.task._objective(params, b, None, None, deterministic=True)
-  logits = run.task._logits(params, b, None, deterministic=True)
-  nll = float(classification_nll(logits, b["labels"], b["weights"])[0])
-  kl = float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
+
+  def objective(run, batch):  # the step's loss; NumPy-side: the NLL of the labelled rows, the KL of all
+    params = run.task.init(jax.random.key_data(jax.random.key(3))).params
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss_sum, count, _, extra = run.task._objective(params, b, None, None, deterministic=True)
+    logits = run.task._logits(params, b, None, deterministic=True)
+    nll = float(classification_nll(logits, b["labels"], b["labelled"])[0])
+    return loss_sum, count, extra, nll, float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
+
+  assert (batch["labelled"] == batch["weights"]).all()
+  loss_sum, count, extra, nll, kl = objective(run, batch)
   assert kl > 0.01
   np.testing.assert_allclose(float(loss_sum), (1 - alpha) * nll + alpha * kl, rtol=1e-5)
 
@@ -457,13 +467,8 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
                   task__distill_temperature=T, task__transfer_copies=2, task__transfer_mask=0.25, seed=7)
   run = trainer.make_run(load_config(None, args))
   assert run.train_source() == TRANSFER and run.transfer_texts() == copies
-  on_copies = 0.0
-  for name in "ab":
-    teacher, params, _ = trainer.load_run(tmp_path / name)
-    p = teacher.predict(params, copies).astype(np.float64)
-    on_copies = on_copies + p ** (1 / T) / (p ** (1 / T)).sum(1, keepdims=True) / 2
   soft = run.soft_targets()
-  np.testing.assert_allclose(soft, np.concatenate([expected, on_copies]), rtol=2e-5)
+  np.testing.assert_allclose(soft, np.concatenate([expected, targets(copies)]), rtol=2e-5)
   n, unk = len(texts), run.tokenizer.unk_id
   indices = [5, n + 5, 2 * n + 9, 1]
   batch = run.collate(indices, TRANSFER, 6)
@@ -472,12 +477,7 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   unks = ((batch["inputs"] == unk) & (batch["mask"] > 0)).sum(1)  # <unk> is also the padding's id
   assert unks[1] == copies[5].split().count(MASK) > unks[0]
   assert run.collate(indices[:1], "train", 2)["labelled"].tolist() == [1, 0]
-  params = run.task.init(jax.random.key_data(jax.random.key(3))).params
-  b = {k: jnp.asarray(v) for k, v in batch.items()}
-  loss_sum, count, _, extra = run.task._objective(params, b, None, None, deterministic=True)
-  logits = run.task._logits(params, b, None, deterministic=True)
-  nll = float(classification_nll(logits, b["labels"], b["labelled"])[0])
-  kl = float(distillation_kl(logits, b["soft"], T, b["weights"])[0])
+  loss_sum, count, extra, nll, kl = objective(run, batch)
   assert float(count) == 4 and float(extra["labelled"]) == 2
   np.testing.assert_allclose(float(loss_sum), (1 - alpha) * nll + alpha * kl, rtol=1e-5)
   logged = run.task.train_scores([{"count": count, **extra}])  # accuracy and NLL: of the labelled texts
