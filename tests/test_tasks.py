@@ -463,8 +463,9 @@ def test_distillation_from_teachers_trains_on_their_averaged_softened_probabilit
   assert all(c.split().count(MASK) == 1 for c in mask_copies(texts, 1, 0.0, 2))  # one word at least, at rate 0
   share = sum(c.split().count(MASK) for c in copies) / sum(len(c.split()) for c in copies)
   assert 0.25 < share < 0.4  # each word at 0.25, and one per copy besides
-  args = classify(tmp_path / "t", sst, steps=6, train__eval_every=3, task__teachers=teachers, task__distill_weight=alpha,
-                  task__distill_temperature=T, task__transfer_copies=2, task__transfer_mask=0.25, seed=7)
+  args = classify(tmp_path / "t", sst, steps=6, train__eval_every=3, task__teachers=teachers,
+                  task__distill_weight=alpha, task__distill_temperature=T, task__transfer_copies=2,
+                  task__transfer_mask=0.25, seed=7)
   run = trainer.make_run(load_config(None, args))
   assert run.train_source() == TRANSFER and run.transfer_texts() == copies
   soft = run.soft_targets()

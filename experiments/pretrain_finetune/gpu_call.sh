@@ -58,7 +58,8 @@ if [ "${1:-}" = students ]; then  # here, on runs of the runner: students DIR SE
   exit
 fi
 
-case "${1:-}" in run|gpu-students) ;; *) echo "usage: $0 stage|run|gpu-students SECONDS|students DIR SECONDS [override ...]" >&2; exit 2 ;; esac
+usage="usage: $0 stage|run|gpu-students SECONDS|students DIR SECONDS [override ...]"
+case "${1:-}" in run|gpu-students) ;; *) echo "$usage" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-cuda-mps-control -d || true
@@ -70,7 +71,8 @@ pack() {  # every run's log and config, one file (few files come back from the m
     | tar czf $OUT/logs.tgz -T -)
 }
 if [ "$1" = gpu-students ]; then  # the second call: students of the first call's five runs
-  students $P $(( ${2:-270} - 25 )) train.checkpoint_every=1500 task.transfer_copies=2 2>&1 | tail -8 || echo "students: exit $?"
+  students $P $(( ${2:-270} - 25 )) train.checkpoint_every=1500 task.transfer_copies=2 2>&1 | tail -8 \
+    || echo "students: exit $?"
   pack
   exit
 fi
