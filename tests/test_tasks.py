@@ -222,8 +222,9 @@ def test_a_checkpoint_without_the_ema_field_resumes(tmp_path, sst, monkeypatch):
   assert_trees_equal(final_state(tmp_path / "a")["params"], final_state(tmp_path / "b")["params"])
 
 
-@pytest.mark.parametrize("arch,extra", [("lstm", dict(task__backward="true")),
-                                        ("transformer", dict(model__tie_embeddings="false"))])
+@pytest.mark.parametrize("arch,extra", [("lstm", dict(task__backward="true")),  # the Transformer's: slow (suite time)
+                                        pytest.param("transformer", dict(model__tie_embeddings="false"),
+                                                     marks=pytest.mark.slow)])
 def test_a_classifier_checkpoint_with_the_lm_output_layer_resumes(tmp_path, sst, monkeypatch, arch, extra):
   """Classifiers kept their bodies' (unused) next-token output layers until 2026-11-27: such a run
   (an LSTM read both ways, whose forward body is a one-way classifier's; a Transformer with its own
