@@ -452,9 +452,13 @@ class ClassifyRun(ExamplesRun):
     return TRANSFER if self.cfg.task.transfer_copies else self.cfg.data.train_split
 
   def transfer_texts(self) -> list[str]:
-    """The transfer set: task.transfer_copies masked copies of each training text (`mask_copies`)."""
-    t = self.cfg.task
-    return mask_copies(self.raw(self.cfg.data.train_split)[0], t.transfer_copies, t.transfer_mask, self.cfg.seed)
+    """The transfer set: task.transfer_copies masked copies of each training text (`mask_copies`;
+    drawn once: training's examples and the teachers' targets read the same list)."""
+    if "_transfer" not in self.__dict__:
+      t = self.cfg.task
+      self._transfer = mask_copies(self.raw(self.cfg.data.train_split)[0], t.transfer_copies, t.transfer_mask,
+                                   self.cfg.seed)
+    return self._transfer
 
   def examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
     """(token ids of each text, class index of each label) of a split; TRANSFER: the training
